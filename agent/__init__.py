@@ -1,0 +1,1 @@
+"""IronFleet edge agent: durable buffering, replay and uplink of vehicle telemetry."""

@@ -1,0 +1,1 @@
+"""IronFleet firmware bridge: the serial protocol between onboard controllers and the agent."""
