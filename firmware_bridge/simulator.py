@@ -1,0 +1,535 @@
+"""`ironfleet-sim`: onboard controllers emulated on real pseudo-terminals.
+
+Each controller runs the controller side of the protocol (`ControllerLink`: ring buffer,
+window, retransmit until ACKed) on its own pty, produces N streams at a given rate, and
+can be made to misbehave as real hardware does: bit errors, garbage bursts, dropped and
+inserted bytes, truncated frames, unplug/replug (the device node disappears and comes
+back, optionally under a new name), reboots (new boot epoch, sequences restart) and a
+flood of random bytes.
+
+It writes its ground truth as JSON lines: every event it sent and every event it saw
+ACKed (see `docs/protocol.md`, "Simulator ground truth"), so tests and the demo can prove
+that nothing ACKed was lost. Runtime control: SIGUSR1 reboots every controller, SIGUSR2
+unplugs them for `--unplug-for` seconds, SIGTERM/SIGINT stop cleanly.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import random
+import select
+import signal
+import sys
+import time
+import tty
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import FrameType
+from typing import IO, Any
+
+import msgpack
+
+from firmware_bridge.controller import DEFAULT_RING, ControllerLink
+from firmware_bridge.faults import LineNoise
+from firmware_bridge.protocol import EventBody, TimeQuality
+
+_MAX_WRITE_BACKLOG = 64 * 1024  # bytes held for a pty nobody reads: a UART drops them
+
+
+class GroundTruth:
+    """Append-only JSON-lines record of what the controllers sent and saw ACKed."""
+
+    def __init__(self, path: Path | None) -> None:
+        self._fh: IO[str] | None = path.open("a", encoding="utf-8") if path else None
+
+    def write(self, record: dict[str, Any]) -> None:
+        if self._fh is not None:
+            self._fh.write(json.dumps(record, separators=(",", ":")) + "\n")
+
+    def flush(self) -> None:
+        if self._fh is not None:
+            self._fh.flush()
+
+    def close(self) -> None:
+        if self._fh is not None:
+            self._fh.close()
+            self._fh = None
+
+
+def event_record(kind: str, controller: str, epoch: int, body: EventBody) -> dict[str, Any]:
+    """One ground-truth line; `payload` is the hex of the stored msgpack payload bytes."""
+    return {
+        "op": kind,
+        "controller": controller,
+        "stream": body.stream,
+        "boot_epoch": epoch,
+        "seq": body.seq,
+        "ts": body.ts,
+        "kind": body.kind,
+        "priority": body.priority,
+        "payload": msgpack.packb(body.signals, use_bin_type=True).hex(),
+    }
+
+
+@dataclass
+class Device:
+    """One emulated controller on one pseudo-terminal."""
+
+    index: int
+    controller_id: str
+    link_dir: Path | None
+    streams: int
+    boot_epoch: int
+    args: argparse.Namespace
+    truth: GroundTruth
+    noise: LineNoise
+    rng: random.Random
+    master: int = -1
+    slave: int = -1
+    path: str = ""
+    link: ControllerLink = field(init=False)
+    seqs: list[int] = field(init=False)
+    pending_write: bytearray = field(default_factory=bytearray)
+    unplugged_until: float | None = None
+    name_index: int = 0
+    sent: int = 0
+    dropped_at_source: int = 0
+    lost_at_reboot: int = 0
+    reboots: int = 0
+    unplugs: int = 0
+
+    def __post_init__(self) -> None:
+        self._new_link()
+
+    # -- lifecycle -----------------------------------------------------------------------
+
+    def plug(self) -> None:
+        """Create the pty (raw mode, so the tty layer never echoes or rewrites bytes)."""
+        self.master, self.slave = os.openpty()
+        tty.setraw(self.slave)
+        os.set_blocking(self.master, False)
+        self.path = os.ttyname(self.slave)
+        if self.link_dir is not None:
+            name = self.args.link_name.format(index=self.index, gen=self.name_index)
+            link = self.link_dir / name
+            with contextlib.suppress(FileNotFoundError):
+                link.unlink()
+            link.symlink_to(self.path)
+            self.path = str(link)
+        self.pending_write.clear()
+
+    def unplug(self, now: float, seconds: float) -> None:
+        """The device node disappears: the agent's reads fail until it comes back."""
+        self.unplugs += 1
+        if self.link_dir is not None:
+            with contextlib.suppress(FileNotFoundError):
+                Path(self.path).unlink()
+        for fd in (self.master, self.slave):
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        self.master = self.slave = -1
+        self.unplugged_until = now + seconds
+        self.truth.write({"op": "unplug", "controller": self.controller_id, "t": now})
+
+    def replug(self) -> None:
+        if self.args.replug_rename:
+            self.name_index += 1
+        self.plug()
+        self.unplugged_until = None
+        self.truth.write({"op": "replug", "controller": self.controller_id, "path": self.path})
+        announce(self)
+
+    def reboot(self) -> None:
+        """Power-cycle the controller: RAM ring buffer lost, new epoch, sequences restart."""
+        for body in self.link.unacked():
+            self.truth.write(
+                event_record("lost_at_reboot", self.controller_id, self.boot_epoch, body)
+            )
+            self.lost_at_reboot += 1
+        self.reboots += 1
+        self.boot_epoch += 1
+        self._new_link()
+        self.truth.write(
+            {"op": "reboot", "controller": self.controller_id, "boot_epoch": self.boot_epoch}
+        )
+
+    def _new_link(self) -> None:
+        self.seqs = [0] * self.streams
+        self.link = ControllerLink(
+            self.controller_id,
+            self.args.firmware,
+            self.boot_epoch,
+            window=self.args.window,
+            ring_capacity=self.args.ring,
+            retransmit_timeout=self.args.retransmit_timeout,
+            heartbeat_interval=self.args.heartbeat,
+            on_ack=self._acked,
+        )
+
+    def _acked(self, body: EventBody, now: float) -> None:
+        self.truth.write(event_record("acked", self.controller_id, self.link.boot_epoch, body))
+
+    # -- traffic -------------------------------------------------------------------------
+
+    def produce(self, count: int, wall: float) -> int:
+        """Generate up to `count` events round-robin over the streams; return how many."""
+        made = 0
+        for _ in range(count):
+            stream = self.sent % self.streams
+            seq = self.seqs[stream] + 1
+            body = EventBody(
+                stream=f"{self.controller_id}/s{stream:03d}",
+                seq=seq,
+                ts=wall,
+                time_quality=TimeQuality.SYNCED,
+                kind=self.args.kind,
+                priority=stream % 4,
+                signals={
+                    "v": self.sent,
+                    "x": round(self.rng.uniform(-180.0, 180.0), 6),
+                    "ok": True,
+                },
+            )
+            if not self.link.offer(body):
+                self.dropped_at_source += 1  # ring full: the agent is not ACKing
+                break
+            self.seqs[stream] = seq
+            self.sent += 1
+            made += 1
+            self.truth.write(event_record("sent", self.controller_id, self.boot_epoch, body))
+        return made
+
+    def pump(self, now: float) -> None:
+        """Move bytes: controller timers, outgoing (with faults), incoming."""
+        if self.master < 0:
+            self.link.outgoing()  # nobody to talk to: bytes on a dead line are lost
+            return
+        self.link.poll(now)
+        out = self.link.outgoing()
+        if out:
+            if self.noise.active:
+                out = b"".join(
+                    self.noise.apply_frame(chunk + b"\x00") for chunk in out.split(b"\x00")[:-1]
+                )
+            self.send_raw(out)
+        self.flush_writes()
+        self.read(now)
+
+    def send_raw(self, data: bytes) -> None:
+        self.pending_write += data
+        if len(self.pending_write) > _MAX_WRITE_BACKLOG:
+            # The agent is not reading; a real UART would have lost these bytes.
+            del self.pending_write[: len(self.pending_write) - _MAX_WRITE_BACKLOG]
+
+    def flush_writes(self) -> None:
+        while self.pending_write and self.master >= 0:
+            try:
+                written = os.write(self.master, self.pending_write[:4096])
+            except BlockingIOError:
+                return
+            except OSError:
+                self.pending_write.clear()
+                return
+            del self.pending_write[:written]
+
+    def read(self, now: float) -> None:
+        while self.master >= 0:
+            try:
+                data = os.read(self.master, 65536)
+            except BlockingIOError:
+                return
+            except OSError:
+                return  # EIO: no reader on the other side right now
+            if not data:
+                return
+            self.link.receive(data, now)
+
+
+_flags: dict[str, bool] = {"stop": False, "reboot": False, "unplug": False}
+
+
+def _on_signal(signum: int, _frame: FrameType | None) -> None:
+    # Handlers only set flags; the main loop acts on them.
+    if signum in (signal.SIGTERM, signal.SIGINT):
+        _flags["stop"] = True
+    elif signum == signal.SIGUSR1:
+        _flags["reboot"] = True
+    elif signum == signal.SIGUSR2:
+        _flags["unplug"] = True
+
+
+def announce(device: Device) -> None:
+    print(f"DEVICE {device.controller_id} {device.path}", flush=True)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="ironfleet-sim",
+        description=(
+            "Emulate onboard controllers on pseudo-terminals, speaking the IronFleet serial "
+            "protocol, with fault injection. Prints 'DEVICE <controller> <path>' for each "
+            "controller, then runs until --events are all ACKed, --duration passes, or "
+            "SIGTERM. SIGUSR1 reboots the controllers, SIGUSR2 unplugs them."
+        ),
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    g = p.add_argument_group("controllers and traffic")
+    g.add_argument("--controllers", type=int, default=1, help="controllers, one pty each")
+    g.add_argument("--controller-id", default="ecu", help="id prefix; controller k is <id><k>")
+    g.add_argument("--firmware", default="sim-1.0", help="firmware version sent in HELLO")
+    g.add_argument("--boot-epoch", type=int, default=1, help="first boot epoch")
+    g.add_argument("--streams", type=int, default=4, help="streams per controller")
+    g.add_argument("--rate", type=float, default=100.0, help="events/s per controller")
+    g.add_argument("--events", type=int, default=0, help="stop after this many (0: no limit)")
+    g.add_argument("--duration", type=float, default=0.0, help="stop after seconds (0: never)")
+    g.add_argument(
+        "--drain-timeout", type=float, default=30.0, help="seconds to wait for the last ACKs"
+    )
+    g.add_argument("--kind", default="telemetry", help="event kind")
+    g.add_argument("--seed", type=int, default=None, help="random seed (printed if not given)")
+    g = p.add_argument_group("device")
+    g.add_argument(
+        "--link-dir",
+        type=Path,
+        default=None,
+        help="create a symlink per controller in this directory (the 'device node' that "
+        "disappears on unplug); without it the /dev/pts path is printed",
+    )
+    g.add_argument(
+        "--link-name",
+        default="ttyIF{index}",
+        help="symlink name; {index} is the controller, {gen} counts replugs",
+    )
+    g.add_argument(
+        "--replug-rename",
+        action="store_true",
+        help="come back under a new name after an unplug (use {gen} in --link-name)",
+    )
+    g.add_argument("--device", default=None, help="use this serial device instead of a pty")
+    g.add_argument("--baudrate", type=int, default=921_600, help="baud rate with --device")
+    g = p.add_argument_group("link protocol")
+    g.add_argument("--window", type=int, default=64, help="frames in flight unACKed")
+    g.add_argument("--ring", type=int, default=DEFAULT_RING, help="ring buffer, in frames")
+    g.add_argument("--retransmit-timeout", type=float, default=0.5, help="seconds before a resend")
+    g.add_argument("--heartbeat", type=float, default=1.0, help="heartbeat interval, seconds")
+    g = p.add_argument_group("fault injection (controller to agent)")
+    g.add_argument("--ber", type=float, default=0.0, help="bit error rate, e.g. 1e-4")
+    g.add_argument("--drop-rate", type=float, default=0.0, help="probability a byte is lost")
+    g.add_argument(
+        "--insert-rate", type=float, default=0.0, help="probability of a stray byte after one"
+    )
+    g.add_argument(
+        "--truncate-rate", type=float, default=0.0, help="probability a frame is cut short"
+    )
+    g.add_argument("--garbage-every", type=float, default=0.0, help="seconds between bursts")
+    g.add_argument("--garbage-bytes", type=int, default=256, help="bytes per garbage burst")
+    g.add_argument("--flood-bytes", type=int, default=0, help="random bytes sent at start")
+    g.add_argument("--unplug-every", type=float, default=0.0, help="seconds between unplugs")
+    g.add_argument("--unplug-for", type=float, default=1.0, help="seconds a device stays out")
+    g.add_argument("--reboot-every", type=float, default=0.0, help="seconds between reboots")
+    g.add_argument(
+        "--silence-after",
+        type=int,
+        default=0,
+        help="after this many events, stop sending anything at all (0: never)",
+    )
+    g = p.add_argument_group("output")
+    g.add_argument("--truth", type=Path, default=None, help="ground truth file (JSON lines)")
+    return p
+
+
+class Simulation:
+    """All controllers, their faults and schedules; `step(now)` advances everything once."""
+
+    def __init__(self, args: argparse.Namespace, seed: int) -> None:
+        self.args = args
+        self.seed = seed
+        rng = random.Random(seed)
+        self.truth = GroundTruth(args.truth)
+        self.truth.write({"op": "start", "seed": seed, "argv": sys.argv[1:]})
+        self.noise = LineNoise(
+            ber=args.ber,
+            drop_rate=args.drop_rate,
+            insert_rate=args.insert_rate,
+            truncate_rate=args.truncate_rate,
+            rng=random.Random(rng.randrange(2**32)),
+        )
+        if args.link_dir is not None:
+            args.link_dir.mkdir(parents=True, exist_ok=True)
+        self.devices = [
+            Device(
+                index=k,
+                controller_id=f"{args.controller_id}{k}",
+                link_dir=args.link_dir,
+                streams=args.streams,
+                boot_epoch=args.boot_epoch,
+                args=args,
+                truth=self.truth,
+                noise=self.noise,
+                rng=random.Random(rng.randrange(2**32)),
+            )
+            for k in range(args.controllers)
+        ]
+        self.start = time.monotonic()
+        self.produced_at = self.start
+        self.next_garbage = self._after(self.start, args.garbage_every)
+        self.next_unplug = self._after(self.start, args.unplug_every)
+        self.next_reboot = self._after(self.start, args.reboot_every)
+        self.drain_deadline: float | None = None
+        self.silent = False
+
+    @staticmethod
+    def _after(now: float, every: float) -> float:
+        return now + every if every else float("inf")
+
+    def open_devices(self) -> None:
+        for device in self.devices:
+            if self.args.device:
+                device.master = os.open(self.args.device, os.O_RDWR | os.O_NOCTTY | os.O_NONBLOCK)
+                device.path = self.args.device
+            else:
+                device.plug()
+            announce(device)
+            if self.args.flood_bytes:
+                device.send_raw(self.noise.garbage(self.args.flood_bytes))
+
+    def step(self, now: float) -> None:
+        """Apply due faults, produce due events, move bytes."""
+        self._faults(now)
+        generated = min(d.sent for d in self.devices)
+        due = int((now - self.produced_at) * self.args.rate)
+        if self.args.events:
+            due = min(due, self.args.events - generated)
+        if self.args.silence_after and generated >= self.args.silence_after:
+            self.silent = True
+        if due > 0 and not self.silent:
+            self.produced_at += due / self.args.rate
+            wall = time.time()
+            for device in self.devices:
+                device.produce(due, wall)
+        elif due <= 0:
+            self.produced_at = max(self.produced_at, now - 1.0)  # no burst after a pause
+        if not self.silent:
+            for device in self.devices:
+                device.pump(now)
+        self.truth.flush()
+
+    def _faults(self, now: float) -> None:
+        args = self.args
+        if _flags["reboot"] or now >= self.next_reboot:
+            _flags["reboot"] = False
+            self.next_reboot = self._after(now, args.reboot_every)
+            for device in self.devices:
+                device.reboot()
+        if _flags["unplug"] or now >= self.next_unplug:
+            _flags["unplug"] = False
+            self.next_unplug = self._after(now, args.unplug_every)
+            for device in self.devices:
+                if device.master >= 0 and not args.device:
+                    device.unplug(now, args.unplug_for)
+        for device in self.devices:
+            if device.unplugged_until is not None and now >= device.unplugged_until:
+                device.replug()
+        if now >= self.next_garbage:
+            self.next_garbage = self._after(now, args.garbage_every)
+            for device in self.devices:
+                device.send_raw(self.noise.garbage(args.garbage_bytes))
+
+    def finished(self, now: float) -> bool:
+        """True when the run is over: duration reached, or every event ACKed (or timed out)."""
+        if self.args.duration and now - self.start >= self.args.duration:
+            return True
+        if not self.args.events or any(d.sent < self.args.events for d in self.devices):
+            return False
+        if all(not d.link.ring for d in self.devices):
+            return True
+        if self.drain_deadline is None:
+            self.drain_deadline = now + self.args.drain_timeout
+        return now >= self.drain_deadline
+
+    def wait(self) -> None:
+        """Block until a pty is readable or a short tick passes (no busy loop)."""
+        fds = [d.master for d in self.devices if d.master >= 0]
+        tick = 0.002 if self.args.rate * len(self.devices) < 2000 else 0.0005
+        if fds:
+            select.select(fds, [], [], tick)
+        else:
+            time.sleep(tick)
+
+    def summary(self) -> dict[str, Any]:
+        devices, counts = self.devices, self.noise.counts
+        return {
+            "op": "summary",
+            "seed": self.seed,
+            "sent": sum(d.sent for d in devices),
+            "acked": sum(d.link.acked for d in devices),
+            "unacked": sum(len(d.link.ring) for d in devices),
+            "retransmits": sum(d.link.retransmits for d in devices),
+            "dropped_at_source": sum(d.dropped_at_source for d in devices),
+            "lost_at_reboot": sum(d.lost_at_reboot for d in devices),
+            "reboots": sum(d.reboots for d in devices),
+            "unplugs": sum(d.unplugs for d in devices),
+            "faults": {
+                "bits_flipped": counts.bits_flipped,
+                "bytes_dropped": counts.bytes_dropped,
+                "bytes_inserted": counts.bytes_inserted,
+                "frames_truncated": counts.frames_truncated,
+                "garbage_bytes": counts.garbage_bytes,
+                "corruption_events": counts.corruption_events,
+            },
+        }
+
+    def close(self) -> dict[str, Any]:
+        """Write the summary, close every pty and remove every symlink."""
+        summary = self.summary()
+        self.truth.write(summary)
+        self.truth.close()
+        for device in self.devices:
+            for fd in (device.master, device.slave):
+                if fd >= 0:
+                    with contextlib.suppress(OSError):
+                        os.close(fd)
+            if device.link_dir is not None:
+                with contextlib.suppress(FileNotFoundError):
+                    Path(device.path).unlink()
+        return summary
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    """Run the simulation until done or signalled; return the summary."""
+    seed = args.seed if args.seed is not None else random.SystemRandom().randrange(2**32)
+    sim = Simulation(args, seed)
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGUSR2):
+        signal.signal(sig, _on_signal)
+    sim.open_devices()
+    try:
+        while not _flags["stop"]:
+            now = time.monotonic()
+            sim.step(now)
+            if sim.finished(now):
+                break
+            sim.wait()
+    finally:
+        summary = sim.close()
+    return summary
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Console entry point of `ironfleet-sim`."""
+    args = build_parser().parse_args(argv)
+    for name in ("controllers", "streams", "window", "ring"):
+        if getattr(args, name) < 1:
+            build_parser().error(f"--{name} must be >= 1")
+    if args.rate <= 0:
+        build_parser().error("--rate must be > 0")
+    summary = run(args)
+    print(json.dumps(summary), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
