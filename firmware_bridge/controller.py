@@ -18,6 +18,7 @@ from typing import Final
 from firmware_bridge.frames import FrameDecoder, encode
 from firmware_bridge.protocol import (
     MAX_U32,
+    MAX_WINDOW,
     Ack,
     Command,
     EventBody,
@@ -56,6 +57,8 @@ class ControllerLink:
         heartbeat_interval: float = 1.0,
         on_ack: Callable[[EventBody, float], None] | None = None,
     ) -> None:
+        if not 1 <= window <= MAX_WINDOW:
+            raise ValueError(f"window must be within [1, {MAX_WINDOW}] frames, got {window}")
         self.hello = Hello(controller_id, firmware)
         self.boot_epoch = boot_epoch
         self.window = window
@@ -69,6 +72,8 @@ class ControllerLink:
         self.highest_sent = 0
         self.agent_session: int | None = None
         self.retransmits = 0
+        self.frames_sent = 0  # every frame written, of any type, retransmits included
+        self.stale_acks = 0
         self.acked = 0
         self.ack_latencies: deque[float] = deque(maxlen=100_000)  # newest, for benches
         self.commands: list[Command] = []
@@ -90,7 +95,9 @@ class ControllerLink:
 
     def offer(self, body: EventBody) -> bool:
         """Queue an event for sending; False (nothing queued) when the ring is full."""
-        if len(self.ring) >= self.ring_capacity:
+        if len(self.ring) >= self.ring_capacity or self.next_seq > MAX_U32:
+            # Full ring: the caller keeps the event. Exhausted link_seq: the firmware must
+            # drain the ring and start a new session (boot epoch + 1) first.
             return False
         seq = self.next_seq
         self.next_seq += 1
@@ -101,7 +108,9 @@ class ControllerLink:
         """Consume bytes from the agent."""
         for frame in self.decoder.feed(data):
             body = frame.body
-            if isinstance(body, Ack):
+            if isinstance(body, Ack | Nack) and body.epoch != self.boot_epoch:
+                self.stale_acks += 1  # answers a session before our last reboot
+            elif isinstance(body, Ack):
                 self._on_ack(body, now)
             elif isinstance(body, Nack):
                 self._on_nack(body, now)
@@ -119,6 +128,7 @@ class ControllerLink:
         if self._hello_due:
             self._hello_due = False
             self._out += encode(Frame(self.boot_epoch, self.base, self.hello))
+            self.frames_sent += 1
             self._last_tx = now
             for slot in self.ring.values():
                 if slot.sent_at is not None:
@@ -149,6 +159,7 @@ class ControllerLink:
 
     def _send(self, seq: int, slot: _Slot, now: float) -> None:
         self._out += slot.wire
+        self.frames_sent += 1
         slot.sent_at = now
         if slot.first_sent_at is None:
             slot.first_sent_at = now
@@ -158,6 +169,7 @@ class ControllerLink:
 
     def _emit(self, body: Heartbeat | Response, now: float) -> None:
         self._out += encode(Frame(self.boot_epoch, min(self.highest_sent + 1, MAX_U32), body))
+        self.frames_sent += 1
         self._last_tx = now
 
     def _on_ack(self, ack: Ack, now: float) -> None:

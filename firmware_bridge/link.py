@@ -44,9 +44,8 @@ log = logging.getLogger(__name__)
 
 # Frames further than this past the cumulative ACK are dropped unACKed (the controller
 # resends them later); it bounds the link's per-session memory whatever a peer sends.
-# A controller window is at most MAX_WINDOW frames, so this never bites a correct one.
+# A controller window is at most MAX_WINDOW (256) frames, so this never bites a correct one.
 RX_WINDOW: Final = 1024
-MAX_WINDOW: Final = 256
 
 Token = tuple[int, int]  # (session, link_seq): what the caller hands back to `durable`
 
@@ -325,14 +324,14 @@ class AgentLink:
         s.highest_seen = max(s.highest_seen, link_seq)
         s.pending.add(link_seq)
         self.counters["events_accepted"] += 1
-        event = Event(
+        event = Event.trusted(  # the protocol schema validated every field
             body.stream,
             body.seq,
-            boot_epoch=s.boot_epoch,
-            ts=body.ts,
-            kind=body.kind,
-            priority=body.priority,
-            payload=msgpack.packb(body.signals, use_bin_type=True),
+            s.boot_epoch,
+            body.ts,
+            body.kind,
+            body.priority,
+            msgpack.packb(body.signals, use_bin_type=True),
         )
         out.append(Received((s.boot_epoch, link_seq), event, body.time_quality, s.controller_id))
 
@@ -389,7 +388,7 @@ class AgentLink:
             return
         if self._ack_due:
             ranges = to_ranges(s.durable_above, MAX_RANGES)
-            self._emit(Ack(s.cumulative, ranges), now)
+            self._emit(Ack(s.boot_epoch, s.cumulative, ranges), now)
             self.counters["acks_sent"] += 1
             self._ack_repeated = (
                 self._last_ack is not None and self._last_event_rx <= self._last_ack
@@ -401,7 +400,7 @@ class AgentLink:
             if not missing and self._state is LinkState.UP:
                 missing = [s.highest_seen + 1]  # after a corrupt frame: the next one
             if missing and missing[0] <= MAX_U32:
-                self._emit(Nack(to_ranges(missing, MAX_RANGES)), now)
+                self._emit(Nack(s.boot_epoch, to_ranges(missing, MAX_RANGES)), now)
                 self.counters["nacks_sent"] += 1
                 self._last_nack = now
             self._nack_due = False

@@ -36,6 +36,7 @@ MAX_NAME_LEN: Final = 32  # signal / command argument name
 MAX_STR_VALUE_LEN: Final = 128  # a string signal value; longer text does not fit a frame well
 MAX_SIGNALS: Final = 32  # entries in an event payload or command/response map
 MAX_RANGES: Final = 8  # [lo, hi] ranges in one ACK or NACK
+MAX_WINDOW: Final = 256  # EVENT frames a controller may have sent and not seen ACKed
 MAX_PRIORITY: Final = 7  # 0 = lowest; 3 bits on the controller side
 MAX_U32: Final = 2**32 - 1  # session (boot epoch), link sequence, command id
 MAX_SEQ: Final = 2**63 - 1  # per-stream sequence: fits SQLite's signed 64-bit INTEGER
@@ -228,32 +229,40 @@ class EventBody:
 
 @dataclass(frozen=True, slots=True)
 class Ack:
-    """Every link_seq <= cumulative, and each selective range, is durably stored."""
+    """Every link_seq <= cumulative, and each selective range, is durably stored.
 
+    `epoch` is the controller session (boot epoch) being acknowledged: an ACK still in
+    flight when the controller reboots must not free the new session's frames.
+    """
+
+    epoch: int
     cumulative: int
     ranges: Ranges = ()
 
     def __post_init__(self) -> None:
+        _check_uint("ack.e", self.epoch, MAX_U32)
         _check_uint("ack.c", self.cumulative, MAX_U32)
         object.__setattr__(self, "ranges", _check_ranges("ack.r", self.ranges, empty_ok=True))
         if self.ranges and self.ranges[0][0] <= self.cumulative + 1:
             raise _bad("ack.r must start above ack.c + 1")
 
     def to_wire(self) -> dict[str, Any]:
-        return {"c": self.cumulative, "r": [list(r) for r in self.ranges]}
+        return {"e": self.epoch, "c": self.cumulative, "r": [list(r) for r in self.ranges]}
 
 
 @dataclass(frozen=True, slots=True)
 class Nack:
-    """These link sequence ranges are missing: resend them now."""
+    """These link sequence ranges of controller session `epoch` are missing: resend them."""
 
+    epoch: int
     missing: Ranges
 
     def __post_init__(self) -> None:
+        _check_uint("nack.e", self.epoch, MAX_U32)
         object.__setattr__(self, "missing", _check_ranges("nack.m", self.missing, empty_ok=False))
 
     def to_wire(self) -> dict[str, Any]:
-        return {"m": [list(r) for r in self.missing]}
+        return {"e": self.epoch, "m": [list(r) for r in self.missing]}
 
 
 @dataclass(frozen=True, slots=True)
@@ -325,8 +334,8 @@ _WIRE_KEYS: Final[dict[FrameType, dict[str, str]]] = {
         "p": "priority",
         "d": "signals",
     },
-    FrameType.ACK: {"c": "cumulative", "r": "ranges"},
-    FrameType.NACK: {"m": "missing"},
+    FrameType.ACK: {"e": "epoch", "c": "cumulative", "r": "ranges"},
+    FrameType.NACK: {"e": "epoch", "m": "missing"},
     FrameType.HEARTBEAT: {},
     FrameType.COMMAND: {"id": "cmd_id", "op": "op", "a": "args"},
     FrameType.RESPONSE: {"id": "cmd_id", "ok": "ok", "r": "result"},
@@ -347,11 +356,68 @@ class Frame:
 
     def __post_init__(self) -> None:
         _check_uint("session", self.session, MAX_U32)
-        _check_uint("link_seq", self.link_seq, MAX_U32)
+        # An EVENT's link_seq is its place in the session, counted from 1; 0 would read
+        # as "already acknowledged" to the agent and be dropped.
+        _check_uint(
+            "link_seq", self.link_seq, MAX_U32, 1 if isinstance(self.body, EventBody) else 0
+        )
 
 
 def _reject_ext(code: int, data: bytes) -> object:
     raise FrameCorrupt("msgpack", f"extension type {code} not allowed")
+
+
+_set = object.__setattr__
+
+
+def _fast_event(session: object, link_seq: object, body: object) -> Frame | None:
+    """EVENT frames are nearly all the traffic: check the common, valid shape inline.
+
+    Returns None for anything unusual, which then takes the general path and gets its
+    precise error message there. Equivalent to the general path for what it accepts.
+    """
+    if not (
+        type(body) is dict
+        and len(body) == 7
+        and type(session) is int
+        and 0 <= session <= MAX_U32
+        and type(link_seq) is int
+        and 1 <= link_seq <= MAX_U32
+    ):
+        return None
+    stream, seq, ts = body.get("s"), body.get("q"), body.get("t")
+    tq, kind, priority, signals = body.get("tq"), body.get("k"), body.get("p"), body.get("d")
+    if not (
+        type(stream) is str
+        and 0 < len(stream) <= MAX_STREAM_LEN
+        and stream.isascii()
+        and type(seq) is int
+        and 0 <= seq <= MAX_SEQ
+        and type(ts) is float
+        and _finite(ts)
+        and type(tq) is int
+        and 0 <= tq < len(_TIME_QUALITIES)
+        and type(kind) is str
+        and 0 < len(kind) <= MAX_KIND_LEN
+        and kind.isascii()
+        and type(priority) is int
+        and 0 <= priority <= MAX_PRIORITY
+    ):
+        return None
+    _check_map("event.d", signals)
+    event = object.__new__(EventBody)
+    _set(event, "stream", stream)
+    _set(event, "seq", seq)
+    _set(event, "ts", ts)
+    _set(event, "time_quality", _TIME_QUALITIES[tq])
+    _set(event, "kind", kind)
+    _set(event, "priority", priority)
+    _set(event, "signals", signals)
+    frame = object.__new__(Frame)
+    _set(frame, "session", session)
+    _set(frame, "link_seq", link_seq)
+    _set(frame, "body", event)
+    return frame
 
 
 def pack_envelope(frame: Frame) -> bytes:
@@ -386,6 +452,10 @@ def parse_envelope(data: bytes) -> Frame:
     frame_type = _FRAME_TYPES.get(ftype) if type(ftype) is int else None
     if frame_type is None:
         raise _bad(f"unknown frame type {ftype!r}")
+    if frame_type is FrameType.EVENT:
+        fast = _fast_event(session, link_seq, body)
+        if fast is not None:
+            return fast
     if type(body) is not dict:
         raise _bad("body must be a map")
     keys = _WIRE_KEYS[frame_type]

@@ -15,6 +15,7 @@ import glob
 import logging
 import os
 import select
+import termios
 import time
 from collections.abc import Callable
 from enum import StrEnum
@@ -137,7 +138,9 @@ class SerialPort:
             # pyserial closes its own descriptors when open() fails part-way, and ignores
             # ENOTTY/EINVAL from the RTS/DTR ioctls, which ptys and some adapters refuse.
             port.open()
-        except OSError as exc:  # SerialException is an OSError
+        except (OSError, termios.error) as exc:
+            # SerialException is an OSError; termios.error is not, and pyserial 3.5 lets
+            # it out of tcsetattr/tcflush when the device vanishes during open().
             return self._open_failed(now, device, str(exc))
         self._serial = port
         self._device = device

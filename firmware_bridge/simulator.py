@@ -35,7 +35,7 @@ import msgpack
 
 from firmware_bridge.controller import DEFAULT_RING, ControllerLink
 from firmware_bridge.faults import LineNoise
-from firmware_bridge.protocol import EventBody, TimeQuality
+from firmware_bridge.protocol import MAX_WINDOW, EventBody, TimeQuality
 
 _MAX_WRITE_BACKLOG = 64 * 1024  # bytes held for a pty nobody reads: a UART drops them
 
@@ -101,6 +101,10 @@ class Device:
     lost_at_reboot: int = 0
     reboots: int = 0
     unplugs: int = 0
+    frames_sent: int = 0  # by controller links replaced at a reboot (and below)
+    acked_before: int = 0
+    retransmits_before: int = 0
+    flood_left: int = 0  # random bytes still to send (a babbling line)
 
     def __post_init__(self) -> None:
         self._new_link()
@@ -151,6 +155,9 @@ class Device:
             )
             self.lost_at_reboot += 1
         self.reboots += 1
+        self.frames_sent += self.link.frames_sent
+        self.acked_before += self.link.acked
+        self.retransmits_before += self.link.retransmits
         self.boot_epoch += 1
         self._new_link()
         self.truth.write(
@@ -208,6 +215,7 @@ class Device:
         if self.master < 0:
             self.link.outgoing()  # nobody to talk to: bytes on a dead line are lost
             return
+        self.flood()
         self.link.poll(now)
         out = self.link.outgoing()
         if out:
@@ -218,6 +226,13 @@ class Device:
             self.send_raw(out)
         self.flush_writes()
         self.read(now)
+
+    def flood(self) -> None:
+        """Feed the flood in slices so a slow reader sees all of it, not just the tail."""
+        if self.flood_left and len(self.pending_write) < _MAX_WRITE_BACKLOG // 4:
+            size = min(self.flood_left, _MAX_WRITE_BACKLOG // 2)
+            self.flood_left -= size
+            self.send_raw(self.noise.garbage(size))
 
     def send_raw(self, data: bytes) -> None:
         self.pending_write += data
@@ -394,8 +409,7 @@ class Simulation:
             else:
                 device.plug()
             announce(device)
-            if self.args.flood_bytes:
-                device.send_raw(self.noise.garbage(self.args.flood_bytes))
+            device.flood_left = self.args.flood_bytes
 
     def step(self, now: float) -> None:
         """Apply due faults, produce due events, move bytes."""
@@ -466,9 +480,10 @@ class Simulation:
             "op": "summary",
             "seed": self.seed,
             "sent": sum(d.sent for d in devices),
-            "acked": sum(d.link.acked for d in devices),
+            "acked": sum(d.acked_before + d.link.acked for d in devices),
             "unacked": sum(len(d.link.ring) for d in devices),
-            "retransmits": sum(d.link.retransmits for d in devices),
+            "retransmits": sum(d.retransmits_before + d.link.retransmits for d in devices),
+            "frames_sent": sum(d.frames_sent + d.link.frames_sent for d in devices),
             "dropped_at_source": sum(d.dropped_at_source for d in devices),
             "lost_at_reboot": sum(d.lost_at_reboot for d in devices),
             "reboots": sum(d.reboots for d in devices),
@@ -524,6 +539,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     for name in ("controllers", "streams", "window", "ring"):
         if getattr(args, name) < 1:
             build_parser().error(f"--{name} must be >= 1")
+    if args.window > MAX_WINDOW:
+        build_parser().error(f"--window must be <= {MAX_WINDOW} (the agent's receive window)")
     if args.rate <= 0:
         build_parser().error("--rate must be > 0")
     summary = run(args)

@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import KW_ONLY, dataclass
 from typing import Any
 
+_set = object.__setattr__
+
 
 @dataclass(frozen=True, slots=True)
 class Event:
@@ -33,6 +35,32 @@ class Event:
             raise ValueError(f"Event.seq must be an int >= 0, got {self.seq!r}")
         if type(self.boot_epoch) is not int or self.boot_epoch < 0:
             raise ValueError(f"Event.boot_epoch must be an int >= 0, got {self.boot_epoch!r}")
+
+    @classmethod
+    def trusted(  # noqa: PLR0917 - positional on purpose: called per frame on the hot path
+        cls,
+        stream: str,
+        seq: int,
+        boot_epoch: int,
+        ts: float,
+        kind: str,
+        priority: int,
+        payload: Any,
+    ) -> Event:
+        """Build without re-checking: for callers whose input a schema already validated.
+
+        The ingest hot path decodes tens of thousands of frames a second; the protocol
+        schema has checked every field, and checking again here costs a third of it.
+        """
+        event = object.__new__(cls)
+        _set(event, "stream", stream)
+        _set(event, "seq", seq)
+        _set(event, "boot_epoch", boot_epoch)
+        _set(event, "ts", ts)
+        _set(event, "kind", kind)
+        _set(event, "priority", priority)
+        _set(event, "payload", payload)
+        return event
 
     @property
     def position(self) -> tuple[int, int]:

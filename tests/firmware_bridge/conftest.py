@@ -1,0 +1,60 @@
+"""Fixtures for the bridge tests: `ironfleet-sim` processes and agent-side pumps."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from simharness import AgentSide, Sim
+from support import SIM
+
+
+@pytest.fixture
+def start_sim(tmp_path: Path) -> Iterator[Callable[..., Sim]]:
+    """Start `ironfleet-sim` with extra arguments; it is stopped at teardown."""
+    procs: list[subprocess.Popen[str]] = []
+
+    def start(*args: str, controllers: int = 1) -> Sim:
+        truth = tmp_path / f"truth-{len(procs)}.jsonl"
+        cmd = [SIM, "--link-dir", str(tmp_path / "dev"), "--truth", str(truth), "--seed", "1"]
+        cmd += ["--controllers", str(controllers), *args]
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
+        procs.append(proc)
+        devices = {}
+        assert proc.stdout is not None
+        for _ in range(controllers):
+            line = proc.stdout.readline().split()
+            assert line, "the simulator printed no DEVICE line"
+            assert line[0] == "DEVICE", f"unexpected simulator output {line}"
+            devices[line[1]] = line[2]
+        return Sim(proc, truth, devices)
+
+    yield start
+    for proc in procs:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        if proc.stdout is not None:
+            proc.stdout.close()
+
+
+@pytest.fixture
+def agent_side() -> Iterator[Callable[..., AgentSide]]:
+    sides: list[AgentSide] = []
+
+    def make(path: str, **kwargs: Any) -> AgentSide:
+        side = AgentSide(path, **kwargs).start()
+        sides.append(side)
+        return side
+
+    yield make
+    for side in sides:
+        side.stop()
