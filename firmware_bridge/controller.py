@@ -127,7 +127,9 @@ class ControllerLink:
         """Send HELLO if due, new frames within the window, retransmits, heartbeats."""
         if self._hello_due:
             self._hello_due = False
-            self._out += encode(Frame(self.boot_epoch, self.base, self.hello))
+            # An exhausted session (every link_seq used and ACKed) has nothing to resend.
+            base = min(self.base, MAX_U32)
+            self._out += encode(Frame(self.boot_epoch, base, self.hello))
             self.frames_sent += 1
             self._last_tx = now
             for slot in self.ring.values():

@@ -1,0 +1,104 @@
+"""Schema of the event store, as named migrations applied once each and recorded.
+
+Tables are created with sqlite-utils; each migration is a function of the database,
+applied in order inside one transaction, and recorded in `_migrations` so a technician
+can see which schema a vehicle runs. docs/schema.md documents every table and column.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+from collections.abc import Callable
+
+import sqlite_utils
+
+
+def _m001_initial(db: sqlite_utils.Database) -> None:
+    db["streams"].create(  # type: ignore[union-attr]
+        {"id": int, "name": str, "controller": str, "priority": int, "first_seen": float,
+         "last_seen": float},
+        pk="id",
+        not_null={"name", "priority"},
+    )  # fmt: skip
+    db["streams"].create_index(["name"], unique=True)  # type: ignore[union-attr]
+    db.execute(
+        """CREATE TABLE stream_epochs (
+            stream_id INTEGER NOT NULL REFERENCES streams(id),
+            boot_epoch INTEGER NOT NULL,
+            low_seq INTEGER NOT NULL,
+            high_seq INTEGER NOT NULL,
+            latest_rowid INTEGER NOT NULL,
+            events INTEGER NOT NULL,
+            PRIMARY KEY (stream_id, boot_epoch)
+        ) WITHOUT ROWID"""
+    )
+    # The hot table: append-only, rowid = arrival order, deliberately no secondary index
+    # (uniqueness of (stream, boot_epoch, seq) is kept by stream_epochs; see decisions.md).
+    db["events"].create(  # type: ignore[union-attr]
+        {"id": int, "stream_id": int, "boot_epoch": int, "seq": int, "ts": float,
+         "ts_quality": int, "kind": str, "priority": int, "payload": bytes,
+         "received_at": float},
+        pk="id",
+        not_null={"stream_id", "boot_epoch", "seq", "ts", "ts_quality", "kind", "priority",
+                  "payload", "received_at"},
+    )  # fmt: skip
+    db["checkpoints"].create(  # type: ignore[union-attr]
+        {"stream_id": int, "boot_epoch": int, "seq": int, "acked_at": float},
+        pk="stream_id",
+        not_null={"boot_epoch", "seq", "acked_at"},
+    )
+    db["gaps"].create(  # type: ignore[union-attr]
+        {"id": int, "stream_id": int, "boot_epoch": int, "first_seq": int, "last_seq": int,
+         "missing": int, "detected_at": float, "closed_at": float},
+        pk="id",
+        not_null={"stream_id", "boot_epoch", "first_seq", "last_seq", "missing",
+                  "detected_at"},
+    )  # fmt: skip
+    db["shed"].create(  # type: ignore[union-attr]
+        {"id": int, "at": float, "reason": str, "stream_id": int, "boot_epoch": int,
+         "first_seq": int, "last_seq": int, "count": int, "first_rowid": int,
+         "last_rowid": int},
+        pk="id",
+        not_null={"at", "reason", "count"},
+    )  # fmt: skip
+    db["agent_state"].create(  # type: ignore[union-attr]
+        {"key": str, "value": str, "updated_at": float}, pk="key", not_null={"value"}
+    )
+    # For technicians using sqlite-utils or Datasette: events with their stream names.
+    db.create_view(
+        "event_log",
+        """SELECT e.id, s.name AS stream, e.boot_epoch, e.seq, e.ts, e.ts_quality, e.kind,
+                  e.priority, e.payload, e.received_at
+           FROM events AS e JOIN streams AS s ON s.id = e.stream_id""",
+    )
+
+
+MIGRATIONS: list[tuple[str, Callable[[sqlite_utils.Database], None]]] = [
+    ("001_initial", _m001_initial),
+]
+
+
+def migrate(conn: sqlite3.Connection) -> list[str]:
+    """Apply every migration not yet recorded; return the names applied now."""
+    db = sqlite_utils.Database(conn)
+    conn.execute(
+        "CREATE TABLE IF NOT EXISTS _migrations (name TEXT PRIMARY KEY, applied_at REAL NOT NULL)"
+    )
+    done = {row[0] for row in conn.execute("SELECT name FROM _migrations")}
+    applied = []
+    for name, step in MIGRATIONS:
+        if name in done:
+            continue
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            step(db)
+            conn.execute(
+                "INSERT INTO _migrations (name, applied_at) VALUES (?, ?)", (name, time.time())
+            )
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        applied.append(name)
+    return applied

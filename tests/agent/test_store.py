@@ -1,0 +1,295 @@
+"""Event store on real SQLite files: dedup, gaps, checkpoints, eviction, recovery."""
+
+from __future__ import annotations
+
+import sqlite3
+import tempfile
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from agent.errors import CommitFailed, StoreError
+from agent.resilience import Event, replay
+from agent.store import EventStore, StoreConfig, check_integrity, connect
+
+
+@dataclass(frozen=True)
+class In:
+    """An arrival as the link hands it over."""
+
+    event: Event
+    time_quality: int = 3
+    controller_id: str = "ecu0"
+
+
+def ev(stream: str, seq: int, epoch: int = 1, priority: int = 1, size: int = 8) -> In:
+    payload = bytes([seq % 251]) * size
+    return In(Event(stream, seq, boot_epoch=epoch, ts=float(seq), priority=priority, payload=payload))
+
+
+def keys(store: EventStore) -> list[tuple[str, int, int]]:
+    return [(s.event.stream, s.event.boot_epoch, s.event.seq) for s in store.iter_events()]
+
+
+@pytest.fixture
+def db(tmp_path: Path) -> Path:
+    return tmp_path / "agent.db"
+
+
+def test_pragmas_and_schema(db: Path) -> None:
+    store = EventStore(db)
+    conn = store.conn
+    assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    assert conn.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL
+    assert conn.execute("SELECT name FROM _migrations").fetchall() == [("001_initial",)]
+    indexes = conn.execute(
+        "SELECT name FROM sqlite_master WHERE type = 'index' AND tbl_name = 'events'"
+    ).fetchall()
+    assert indexes == []  # the hot table carries no secondary index
+
+
+def test_duplicates_within_and_across_batches_and_reopen(db: Path) -> None:
+    store = EventStore(db)
+    r = store.append([ev("a", 1), ev("a", 2), ev("a", 2), ev("b", 1)])
+    assert (r.stored, r.duplicates) == (3, 1)
+    r = store.append([ev("a", 1), ev("a", 3)])
+    assert (r.stored, r.duplicates) == (1, 1)
+    store.close()
+    store = EventStore(db)
+    r = store.append([ev("a", 3), ev("b", 1), ev("b", 2)])
+    assert (r.stored, r.duplicates) == (1, 2)
+    assert sorted(keys(store)) == [
+        ("a", 1, 1), ("a", 1, 2), ("a", 1, 3), ("b", 1, 1), ("b", 1, 2)
+    ]  # fmt: skip
+
+
+def test_stream_1_2_3_keeps_three_and_boot_epochs_are_distinct(db: Path) -> None:
+    store = EventStore(db)
+    store.append([ev("s", 1), ev("s", 2), ev("s", 3)])
+    store.append([ev("s", 1, epoch=2), ev("s", 2, epoch=2)])
+    assert len(keys(store)) == 5
+    assert [(e.boot_epoch, e.seq) for e in store.latest()] == [(2, 2)]
+
+
+def test_gap_opened_filled_and_survives_reopen(db: Path) -> None:
+    store = EventStore(db)
+    r = store.append([ev("s", 1), ev("s", 2), ev("s", 6)])
+    assert r.gaps_opened == 1
+    assert store.open_gaps() == {("s", 1): [(3, 5)]}
+    assert store.append([ev("s", 4)]).gaps_filled == 1
+    assert store.open_gaps() == {("s", 1): [(3, 3), (5, 5)]}
+    store.close()
+    store = EventStore(db)
+    assert store.open_gaps() == {("s", 1): [(3, 3), (5, 5)]}
+    r = store.append([ev("s", 4), ev("s", 3), ev("s", 5)])
+    assert (r.stored, r.duplicates, r.gaps_filled) == (2, 1, 2)
+    assert store.open_gaps() == {}
+    row = store.conn.execute("SELECT missing, closed_at IS NOT NULL FROM gaps").fetchone()
+    assert row == (0, 1)
+
+
+def test_new_epoch_starting_late_records_the_lost_start(db: Path) -> None:
+    store = EventStore(db)
+    store.append([ev("s", 1), ev("s", 2)])
+    store.append([ev("s", 4, epoch=2)])
+    assert store.open_gaps() == {("s", 2): [(1, 3)]}
+
+
+def test_first_sight_of_a_stream_is_not_a_gap(db: Path) -> None:
+    store = EventStore(db)
+    store.append([ev("s", 5000)])
+    assert store.open_gaps() == {}
+
+
+def test_failed_commit_changes_nothing_and_retry_succeeds(db: Path) -> None:
+    store = EventStore(db, StoreConfig(busy_timeout_ms=50))
+    store.append([ev("s", 1)])
+    blocker = sqlite3.connect(db, isolation_level=None)
+    blocker.execute("BEGIN IMMEDIATE")
+    with pytest.raises(CommitFailed):
+        store.append([ev("s", 2), ev("t", 1)])
+    assert not store.conn.in_transaction
+    blocker.execute("ROLLBACK")
+    blocker.close()
+    r = store.append([ev("s", 2), ev("t", 1)])  # not mistaken for duplicates
+    assert (r.stored, r.duplicates) == (2, 0)
+    assert store.counters["commit_failures"] == 1
+
+
+batches = st.lists(
+    st.lists(
+        st.tuples(st.sampled_from("abcde"), st.integers(1, 30), st.integers(1, 3)), max_size=20
+    ),
+    max_size=8,
+)
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(batches)
+def test_latest_matches_replay_and_dedup_is_exact(tmp_path: Path, plan: list) -> None:  # type: ignore[type-arg]
+    path = Path(tempfile.mkdtemp(dir=tmp_path)) / "h.db"  # a fresh file per example
+    store = EventStore(path)
+    seen: set[tuple[str, int, int]] = set()
+    for batch in plan:
+        store.append([ev(s, q, epoch=e) for s, q, e in batch])
+        seen |= {(s, e, q) for s, q, e in batch}
+    stored = keys(store)
+    assert sorted(stored) == sorted(seen)  # every distinct key once
+    assert store.latest() == replay(s.event for s in store.iter_events())
+    store.close()
+
+
+def test_checkpoints_monotonic_persisted_and_backlog_above_them(db: Path) -> None:
+    store = EventStore(db)
+    store.append([ev("a", i) for i in range(1, 6)] + [ev("b", i) for i in range(1, 4)])
+    assert store.apply_acks({"a": (1, 3)}) == 1
+    assert store.apply_acks({"a": (1, 2), "b": (0, 9)}) == 1  # a stale, b moves (epoch 0)
+    assert store.apply_acks({"a": (1, 3)}) == 0
+    assert store.counters["acks_stale"] == 2
+    assert store.checkpoint("a") == (1, 3)
+    backlog = [(s.event.stream, s.event.seq) for s in store.backlog()]
+    assert backlog == [("a", 4), ("a", 5), ("b", 1), ("b", 2), ("b", 3)]
+    store.close()
+    store = EventStore(db)
+    assert store.checkpoints() == {"a": (1, 3), "b": (0, 9)}
+    assert store.apply_acks({"a": (1, 1)}) == 0
+
+
+def test_backlog_reads_in_bounded_batches(db: Path) -> None:
+    store = EventStore(db)
+    store.append([ev("s", i) for i in range(1, 2501)])
+    first = store.backlog(limit=1000)
+    assert len(first) == 1000
+    rest = store.backlog(after_rowid=first[-1].rowid, limit=5000)
+    assert [s.event.seq for s in rest] == list(range(1001, 2501))
+
+
+def fill(store: EventStore, streams: dict[str, int], count: int, size: int) -> None:
+    seqs = dict.fromkeys(streams, 0)
+    for start in range(0, count, 200):
+        batch = []
+        for i in range(start, min(count, start + 200)):
+            name = list(streams)[i % len(streams)]
+            seqs[name] += 1
+            batch.append(ev(name, seqs[name], priority=streams[name], size=size))
+        store.append(batch)
+
+
+def fill_to_high_water(store: EventStore, streams: dict[str, int]) -> int:
+    """Append rounds of events until the store asks for room; return events per stream."""
+    per_stream = 0
+    for _ in range(500):
+        if store.needs_room():
+            return per_stream
+        store.append(
+            [ev(name, per_stream + k, priority=p, size=200) for name, p in streams.items()
+             for k in range(1, 51)]
+        )  # fmt: skip
+        per_stream += 50
+    raise AssertionError("the store never reached its high-water mark")
+
+
+def test_ladder_deletes_acked_before_anything_unacked(db: Path) -> None:
+    store = EventStore(db, StoreConfig(max_buffer_bytes=2 * 2**20, min_free_bytes=0))
+    n = fill_to_high_water(store, {"hi": 5, "lo": 0})
+    half = n // 2
+    store.apply_acks({"hi": (1, half), "lo": (1, half)})
+    assert store.make_room()
+    remaining = set(keys(store))
+    for name in ("hi", "lo"):  # every unacknowledged event is still there
+        assert all((name, 1, q) in remaining for q in range(half + 1, n + 1))
+    assert store.shed_records() == []
+    assert store.counters["pruned_acked"] > 0
+    assert not store.needs_room()
+
+
+def test_ladder_compacts_low_priority_then_drops_oldest_and_records_it(db: Path) -> None:
+    config = StoreConfig(max_buffer_bytes=2 * 2**20, min_free_bytes=0, low_water=0.3)
+    store = EventStore(db, config)
+    n = fill_to_high_water(store, {"hi": 5, "lo": 0})
+    before = set(keys(store))
+    assert store.make_room()
+    after = set(keys(store))
+    shed = store.shed_records()
+    assert [r.reason for r in shed][:1] == ["compact_low_priority"]
+    assert shed[0].stream == "lo"
+    assert ("lo", 1, n) in after  # the latest low-priority event stays
+    assert any(r.reason == "drop_oldest" for r in shed)  # 30 % needs more than compaction
+    lost = before - after
+    assert sum(r.count for r in shed) == len(lost)  # every loss is on record
+    dropped_hi = sorted(q for s, _, q in lost if s == "hi")
+    assert dropped_hi == list(range(1, len(dropped_hi) + 1))  # oldest first
+    assert ("hi", 1, n) in after
+
+
+def test_store_full_is_reported_not_lost(db: Path) -> None:
+    store = EventStore(db, StoreConfig(max_buffer_bytes=512 * 1024, min_free_bytes=0))
+    with pytest.raises(StoreError):
+        for start in range(0, 10_000, 100):
+            store.append([ev("s", i, size=500) for i in range(start + 1, start + 101)])
+    assert not store.conn.in_transaction
+    count = store.event_count
+    assert count == len(keys(store))  # the cache matches the file after the failure
+
+
+def test_corrupt_file_is_quarantined_and_store_starts(db: Path) -> None:
+    db.write_bytes(b"this is not a database" * 1000)
+    store = EventStore(db)
+    assert store.quarantined is not None
+    assert store.quarantined.exists()
+    assert store.append([ev("s", 1)]).stored == 1
+    alarm = store.conn.execute(
+        "SELECT value FROM agent_state WHERE key = 'alarm.store_quarantined'"
+    ).fetchone()
+    assert alarm is not None
+
+
+def test_damaged_pages_are_quarantined_and_readable_rows_salvaged(db: Path) -> None:
+    store = EventStore(db)
+    fill(store, {"a": 1, "b": 2}, 20_000, 100)
+    store.close()
+    data = bytearray(db.read_bytes())
+    pages = len(data) // 4096
+    victim = pages // 2
+    data[victim * 4096 : victim * 4096 + 4096] = b"\xa5" * 4096
+    db.write_bytes(bytes(data))
+    store = EventStore(db)
+    assert store.quarantined is not None
+    assert 0 < store.salvaged < 20_000
+    assert check_integrity(store.conn, full=True) == []
+    assert store.event_count == store.salvaged
+    got = set(keys(store))
+    r = store.append([ev("a", 1), ev("a", 10_001)])  # dedup state rebuilt from salvage
+    assert r.stored == (("a", 1, 1) not in got) + (("a", 1, 10_001) not in got)
+
+
+def test_reader_holding_a_snapshot_does_not_block_append(db: Path) -> None:
+    store = EventStore(db)
+    store.append([ev("s", 1)])
+    reader = connect(db, readonly=True)
+    reader.execute("BEGIN")
+    assert reader.execute("SELECT count(*) FROM events").fetchone() == (1,)
+    done = threading.Event()
+
+    def write() -> None:
+        store.append([ev("s", i) for i in range(2, 500)])
+        done.set()
+
+    t = threading.Thread(target=write)
+    t.start()
+    assert done.wait(5)
+    t.join()
+    assert reader.execute("SELECT count(*) FROM events").fetchone() == (1,)  # its snapshot
+    reader.execute("COMMIT")
+    assert reader.execute("SELECT count(*) FROM events").fetchone() == (499,)
+    with pytest.raises(sqlite3.OperationalError):
+        reader.execute("DELETE FROM events")
+
+
+def test_bad_synchronous_mode_is_refused(db: Path) -> None:
+    with pytest.raises(StoreError, match="synchronous"):
+        EventStore(db, StoreConfig(synchronous="SOMETIMES"))
