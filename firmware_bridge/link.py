@@ -206,6 +206,15 @@ class AgentLink:
             self._ack_due = True
         self._flush(now)
 
+    def forget(self, tokens: Iterable[Token]) -> None:
+        """The caller could not make these durable: accept their retransmits again."""
+        s = self._session
+        if s is None:
+            return
+        for session, link_seq in tokens:
+            if session == s.boot_epoch:
+                s.pending.discard(link_seq)
+
     def poll(self, now: float) -> None:
         """Step timers: link-down detection, heartbeats or HELLOs, NACK retries."""
         if (

@@ -178,17 +178,26 @@ class SerialPort:
         if now >= self._next_attempt:
             self.open(now)
 
-    def read(self, timeout: float) -> bytes:
+    def read(self, timeout: float, wake_fd: int | None = None) -> bytes:
         """Wait up to `timeout` seconds for data and return what arrived (at most read_size).
 
-        Returns as soon as any bytes are available. Returns b"" on timeout, when not
+        Returns as soon as any bytes are available, or as soon as `wake_fd` (another
+        thread's wake-up pipe) is readable. Returns b"" on timeout, on wake-up, when not
         open, or when the device vanished (the port is then closed and RECONNECTING).
         """
         port, readable = self._serial, self._readable
         if port is None or readable is None:
             return b""
-        if not readable.poll(max(timeout, 0.0) * 1000.0):
-            return b""
+        if wake_fd is None:
+            if not readable.poll(max(timeout, 0.0) * 1000.0):
+                return b""
+        else:
+            poller = select.poll()
+            fd = port.fileno()
+            poller.register(fd, _POLL_READABLE)
+            poller.register(wake_fd, select.POLLIN)
+            if not any(ready == fd for ready, _ in poller.poll(max(timeout, 0.0) * 1000.0)):
+                return b""
         try:
             # A vanished device polls readable and then reads EOF or EIO; pyserial turns
             # both into SerialException.

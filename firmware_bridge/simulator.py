@@ -105,6 +105,7 @@ class Device:
     acked_before: int = 0
     retransmits_before: int = 0
     flood_left: int = 0  # random bytes still to send (a babbling line)
+    acks_lost: int = 0  # reads from the agent thrown away (--ack-loss)
 
     def __post_init__(self) -> None:
         self._new_link()
@@ -261,6 +262,9 @@ class Device:
                 return  # EIO: no reader on the other side right now
             if not data:
                 return
+            if self.args.ack_loss and self.rng.random() < self.args.ack_loss:
+                self.acks_lost += 1
+                continue  # what the agent said never arrived: its ACKs are lost
             self.link.receive(data, now)
 
 
@@ -343,6 +347,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--garbage-every", type=float, default=0.0, help="seconds between bursts")
     g.add_argument("--garbage-bytes", type=int, default=256, help="bytes per garbage burst")
     g.add_argument("--flood-bytes", type=int, default=0, help="random bytes sent at start")
+    g.add_argument(
+        "--ack-loss",
+        type=float,
+        default=0.0,
+        help="probability that a read of the agent's frames (ACKs) is thrown away",
+    )
     g.add_argument("--unplug-every", type=float, default=0.0, help="seconds between unplugs")
     g.add_argument("--unplug-for", type=float, default=1.0, help="seconds a device stays out")
     g.add_argument("--reboot-every", type=float, default=0.0, help="seconds between reboots")
@@ -488,6 +498,7 @@ class Simulation:
             "lost_at_reboot": sum(d.lost_at_reboot for d in devices),
             "reboots": sum(d.reboots for d in devices),
             "unplugs": sum(d.unplugs for d in devices),
+            "agent_reads_lost": sum(d.acks_lost for d in devices),
             "faults": {
                 "bits_flipped": counts.bits_flipped,
                 "bytes_dropped": counts.bytes_dropped,

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import json
 import signal
+import sqlite3
 import subprocess
+import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -118,3 +120,137 @@ class AgentSide:
         except Exception as exc:  # surfaced by the test, not lost in a thread
             self.errors.append(repr(exc))
             raise
+
+
+class TruthReader:
+    """Reads a growing ground-truth file incrementally (complete lines only)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._offset = 0
+        self.sent: dict[Key, str] = {}
+        self.acked: dict[Key, str] = {}
+        self.lost_at_reboot: dict[Key, str] = {}
+
+    def poll(self) -> None:
+        if not self.path.exists():
+            return
+        with self.path.open("rb") as fh:
+            fh.seek(self._offset)
+            data = fh.read()
+        end = data.rfind(b"\n") + 1
+        self._offset += end
+        for line in data[:end].splitlines():
+            record = json.loads(line)
+            op = record["op"]
+            if op in ("sent", "acked", "lost_at_reboot"):
+                key = (record["stream"], record["boot_epoch"], record["seq"])
+                getattr(self, op)[key] = record["payload"]
+
+
+AGENT = str(Path(sys.executable).with_name("ironfleet-agent"))
+
+
+def stored_events(db: Path) -> dict[Key, list[str]]:
+    """Every event in an agent database: key -> payloads (hex), read-only."""
+    conn = sqlite3.connect(db.absolute().as_uri() + "?mode=ro", uri=True)
+    try:
+        out: dict[Key, list[str]] = {}
+        for stream, epoch, seq, payload in conn.execute(
+            "SELECT s.name, e.boot_epoch, e.seq, e.payload FROM events e "
+            "JOIN streams s ON s.id = e.stream_id"
+        ):
+            out.setdefault((stream, epoch, seq), []).append(bytes(payload).hex())
+        return out
+    finally:
+        conn.close()
+
+
+def integrity(db: Path) -> str:
+    conn = sqlite3.connect(db.absolute().as_uri() + "?mode=ro", uri=True)
+    try:
+        return str(conn.execute("PRAGMA integrity_check").fetchone()[0])
+    finally:
+        conn.close()
+
+
+def agent_state(db: Path) -> dict[str, str]:
+    conn = sqlite3.connect(db.absolute().as_uri() + "?mode=ro", uri=True)
+    try:
+        return dict(conn.execute("SELECT key, value FROM agent_state").fetchall())
+    finally:
+        conn.close()
+
+
+def toml_value(value: object) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return json.dumps(value)
+    return repr(value)
+
+
+@dataclass
+class AgentProcess:
+    """An `ironfleet-agent run` process with its own config, state dir and log."""
+
+    workdir: Path
+    device: str
+    overrides: dict[str, dict[str, object]] = field(default_factory=dict)
+    proc: subprocess.Popen[bytes] | None = None
+    starts: int = 0
+
+    def __post_init__(self) -> None:
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        sections: dict[str, dict[str, object]] = {
+            "agent": {"vehicle_id": "test-vehicle", "state_dir": str(self.workdir / "state")},
+            "serial": {"device": self.device, "heartbeat_interval": 0.2},
+            "store": {"min_free_bytes": 0},
+        }
+        for name, values in self.overrides.items():
+            sections.setdefault(name, {}).update(values)
+        lines = []
+        for name, values in sections.items():
+            lines.append(f"[{name}]")
+            lines += [f"{k} = {toml_value(v)}" for k, v in values.items()]
+        self.config = self.workdir / "agent.toml"
+        self.config.write_text("\n".join(lines) + "\n")
+        self.db = self.workdir / "state" / "agent.db"
+        self.log = self.workdir / "agent.log"
+
+    def start(self) -> AgentProcess:
+        assert self.proc is None or self.proc.poll() is not None, "already running"
+        self.starts += 1
+        self._log_offset = self.log.stat().st_size if self.log.exists() else 0
+        with self.log.open("ab") as log:
+            self.proc = subprocess.Popen(
+                [AGENT, "run", "--config", str(self.config)], stdout=log, stderr=subprocess.STDOUT
+            )
+        return self
+
+    def started(self) -> bool:
+        """True once this run has logged that it is up (database open, threads running)."""
+        if not self.log.exists():
+            return False
+        with self.log.open("rb") as fh:
+            fh.seek(getattr(self, "_log_offset", 0))
+            return b"agent_started" in fh.read()
+
+    def kill(self) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(timeout=10)
+
+    def terminate(self, timeout: float = 10) -> int:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGTERM)
+        return self.proc.wait(timeout=timeout)
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def stop_quietly(self) -> None:
+        if self.alive():
+            assert self.proc is not None
+            self.proc.kill()
+            self.proc.wait(timeout=10)

@@ -28,7 +28,9 @@ class In:
 
 def ev(stream: str, seq: int, epoch: int = 1, priority: int = 1, size: int = 8) -> In:
     payload = bytes([seq % 251]) * size
-    return In(Event(stream, seq, boot_epoch=epoch, ts=float(seq), priority=priority, payload=payload))
+    return In(
+        Event(stream, seq, boot_epoch=epoch, ts=float(seq), priority=priority, payload=payload)
+    )
 
 
 def keys(store: EventStore) -> list[tuple[str, int, int]]:
@@ -128,7 +130,9 @@ batches = st.lists(
 )
 
 
-@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(
+    max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
 @given(batches)
 def test_latest_matches_replay_and_dedup_is_exact(tmp_path: Path, plan: list) -> None:  # type: ignore[type-arg]
     path = Path(tempfile.mkdtemp(dir=tmp_path)) / "h.db"  # a fresh file per example
@@ -228,9 +232,14 @@ def test_ladder_compacts_low_priority_then_drops_oldest_and_records_it(db: Path)
 
 def test_store_full_is_reported_not_lost(db: Path) -> None:
     store = EventStore(db, StoreConfig(max_buffer_bytes=512 * 1024, min_free_bytes=0))
+    batches = [[ev("s", i, size=500) for i in range(n + 1, n + 101)] for n in range(0, 10**4, 100)]
+
+    def fill_up() -> None:
+        for batch in batches:
+            store.append(batch)
+
     with pytest.raises(StoreError):
-        for start in range(0, 10_000, 100):
-            store.append([ev("s", i, size=500) for i in range(start + 1, start + 101)])
+        fill_up()
     assert not store.conn.in_transaction
     count = store.event_count
     assert count == len(keys(store))  # the cache matches the file after the failure

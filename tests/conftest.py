@@ -1,4 +1,4 @@
-"""Fixtures for the bridge tests: `ironfleet-sim` processes and agent-side pumps."""
+"""Shared fixtures: `ironfleet-sim` processes, agent-side pumps, agent daemons."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from simharness import AgentSide, Sim
+from simharness import AgentProcess, AgentSide, Sim
 from support import SIM
 
 
@@ -58,3 +58,18 @@ def agent_side() -> Iterator[Callable[..., AgentSide]]:
     yield make
     for side in sides:
         side.stop()
+
+
+@pytest.fixture
+def start_agent(tmp_path: Path) -> Iterator[Callable[..., AgentProcess]]:
+    """Make `ironfleet-agent` processes (not started); any left running are killed."""
+    agents: list[AgentProcess] = []
+
+    def make(device: str, **overrides: dict[str, object]) -> AgentProcess:
+        agent = AgentProcess(tmp_path / f"agent{len(agents)}", device, overrides)
+        agents.append(agent)
+        return agent
+
+    yield make
+    for agent in agents:
+        agent.stop_quietly()

@@ -1,0 +1,178 @@
+"""Configuration: one frozen object, defaults in one place, errors that name key and file.
+
+The file is TOML (`/etc/ironfleet/agent.toml` under systemd). Every key is optional;
+docs/configuration.md lists each with its default, and a test checks that it does.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, get_type_hints
+
+from agent.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class AgentSection:
+    """[agent]: identity and where state lives."""
+
+    vehicle_id: str = "vehicle-0001"
+    state_dir: str = "/var/lib/ironfleet"
+    log_level: str = "INFO"
+
+    def validate(self) -> dict[str, str]:
+        problems = {}
+        if not self.vehicle_id or any(c in self.vehicle_id for c in "/+#"):
+            problems["vehicle_id"] = "must be non-empty without '/', '+' or '#' (MQTT topic part)"
+        if self.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
+            problems["log_level"] = "must be one of DEBUG, INFO, WARNING, ERROR"
+        return problems
+
+
+@dataclass(frozen=True)
+class SerialSection:
+    """[serial]: the controller's device and link timing."""
+
+    device: str = "/dev/ttyIronFleet0"
+    baudrate: int = 921_600
+    heartbeat_interval: float = 1.0
+    missed_heartbeats: int = 3
+    reconnect_min: float = 0.25
+    reconnect_max: float = 10.0
+    read_size: int = 65_536
+
+    def validate(self) -> dict[str, str]:
+        problems = {}
+        if not self.device:
+            problems["device"] = "must name a device path or a glob"
+        if self.baudrate <= 0:
+            problems["baudrate"] = "must be > 0"
+        if not 0.01 <= self.heartbeat_interval <= 60:
+            problems["heartbeat_interval"] = "must be within [0.01, 60] seconds"
+        if not 1 <= self.missed_heartbeats <= 100:
+            problems["missed_heartbeats"] = "must be within [1, 100]"
+        if not 0 < self.reconnect_min <= self.reconnect_max:
+            problems["reconnect_min"] = "must be > 0 and <= reconnect_max"
+        if not 512 <= self.read_size <= 2**20:
+            problems["read_size"] = "must be within [512, 1048576] bytes"
+        return problems
+
+
+@dataclass(frozen=True)
+class StoreSection:
+    """[store]: durability, bounds and group commit."""
+
+    synchronous: str = "FULL"
+    max_buffer_bytes: int = 512 * 2**20
+    min_free_bytes: int = 256 * 2**20
+    high_water: float = 0.90
+    low_water: float = 0.80
+    low_priority_max: int = 1
+    commit_max_events: int = 4096
+    commit_delay_ms: float = 0.0
+    queue_max_batches: int = 64
+
+    def validate(self) -> dict[str, str]:
+        problems = {}
+        if self.synchronous.upper() not in ("NORMAL", "FULL", "EXTRA"):
+            problems["synchronous"] = (
+                "must be FULL (default), EXTRA, or NORMAL (loses ACKed events on power cut)"
+            )
+        if self.max_buffer_bytes < 1 * 2**20:
+            problems["max_buffer_bytes"] = "must be at least 1048576 (1 MiB)"
+        if self.min_free_bytes < 0:
+            problems["min_free_bytes"] = "must be >= 0"
+        if not 0 < self.low_water < self.high_water < 1:
+            problems["high_water"] = "need 0 < low_water < high_water < 1"
+        if not 0 <= self.low_priority_max <= 7:
+            problems["low_priority_max"] = "must be within [0, 7]"
+        if not 1 <= self.commit_max_events <= 100_000:
+            problems["commit_max_events"] = "must be within [1, 100000]"
+        if not 0 <= self.commit_delay_ms <= 1000:
+            problems["commit_delay_ms"] = "must be within [0, 1000] milliseconds"
+        if not 1 <= self.queue_max_batches <= 10_000:
+            problems["queue_max_batches"] = "must be within [1, 10000]"
+        return problems
+
+
+@dataclass(frozen=True)
+class Config:
+    """The whole configuration; `load` builds it, `validate` ran before you see it."""
+
+    agent: AgentSection = field(default_factory=AgentSection)
+    serial: SerialSection = field(default_factory=SerialSection)
+    store: StoreSection = field(default_factory=StoreSection)
+    source: str = "<defaults>"
+
+    @property
+    def database(self) -> Path:
+        """The event store file."""
+        return Path(self.agent.state_dir) / "agent.db"
+
+
+SECTIONS: dict[str, type] = {"agent": AgentSection, "serial": SerialSection, "store": StoreSection}
+
+
+def _coerce(section: str, key: str, value: Any, expected: type, source: str) -> Any:
+    where = f"{source}: [{section}] {key}"
+    if expected is float and type(value) in (int, float):
+        if not math.isfinite(value):
+            raise ConfigError(f"{where}: must be a finite number, got {value!r}")
+        return float(value)
+    if expected is int and type(value) is int:
+        return value
+    if expected is str and type(value) is str:
+        return value
+    if expected is bool and type(value) is bool:
+        return value
+    raise ConfigError(
+        f"{where}: expected {expected.__name__}, got {type(value).__name__} {value!r}"
+    )
+
+
+def from_mapping(data: dict[str, Any], source: str = "<mapping>") -> Config:
+    """Build and validate a Config from parsed TOML; errors name the key and `source`."""
+    sections: dict[str, Any] = {}
+    for name, value in data.items():
+        if name not in SECTIONS:
+            raise ConfigError(
+                f"{source}: unknown section [{name}]; known sections: {', '.join(SECTIONS)}"
+            )
+        if not isinstance(value, dict):
+            raise ConfigError(f"{source}: [{name}] must be a table")
+        cls = SECTIONS[name]
+        hints = get_type_hints(cls)
+        known = {f.name for f in dataclasses.fields(cls)}
+        kwargs = {}
+        for key, raw in value.items():
+            if key not in known:
+                listing = ", ".join(sorted(known))
+                raise ConfigError(f"{source}: [{name}] unknown key {key!r}; known keys: {listing}")
+            kwargs[key] = _coerce(name, key, raw, hints[key], source)
+        section = cls(**kwargs)
+        for key, problem in section.validate().items():
+            raise ConfigError(f"{source}: [{name}] {key} = {getattr(section, key)!r}: {problem}")
+        sections[name] = section
+    config = Config(**sections, source=source)
+    for name in SECTIONS:  # defaults are validated too, so a bad default cannot ship
+        for key, problem in getattr(config, name).validate().items():
+            raise ConfigError(f"{source}: [{name}] {key}: {problem}")
+    return config
+
+
+def load(path: str | Path) -> Config:
+    """Read and validate a TOML file."""
+    p = Path(path)
+    try:
+        raw = p.read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"{p}: cannot read configuration: {exc.strerror or exc}") from None
+    try:
+        data = tomllib.loads(raw.decode("utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{p}: not valid TOML: {exc}") from None
+    return from_mapping(data, str(p))
