@@ -8,11 +8,12 @@ from collections.abc import Callable
 from pathlib import Path
 
 import psutil
-from simharness import AgentSide, Sim
-from support import SIM, open_fds, wait_for
 
 from firmware_bridge.protocol import MAX_ENCODED_FRAME_BYTES
 from firmware_bridge.simulator import build_parser
+
+from simharness import AgentSide, Sim
+from support import SIM, open_fds, wait_for
 
 StartSim = Callable[..., Sim]
 MakeSide = Callable[..., AgentSide]

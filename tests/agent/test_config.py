@@ -1,0 +1,89 @@
+"""Configuration: defaults valid, bad keys and values named with their file."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from agent.config import Config, from_mapping, load
+from agent.errors import ConfigError
+
+from simharness import AGENT
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "agent.toml"
+    path.write_text(text)
+    return path
+
+
+def test_empty_file_gives_defaults(tmp_path: Path) -> None:
+    config = load(write(tmp_path, ""))
+    assert config.store.synchronous == "FULL"
+    assert config.database == Path("/var/lib/ironfleet/agent.db")
+    assert config == Config(source=str(tmp_path / "agent.toml"))
+
+
+def test_values_are_read(tmp_path: Path) -> None:
+    config = load(write(tmp_path, '[agent]\nstate_dir = "/x"\n[serial]\nheartbeat_interval = 2\n'))
+    assert config.database == Path("/x/agent.db")
+    assert config.serial.heartbeat_interval == 2.0
+
+
+@pytest.mark.parametrize(
+    ("text", "needle"),
+    [
+        ("[store]\nsynchronus = 'FULL'\n", "[store] unknown key 'synchronus'"),
+        ("[stroe]\n", "unknown section [stroe]"),
+        ("[store]\nsynchronous = 'SOMETIMES'\n", "[store] synchronous = 'SOMETIMES'"),
+        ("[store]\nmax_buffer_bytes = '1G'\n", "[store] max_buffer_bytes: expected int, got str"),
+        ("[serial]\nbaudrate = 1.5\n", "[serial] baudrate: expected int, got float"),
+        ("[serial]\nheartbeat_interval = nan\n", "[serial] heartbeat_interval: must be a finite"),
+        ("[store]\nlow_water = 0.95\n", "[store] high_water"),
+        ("[agent]\nvehicle_id = 'a/b'\n", "[agent] vehicle_id"),
+        ("[serial\n", "not valid TOML"),
+        ("store = 3\n", "[store] must be a table"),
+    ],
+)
+def test_errors_name_file_section_and_key(tmp_path: Path, text: str, needle: str) -> None:
+    path = write(tmp_path, text)
+    with pytest.raises(ConfigError) as info:
+        load(path)
+    assert needle in str(info.value)
+    assert str(path) in str(info.value)
+
+
+def test_missing_file_is_a_config_error(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="cannot read"):
+        load(tmp_path / "absent.toml")
+
+
+def test_from_mapping_names_its_source() -> None:
+    with pytest.raises(ConfigError, match=r"^inline: "):
+        from_mapping({"store": {"commit_max_events": 0}}, "inline")
+
+
+def test_check_config_command(tmp_path: Path) -> None:
+    good = write(tmp_path, "[store]\nsynchronous = 'FULL'\n")
+    ok = subprocess.run(
+        [AGENT, "check-config", "--config", str(good)], capture_output=True, check=False
+    )
+    assert ok.returncode == 0
+    assert b"ok" in ok.stdout
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[store]\nmax_buffer_bytes = 10\n")
+    res = subprocess.run(
+        [AGENT, "check-config", "--config", str(bad)], capture_output=True, check=False
+    )
+    assert res.returncode == 2
+    assert b"max_buffer_bytes" in res.stderr
+    assert str(bad).encode() in res.stderr
+
+
+def test_every_command_has_help() -> None:
+    for args in (["--help"], ["run", "--help"], ["check-config", "--help"]):
+        res = subprocess.run([AGENT, *args], capture_output=True, text=True, check=False)
+        assert res.returncode == 0
+        assert "--config" in res.stdout or "run" in res.stdout
