@@ -100,12 +100,80 @@ class StoreSection:
 
 
 @dataclass(frozen=True)
+class UplinkSection:
+    """[uplink]: the MQTT broker, batching, acknowledgements and the circuit breaker."""
+
+    enabled: bool = True
+    host: str = "127.0.0.1"
+    port: int = 1883
+    keepalive: int = 30
+    client_id: str = ""  # default: "ironfleet-<vehicle_id>"
+    username: str = ""
+    password_file: str = ""  # e.g. $CREDENTIALS_DIRECTORY/mqtt-password (LoadCredential=)
+    tls: bool = False
+    ca_file: str = ""
+    cert_file: str = ""
+    key_file: str = ""
+    ack_mode: str = "fleet"  # "fleet": collector acks; "broker": PUBACK (weaker)
+    batch_max_events: int = 500
+    batch_max_bytes: int = 256 * 1024
+    batch_max_delay_ms: float = 200.0
+    compress: bool = True
+    max_in_flight: int = 8
+    ack_timeout: float = 15.0
+    breaker_failure_threshold: int = 5
+    breaker_recovery_timeout: float = 10.0
+    reconnect_min: float = 0.5
+    reconnect_max: float = 30.0
+
+    def validate(self) -> dict[str, str]:
+        checks = {
+            "host": (bool(self.host), "must name the broker"),
+            "port": (1 <= self.port <= 65535, "must be within [1, 65535]"),
+            "keepalive": (5 <= self.keepalive <= 3600, "must be within [5, 3600] seconds"),
+            "ack_mode": (
+                self.ack_mode in ("fleet", "broker"),
+                "must be 'fleet' (collector acks, default) or 'broker'",
+            ),
+            "batch_max_events": (1 <= self.batch_max_events <= 50_000, "must be in [1, 50000]"),
+            "batch_max_bytes": (
+                1024 <= self.batch_max_bytes <= 8 * 2**20,
+                "must be within [1024, 8388608]",
+            ),
+            "batch_max_delay_ms": (
+                0 <= self.batch_max_delay_ms <= 60_000,
+                "must be within [0, 60000]",
+            ),
+            "max_in_flight": (1 <= self.max_in_flight <= 1000, "must be within [1, 1000]"),
+            "ack_timeout": (0.1 <= self.ack_timeout <= 3600, "must be in [0.1, 3600] seconds"),
+            "breaker_failure_threshold": (
+                1 <= self.breaker_failure_threshold <= 1000,
+                "must be within [1, 1000]",
+            ),
+            "breaker_recovery_timeout": (
+                0 < self.breaker_recovery_timeout <= 3600,
+                "must be within (0, 3600] seconds",
+            ),
+            "reconnect_min": (
+                0 < self.reconnect_min <= self.reconnect_max,
+                "must be > 0 and <= reconnect_max",
+            ),
+            "tls": (
+                self.tls or not (self.cert_file or self.key_file or self.ca_file),
+                "must be true when ca_file, cert_file or key_file is set",
+            ),
+        }
+        return {key: why for key, (ok, why) in checks.items() if not ok}
+
+
+@dataclass(frozen=True)
 class Config:
     """The whole configuration; `load` builds it, `validate` ran before you see it."""
 
     agent: AgentSection = field(default_factory=AgentSection)
     serial: SerialSection = field(default_factory=SerialSection)
     store: StoreSection = field(default_factory=StoreSection)
+    uplink: UplinkSection = field(default_factory=UplinkSection)
     source: str = "<defaults>"
 
     @property
@@ -114,7 +182,12 @@ class Config:
         return Path(self.agent.state_dir) / "agent.db"
 
 
-SECTIONS: dict[str, type] = {"agent": AgentSection, "serial": SerialSection, "store": StoreSection}
+SECTIONS: dict[str, type] = {
+    "agent": AgentSection,
+    "serial": SerialSection,
+    "store": StoreSection,
+    "uplink": UplinkSection,
+}
 
 
 def _coerce(section: str, key: str, value: Any, expected: type, source: str) -> Any:

@@ -25,15 +25,17 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from types import FrameType
 
 from agent import config as config_mod
 from agent.config import Config
 from agent.errors import AgentError, CommitFailed, ConfigError, StoreFull
-from agent.resilience import Backoff
-from agent.store import EventStore, StoreConfig
+from agent.resilience import Backoff, CircuitBreaker
+from agent.resync import FleetSync, Resync
+from agent.store import EventStore, StoreConfig, connect
+from agent.uplink import MqttTransport
 from firmware_bridge.link import AgentLink, Received, Token
 from firmware_bridge.serial_port import PortState, SerialPort
 
@@ -94,14 +96,20 @@ class Waker:
         os.close(self.write_fd)
 
 
+Task = Callable[[EventStore], None]  # work for the writer thread (the store's only user)
+
+
 @dataclass
 class Channels:
-    """What joins the two threads: the bounded hand-over queue, reports, wake-up, flags."""
+    """What joins the threads: the bounded hand-over queue, reports, wake-up, flags."""
 
     to_writer: queue.Queue[list[Received]]
     reports: queue.Queue[tuple[bool, list[Token]]]
     waker: Waker
     shared: Shared
+    # Small, rare writes from other threads (uplink checkpoints). Unbounded on purpose:
+    # at most one per acknowledged batch, and the uplink thread must never block on it.
+    tasks: queue.Queue[Task] = field(default_factory=queue.Queue)
 
 
 class SerialSide:
@@ -204,16 +212,19 @@ class Writer:
         self.store = store
         self.config = config
         self.to_writer = channels.to_writer
+        self.tasks = channels.tasks
         self.reports = channels.reports
         self.waker = channels.waker
         self.shared = channels.shared
         self.serial = serial
+        self.uplink: UplinkSide | None = None
         self._next_publish = 0.0
         self._next_space = 0.0
         self._failure_streak = 0
 
     def run_once(self, now: float, timeout: float = 0.1) -> bool:
-        """Commit whatever is queued (waiting up to `timeout` for the first batch)."""
+        """Run queued tasks, then commit whatever is queued (waiting up to `timeout`)."""
+        self._run_tasks()
         try:
             first = self.to_writer.get(timeout=timeout)
         except queue.Empty:
@@ -236,6 +247,17 @@ class Writer:
         self._commit(groups)
         self._housekeeping(time.monotonic())
         return True
+
+    def _run_tasks(self) -> None:
+        while True:
+            try:
+                task = self.tasks.get_nowait()
+            except queue.Empty:
+                return
+            try:
+                task(self.store)
+            except AgentError as exc:
+                log.warning("writer_task_failed error=%r", str(exc))
 
     def _commit(self, groups: list[list[Received]]) -> None:
         arrivals = [r for g in groups for r in g]
@@ -303,6 +325,7 @@ class Writer:
             "store.stats": json.dumps(self.store.stats(), sort_keys=True),
             "daemon.counters": json.dumps(self.shared.counters, sort_keys=True),
             "daemon.alarm": self.shared.alarm or ("store full" if self.shared.store_full else ""),
+            **(self.uplink.state() if self.uplink is not None else {"uplink.state": "disabled"}),
             "daemon.pid": str(os.getpid()),
             "daemon.heartbeat": f"{time.time():.3f}",
         }
@@ -312,9 +335,60 @@ class Writer:
             log.debug("publish_failed error=%r", str(exc))
 
     def drain(self) -> None:
-        """Commit everything still queued (shutdown)."""
+        """Commit everything still queued, run pending tasks (shutdown)."""
         while self.run_once(time.monotonic(), timeout=0.0):
             pass
+        self._run_tasks()
+
+
+class UplinkSide:
+    """The uplink thread's work, steppable: MQTT transport, resync, breaker."""
+
+    def __init__(self, config: Config, channels: Channels) -> None:
+        c = config.uplink
+        self.tasks = channels.tasks
+        self.reader = connect(config.database, readonly=True)
+        self.breaker = CircuitBreaker(c.breaker_failure_threshold, c.breaker_recovery_timeout)
+        self.resync = Resync(self.reader, config.agent.vehicle_id, c, self._deliver)
+        self.transport = MqttTransport(c, config.agent.vehicle_id)
+        self.sync = FleetSync(
+            self.transport,
+            self.resync,
+            self.breaker,
+            Backoff(c.reconnect_min, c.reconnect_max),
+            ack_mode=c.ack_mode,
+        )
+
+    def _deliver(self, upto: int, positions: dict[str, tuple[int, int]]) -> None:
+        # Persisting the cursor is the writer's job (the store's only writer).
+        def task(store: EventStore) -> None:
+            store.mark_delivered(upto, positions)
+
+        self.tasks.put(task)
+
+    def run_once(self, now: float) -> None:
+        self.sync.run_once(now)
+
+    def state(self) -> dict[str, str]:
+        """Live values for the CLI (read from another thread: plain attribute reads)."""
+        snap = self.breaker.snapshot()
+        counters = vars(self.resync.counters).copy()
+        return {
+            "uplink.state": "connected" if self.transport.connected else "disconnected",
+            "uplink.phase": str(self.resync.phase),
+            "uplink.delivered": str(self.resync.delivered),
+            "uplink.in_flight": str(self.resync.in_flight),
+            "uplink.counters": json.dumps(counters, sort_keys=True),
+            "breaker.state": str(snap.state),
+            "breaker.failures": str(snap.failures),
+            "breaker.successes": str(snap.successes),
+            "breaker.retry_in": f"{self.breaker.retry_in():.1f}",
+            "breaker.transitions": str(self.breaker.transitions),
+        }
+
+    def close(self) -> None:
+        self.transport.close()
+        self.reader.close()
 
 
 class Daemon:
@@ -327,12 +401,16 @@ class Daemon:
         channels = Channels(
             queue.Queue(config.store.queue_max_batches), queue.Queue(), self.waker, self.shared
         )
+        self.channels = channels
         os.makedirs(config.agent.state_dir, exist_ok=True)
         self.store = EventStore(config.database, store_config(config))
         if self.store.quarantined:
             self.shared.alarm = f"database quarantined to {self.store.quarantined}"
         self.serial = SerialSide(config, channels)
         self.writer = Writer(self.store, config, channels, self.serial)
+        self.uplink = UplinkSide(config, channels) if config.uplink.enabled else None
+        self.writer.uplink = self.uplink
+        self._uplink_stop = threading.Event()
         self.flags = flags if flags is not None else {"stop": False, "reload": False}
         self._threads: list[threading.Thread] = []
         self._serial_stop = threading.Event()
@@ -351,6 +429,12 @@ class Daemon:
         self.serial.run_once(time.monotonic(), timeout=0.0)
         self.serial.close()
 
+    def _uplink_loop(self) -> None:
+        assert self.uplink is not None
+        while not self._uplink_stop.is_set():
+            self.uplink.run_once(time.monotonic())
+        self.uplink.close()
+
     def _writer_loop(self) -> None:
         while not self._writer_stop.is_set():
             self.writer.run_once(time.monotonic())
@@ -360,7 +444,10 @@ class Daemon:
         self.waker.wake()
 
     def start(self) -> None:
-        for name, target in (("serial", self._serial_loop), ("writer", self._writer_loop)):
+        loops = [("serial", self._serial_loop), ("writer", self._writer_loop)]
+        if self.uplink is not None:
+            loops.append(("uplink", self._uplink_loop))
+        for name, target in loops:
             t = threading.Thread(target=target, name=name, daemon=True)
             t.start()
             self._threads.append(t)
@@ -378,6 +465,7 @@ class Daemon:
         log.info("agent_stopping")
         self.shared.stop_reading.set()
         self._serial_stop.set()
+        self._uplink_stop.set()
         self._writer_stop.set()
         for t in self._threads:
             t.join(timeout=STOP_TIMEOUT + 1)

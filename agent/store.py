@@ -2,7 +2,8 @@
 
 A small verb set serves the rest of the agent: `append` a batch (one transaction; the
 caller ACKs after it returns), `latest` (replay's input), `backlog` (events above the
-fleet's checkpoints, oldest first, streamed), `apply_acks` (checkpoints, monotonic),
+uplink cursor, oldest first, streamed), `mark_delivered` (cursor and checkpoints, never
+backwards),
 `make_room` (the eviction ladder), `stats`, and `publish` for the daemon's live state.
 
 Design notes (measurements in docs/decisions.md):
@@ -42,6 +43,40 @@ PAGE_SIZE: Final = 4096
 # two; past this a hostile or broken controller could grow memory without bound.
 MAX_GAP_PIECES: Final = 10_000
 SYNCHRONOUS_MODES: Final = ("OFF", "NORMAL", "FULL", "EXTRA")
+
+
+_EVENT_COLUMNS: Final = (
+    "id, stream_id, boot_epoch, seq, ts, ts_quality, kind, priority, payload, received_at"
+)
+
+
+def read_cursor(conn: sqlite3.Connection) -> int:
+    """The persisted uplink cursor: lowest rowid the fleet has not acknowledged."""
+    row = conn.execute("SELECT value FROM agent_state WHERE key = 'uplink.cursor'").fetchone()
+    return int(row[0]) if row else 1
+
+
+def read_latest(conn: sqlite3.Connection) -> list[tuple[int, Event, int, float]]:
+    """Latest event of every stream as (rowid, event, ts_quality, received_at), by stream.
+
+    Point reads through `stream_epochs.latest_rowid` (one per stream), so any connection,
+    the read-only CLI's included, answers in milliseconds on a million-event buffer.
+    """
+    rows = conn.execute(
+        """SELECT e.id, s.name, e.boot_epoch, e.seq, e.ts, e.ts_quality, e.kind, e.priority,
+                  e.payload, e.received_at
+           FROM stream_epochs AS se
+           JOIN (SELECT stream_id, max(boot_epoch) AS epoch FROM stream_epochs
+                 GROUP BY stream_id) AS top
+             ON top.stream_id = se.stream_id AND top.epoch = se.boot_epoch
+           JOIN events AS e ON e.id = se.latest_rowid
+           JOIN streams AS s ON s.id = se.stream_id
+           ORDER BY s.name"""
+    ).fetchall()
+    return [
+        (rowid, Event.trusted(name, seq, epoch, ts, kind, priority, bytes(payload)), tq, at)
+        for rowid, name, epoch, seq, ts, tq, kind, priority, payload, at in rows
+    ]
 
 
 class Arrival(Protocol):
@@ -548,24 +583,13 @@ class EventStore:
         return StoredEvent(rowid, event, tq, received_at)  # type: ignore[arg-type]
 
     def backlog(self, after_rowid: int = 0, limit: int = 1000) -> list[StoredEvent]:
-        """Up to `limit` events above their stream's checkpoint, oldest first."""
-        out: list[StoredEvent] = []
-        last = max(after_rowid, self._cursor() - 1)
-        while len(out) < limit:
-            rows = self.conn.execute(
-                "SELECT id, stream_id, boot_epoch, seq, ts, ts_quality, kind, priority, payload, "
-                "received_at FROM events WHERE id > ? ORDER BY id LIMIT ?",
-                (last, limit),
-            ).fetchall()
-            if not rows:
-                break
-            for row in rows:
-                if not self._is_acked(row[1], row[2], row[3]):
-                    out.append(self._row_to_event(row))
-                    if len(out) == limit:
-                        break
-            last = rows[-1][0]
-        return out
+        """Up to `limit` events the fleet has not acknowledged, oldest first."""
+        start = max(after_rowid, self._cursor() - 1)
+        rows = self.conn.execute(
+            f"SELECT {_EVENT_COLUMNS} FROM events WHERE id > ? ORDER BY id LIMIT ?",
+            (start, limit),
+        ).fetchall()
+        return [self._row_to_event(row) for row in rows]
 
     def iter_events(self, batch: int = 1000) -> Iterator[StoredEvent]:
         """Every stored event in arrival order, read in batches (memory stays flat)."""
@@ -593,30 +617,33 @@ class EventStore:
         """Every stream's checkpoint."""
         return {self._stream_names[sid]: pos for sid, pos in self._checkpoints.items()}
 
-    def apply_acks(
-        self, watermarks: Mapping[str, tuple[int, int]], now: float | None = None
-    ) -> int:
-        """Advance checkpoints to the fleet's watermarks; never backwards. Returns moves.
+    def mark_delivered(
+        self,
+        upto_rowid: int,
+        positions: Mapping[str, tuple[int, int]],
+        now: float | None = None,
+    ) -> bool:
+        """Record that the fleet holds every event with rowid <= `upto_rowid`.
 
-        A watermark at or below the current checkpoint is ignored and counted as stale.
-        The new positions and the uplink cursor are persisted in one transaction.
+        The uplink cursor moves to `upto_rowid + 1` and each stream's checkpoint to the
+        highest `positions` entry seen; neither ever moves backwards (a lower or equal
+        value is ignored and counted in `acks_stale`). Both are persisted in one
+        transaction. Returns False if nothing moved.
         """
         at = time.time() if now is None else now
+        cursor = upto_rowid + 1
+        if cursor <= self._cursor():
+            self.counters["acks_stale"] += 1
+            return False
         moves: dict[int, tuple[int, int]] = {}
-        for stream, position in watermarks.items():
+        for stream, position in positions.items():
             sid = self._stream_ids.get(stream)
+            pos = (int(position[0]), int(position[1]))
             if sid is None:
-                self.counters["acks_stale"] += 1  # unknown here (evicted or foreign): ignore
                 continue
             current = self._checkpoints.get(sid)
-            if current is not None and tuple(position) <= current:
-                self.counters["acks_stale"] += 1
-                continue
-            moves[sid] = (int(position[0]), int(position[1]))
-        if not moves:
-            return 0
-        merged = {**self._checkpoints, **moves}
-        cursor = self._advance_cursor(merged)
+            if current is None or pos > current:
+                moves[sid] = pos
         try:
             self.conn.execute("BEGIN IMMEDIATE")
             self.conn.executemany(
@@ -630,41 +657,23 @@ class EventStore:
         except sqlite3.Error as exc:
             self._rollback()
             raise CommitFailed(f"checkpoint update failed: {exc}") from exc
-        self._checkpoints = merged
+        self._checkpoints.update(moves)
         self._cursor_value = cursor
-        self.counters["acks_applied"] += len(moves)
-        return len(moves)
-
-    def _is_acked(self, sid: int, epoch: int, seq: int) -> bool:
-        cp = self._checkpoints.get(sid)
-        return cp is not None and (epoch, seq) <= cp
+        self.counters["acks_applied"] += 1
+        return True
 
     def _cursor(self) -> int:
-        """Lowest rowid that may still be unacknowledged (persisted in agent_state)."""
+        """Lowest rowid the fleet may not hold yet (persisted in agent_state)."""
         value = getattr(self, "_cursor_value", None)
         if value is None:
-            row = self.conn.execute(
-                "SELECT value FROM agent_state WHERE key = 'uplink.cursor'"
-            ).fetchone()
-            value = int(row[0]) if row else 1
+            value = read_cursor(self.conn)
             self._cursor_value = value
         return value
 
-    def _advance_cursor(self, checkpoints: Mapping[int, tuple[int, int]]) -> int:
-        cursor = self._cursor()
-        while True:
-            rows = self.conn.execute(
-                "SELECT id, stream_id, boot_epoch, seq FROM events WHERE id >= ? ORDER BY id "
-                "LIMIT 1000",
-                (cursor,),
-            ).fetchall()
-            if not rows:
-                return self._next_id if cursor >= self._next_id else cursor
-            for rowid, sid, epoch, seq in rows:
-                cp = checkpoints.get(sid)
-                if cp is None or (epoch, seq) > cp:
-                    return int(rowid)
-                cursor = rowid + 1
+    @property
+    def cursor(self) -> int:
+        """Lowest rowid the fleet has not acknowledged."""
+        return self._cursor()
 
     # -- space -------------------------------------------------------------------------------
 
@@ -717,11 +726,7 @@ class EventStore:
     def _prune_acked(self, keep: str, _target: float, at: float) -> None:
         self.conn.execute("BEGIN IMMEDIATE")
         cur = self.conn.execute(
-            f"""DELETE FROM events WHERE id IN (
-                  SELECT e.id FROM events e JOIN checkpoints c ON c.stream_id = e.stream_id
-                  WHERE (e.boot_epoch < c.boot_epoch
-                         OR (e.boot_epoch = c.boot_epoch AND e.seq <= c.seq))
-                    AND e.id NOT IN ({keep}))"""
+            f"DELETE FROM events WHERE id < ? AND id NOT IN ({keep})", (self._cursor(),)
         )
         self.conn.execute("COMMIT")
         self._rows -= cur.rowcount
@@ -730,11 +735,7 @@ class EventStore:
 
     def _shed(self, where: str, params: tuple[object, ...], reason: str, at: float) -> int:
         """Record then delete the unacknowledged events matching `where`, one transaction."""
-        unacked = (
-            "NOT EXISTS (SELECT 1 FROM checkpoints c WHERE c.stream_id = events.stream_id AND "
-            "(events.boot_epoch < c.boot_epoch OR (events.boot_epoch = c.boot_epoch AND "
-            "events.seq <= c.seq)))"
-        )
+        unacked = f"id >= {int(self._cursor())}"
         self.conn.execute("BEGIN IMMEDIATE")
         self.conn.execute(
             f"""INSERT INTO shed (at, reason, stream_id, boot_epoch, first_seq, last_seq, count,

@@ -206,6 +206,7 @@ class AgentProcess:
             "agent": {"vehicle_id": "test-vehicle", "state_dir": str(self.workdir / "state")},
             "serial": {"device": self.device, "heartbeat_interval": 0.2},
             "store": {"min_free_bytes": 0},
+            "uplink": {"enabled": False},
         }
         for name, values in self.overrides.items():
             sections.setdefault(name, {}).update(values)

@@ -147,20 +147,33 @@ def test_latest_matches_replay_and_dedup_is_exact(tmp_path: Path, plan: list) ->
     store.close()
 
 
-def test_checkpoints_monotonic_persisted_and_backlog_above_them(db: Path) -> None:
+def test_delivery_cursor_and_checkpoints_monotonic_and_persisted(db: Path) -> None:
     store = EventStore(db)
     store.append([ev("a", i) for i in range(1, 6)] + [ev("b", i) for i in range(1, 4)])
-    assert store.apply_acks({"a": (1, 3)}) == 1
-    assert store.apply_acks({"a": (1, 2), "b": (0, 9)}) == 1  # a stale, b moves (epoch 0)
-    assert store.apply_acks({"a": (1, 3)}) == 0
+    assert store.mark_delivered(3, {"a": (1, 3)})  # rowids 1-3 are a1-a3
+    assert not store.mark_delivered(2, {"a": (1, 2)})  # stale: ignored, counted
+    assert not store.mark_delivered(3, {"a": (1, 3)})  # duplicate: ignored, counted
     assert store.counters["acks_stale"] == 2
     assert store.checkpoint("a") == (1, 3)
+    assert store.cursor == 4
     backlog = [(s.event.stream, s.event.seq) for s in store.backlog()]
     assert backlog == [("a", 4), ("a", 5), ("b", 1), ("b", 2), ("b", 3)]
+    assert store.mark_delivered(6, {"a": (1, 5), "b": (1, 1)})
     store.close()
     store = EventStore(db)
-    assert store.checkpoints() == {"a": (1, 3), "b": (0, 9)}
-    assert store.apply_acks({"a": (1, 1)}) == 0
+    assert store.checkpoints() == {"a": (1, 5), "b": (1, 1)}
+    assert store.cursor == 7
+    assert not store.mark_delivered(5, {"a": (1, 9)})
+    assert store.checkpoint("a") == (1, 5)
+
+
+def test_late_gap_fill_above_the_cursor_is_still_sent(db: Path) -> None:
+    store = EventStore(db)
+    store.append([ev("s", 1), ev("s", 3)])
+    store.mark_delivered(2, {"s": (1, 3)})
+    store.append([ev("s", 2)])  # arrives after its successor was delivered
+    assert [s.event.seq for s in store.backlog()] == [2]
+    assert store.checkpoint("s") == (1, 3)  # never backwards
 
 
 def test_backlog_reads_in_bounded_batches(db: Path) -> None:
@@ -199,13 +212,13 @@ def fill_to_high_water(store: EventStore, streams: dict[str, int]) -> int:
 
 def test_ladder_deletes_acked_before_anything_unacked(db: Path) -> None:
     store = EventStore(db, StoreConfig(max_buffer_bytes=2 * 2**20, min_free_bytes=0))
-    n = fill_to_high_water(store, {"hi": 5, "lo": 0})
-    half = n // 2
-    store.apply_acks({"hi": (1, half), "lo": (1, half)})
+    fill_to_high_water(store, {"hi": 5, "lo": 0})
+    everything = list(store.iter_events())
+    upto = everything[len(everything) // 2].rowid
+    store.mark_delivered(upto, {})
     assert store.make_room()
-    remaining = set(keys(store))
-    for name in ("hi", "lo"):  # every unacknowledged event is still there
-        assert all((name, 1, q) in remaining for q in range(half + 1, n + 1))
+    remaining = {s.rowid for s in store.iter_events()}
+    assert {s.rowid for s in everything if s.rowid > upto} <= remaining  # unacked all kept
     assert store.shed_records() == []
     assert store.counters["pruned_acked"] > 0
     assert not store.needs_room()

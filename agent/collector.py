@@ -1,0 +1,292 @@
+"""`ironfleet-collector`: the reference fleet-side consumer.
+
+It subscribes for any number of vehicles, stores every event in its own SQLite
+(synchronous=FULL), deduplicates by (vehicle, stream, boot_epoch, seq), keeps the
+converged latest state per vehicle and stream (historical events never overwrite newer
+state), and publishes an ack for a batch only after that batch is committed. It is a
+reference for tests and the demo, not a fleet backend: at fleet scale the same topics
+feed an MQTT cluster and from there Kafka or a database.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import signal
+import sqlite3
+import sys
+import threading
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+from agent.fleet import Ack, Batch, Command, FleetMessageError, decode_status, parse_topic
+from agent.uplink import FleetSubscriber
+
+log = logging.getLogger(__name__)
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS events (
+    vehicle TEXT NOT NULL, stream TEXT NOT NULL, boot_epoch INTEGER NOT NULL,
+    seq INTEGER NOT NULL, ts REAL NOT NULL, ts_quality INTEGER NOT NULL, kind TEXT NOT NULL,
+    priority INTEGER NOT NULL, payload BLOB NOT NULL, historical INTEGER NOT NULL,
+    received_at REAL NOT NULL,
+    PRIMARY KEY (vehicle, stream, boot_epoch, seq)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS state (
+    vehicle TEXT NOT NULL, stream TEXT NOT NULL, boot_epoch INTEGER NOT NULL,
+    seq INTEGER NOT NULL, ts REAL NOT NULL, kind TEXT NOT NULL, priority INTEGER NOT NULL,
+    payload BLOB NOT NULL, updated_at REAL NOT NULL,
+    PRIMARY KEY (vehicle, stream)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS vehicles (
+    vehicle TEXT PRIMARY KEY, status TEXT, status_at REAL, batches INTEGER NOT NULL DEFAULT 0,
+    state_batches INTEGER NOT NULL DEFAULT 0, events INTEGER NOT NULL DEFAULT 0,
+    duplicates INTEGER NOT NULL DEFAULT 0, first_state_at REAL, last_batch_at REAL
+);
+"""
+
+
+class CollectorStore:
+    """The collector's database. Thread-safe by a lock (paho calls from its own thread)."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.conn = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False)
+        self.conn.execute("PRAGMA journal_mode = WAL")
+        self.conn.execute("PRAGMA synchronous = FULL")
+        self.conn.execute("PRAGMA busy_timeout = 5000")
+        self.conn.executescript(SCHEMA)
+        self.lock = threading.Lock()
+
+    def ingest(self, batch: Batch, now: float | None = None) -> tuple[int, int]:
+        """Store a batch in one transaction; return (stored, duplicates)."""
+        at = time.time() if now is None else now
+        stored = 0
+        with self.lock:
+            c = self.conn
+            c.execute("BEGIN IMMEDIATE")
+            try:
+                for event, tq in batch.events:
+                    cur = c.execute(
+                        "INSERT OR IGNORE INTO events VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+                        (batch.vehicle, event.stream, event.boot_epoch, event.seq, event.ts, tq,
+                         event.kind, event.priority, event.payload, int(batch.historical), at),
+                    )  # fmt: skip
+                    stored += cur.rowcount
+                    self._update_state(batch, event, at)
+                c.execute(
+                    "INSERT INTO vehicles (vehicle) VALUES (?) ON CONFLICT DO NOTHING",
+                    (batch.vehicle,),
+                )
+                dups = len(batch.events) - stored
+                c.execute(
+                    """UPDATE vehicles SET batches = batches + (? = 'events'),
+                       state_batches = state_batches + (? = 'state'), events = events + ?,
+                       duplicates = duplicates + ?, last_batch_at = ?,
+                       first_state_at = coalesce(first_state_at, CASE WHEN ? = 'state'
+                                                 THEN ? END)
+                       WHERE vehicle = ?""",
+                    (batch.kind, batch.kind, stored, dups, at, batch.kind, at, batch.vehicle),
+                )
+                c.execute("COMMIT")
+            except BaseException:
+                if c.in_transaction:
+                    c.execute("ROLLBACK")
+                raise
+        return stored, len(batch.events) - stored
+
+    def _update_state(self, batch: Batch, event: Any, at: float) -> None:
+        # Newer position wins; a historical (backlog) event only fills an empty slot.
+        condition = (
+            "WHERE 0"
+            if batch.historical
+            else "WHERE (excluded.boot_epoch, excluded.seq) > (state.boot_epoch, state.seq)"
+        )
+        self.conn.execute(
+            f"""INSERT INTO state VALUES (?,?,?,?,?,?,?,?,?)
+                ON CONFLICT (vehicle, stream) DO UPDATE SET boot_epoch = excluded.boot_epoch,
+                  seq = excluded.seq, ts = excluded.ts, kind = excluded.kind,
+                  priority = excluded.priority, payload = excluded.payload,
+                  updated_at = excluded.updated_at {condition}""",
+            (batch.vehicle, event.stream, event.boot_epoch, event.seq, event.ts, event.kind,
+             event.priority, event.payload, at),
+        )  # fmt: skip
+
+    def set_status(self, vehicle: str, status: str, at: float) -> None:
+        with self.lock:
+            self.conn.execute(
+                "INSERT INTO vehicles (vehicle, status, status_at) VALUES (?, ?, ?) "
+                "ON CONFLICT (vehicle) DO UPDATE SET status = excluded.status, "
+                "status_at = excluded.status_at",
+                (vehicle, status, at),
+            )
+
+    def state(self, vehicle: str) -> dict[str, tuple[int, int, bytes]]:
+        """Converged state: stream -> (boot_epoch, seq, payload)."""
+        with self.lock:
+            rows = self.conn.execute(
+                "SELECT stream, boot_epoch, seq, payload FROM state WHERE vehicle = ?", (vehicle,)
+            ).fetchall()
+        return {s: (e, q, bytes(p)) for s, e, q, p in rows}
+
+    def keys(self, vehicle: str) -> set[tuple[str, int, int]]:
+        with self.lock:
+            rows = self.conn.execute(
+                "SELECT stream, boot_epoch, seq FROM events WHERE vehicle = ?", (vehicle,)
+            ).fetchall()
+        return {(s, e, q) for s, e, q in rows}
+
+    def report(self) -> list[dict[str, Any]]:
+        """Per vehicle: events, duplicates received, gaps, converged state."""
+        with self.lock:
+            vehicles = self.conn.execute(
+                "SELECT vehicle, status, batches, state_batches, events, duplicates "
+                "FROM vehicles ORDER BY vehicle"
+            ).fetchall()
+            out = []
+            for vehicle, status, batches, state_batches, events, dups in vehicles:
+                gaps = self.conn.execute(
+                    """SELECT max(seq) - min(seq) + 1 - count(*)
+                       FROM events WHERE vehicle = ? GROUP BY stream, boot_epoch""",
+                    (vehicle,),
+                ).fetchall()
+                state = self.conn.execute(
+                    "SELECT stream, boot_epoch, seq FROM state WHERE vehicle = ? ORDER BY stream",
+                    (vehicle,),
+                ).fetchall()
+                out.append(
+                    {
+                        "vehicle": vehicle,
+                        "status": status,
+                        "batches": batches,
+                        "state_batches": state_batches,
+                        "events": events,
+                        "duplicates_received": dups,
+                        "missing_in_sequence": sum(g[0] for g in gaps),
+                        "streams": len(state),
+                        "state": {s: [e, q] for s, e, q in state},
+                    }
+                )
+        return out
+
+
+class Collector:
+    """Wires the store to MQTT: decode, commit, then ack."""
+
+    def __init__(self, store: CollectorStore, transport: Any = None) -> None:
+        self.store = store
+        self.transport = transport
+        self.bad_messages = 0
+        self.acks_sent = 0
+
+    def handle(self, topic_name: str, payload: bytes) -> None:
+        """One MQTT message: store it (one transaction), then acknowledge it."""
+        try:
+            vehicle, kind = parse_topic(topic_name)
+            if kind == "status":
+                status = decode_status(payload)
+                self.store.set_status(vehicle, str(status.get("state")), time.time())
+                return
+            batch = Batch.decode(payload)
+        except FleetMessageError as exc:
+            self.bad_messages += 1
+            log.warning("collector_bad_message topic=%s error=%r", topic_name, str(exc))
+            return
+        if batch.vehicle != vehicle:
+            self.bad_messages += 1
+            log.warning("collector_vehicle_mismatch topic=%s batch=%s", topic_name, batch.vehicle)
+            return
+        stored, dups = self.store.ingest(batch)
+        if self.transport is not None:
+            self.transport.ack(vehicle, Ack(batch.batch_id, batch.kind, stored, dups).encode())
+            self.acks_sent += 1
+
+    def request_replay(self, vehicle: str, cmd_id: int = 1) -> None:
+        assert self.transport is not None
+        self.transport.command(vehicle, Command("replay", cmd_id).encode())
+
+
+def _broker(value: str) -> tuple[str, int]:
+    host, _, port = value.rpartition(":")
+    return (host or "127.0.0.1"), int(port or 1883)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="ironfleet-collector",
+        description="Reference fleet-side consumer: store, deduplicate, converge, ack.",
+    )
+    sub = p.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="subscribe and collect until SIGTERM")
+    run.add_argument("--broker", default="127.0.0.1:1883", help="host:port of the broker")
+    run.add_argument("--db", required=True, help="the collector's SQLite file")
+    run.add_argument("--vehicle", action="append", default=[], help="only these (repeatable)")
+    run.add_argument("--client-id", default="ironfleet-collector", help="MQTT client id")
+    rep = sub.add_parser("report", help="print per-vehicle figures from the database")
+    rep.add_argument("--db", required=True, help="the collector's SQLite file")
+    rep.add_argument("--json", action="store_true", help="JSON instead of a table")
+    rpl = sub.add_parser("replay", help="ask a vehicle to resend state and backlog")
+    rpl.add_argument("--broker", default="127.0.0.1:1883", help="host:port of the broker")
+    rpl.add_argument("--vehicle", required=True, help="vehicle id")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Console entry point of `ironfleet-collector`."""
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        stream=sys.stdout,
+        level=logging.INFO,
+        format="%(asctime)s level=%(levelname)s logger=%(name)s %(message)s",
+    )
+    if args.command == "report":
+        for row in CollectorStore(args.db).report():
+            if args.json:
+                print(json.dumps(row))
+            else:
+                print(
+                    f"{row['vehicle']}: status={row['status']} events={row['events']} "
+                    f"duplicates={row['duplicates_received']} streams={row['streams']} "
+                    f"missing_in_sequence={row['missing_in_sequence']}"
+                )
+        return 0
+    host, port = _broker(args.broker)
+    if args.command == "replay":
+        sub = FleetSubscriber(host, port, lambda *_: None, client_id="ironfleet-replay")
+        sub.start()
+        deadline = time.monotonic() + 10
+        while not sub.connected and time.monotonic() < deadline:
+            time.sleep(0.05)
+        Collector(CollectorStore(":memory:"), sub).request_replay(args.vehicle, int(time.time()))
+        time.sleep(0.5)
+        sub.stop()
+        return 0 if sub.connected else 1
+    store = CollectorStore(args.db)
+    collector = Collector(store)
+    sub = FleetSubscriber(
+        host, port, collector.handle, client_id=args.client_id, vehicles=tuple(args.vehicle)
+    )
+    collector.transport = sub
+    stop = threading.Event()
+
+    def on_signal(_signum: int, _frame: FrameType | None) -> None:
+        stop.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    sub.start()
+    log.info("collector_started broker=%s:%d db=%s", host, port, args.db)
+    while not stop.wait(0.2):
+        pass
+    sub.stop()
+    log.info(
+        "collector_stopped acks=%d bad_messages=%d", collector.acks_sent, collector.bad_messages
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,408 @@
+"""Resync after link loss, and the uplink's control loop; steppable, no MQTT inside.
+
+`Resync` decides what to send: after every (re)connect first the compacted replay
+(latest event per stream) on `state`, then the backlog above the fleet's cursor, oldest
+first, on `events` (flagged historical when it was stored before the connection), then
+live events as they are committed. Batches are bounded by count, bytes and time.
+Acknowledgements advance the delivery cursor only over a contiguous prefix of acked
+batches, so a lost or reordered ack can never mark an unsent event as delivered.
+
+`FleetSync` drives a transport (MQTT in production: `agent.uplink.MqttTransport`)
+through `run_once(now)`: reconnects with capped, jittered backoff, feeds connection,
+publish and ack outcomes to the circuit breaker, and sends nothing while it is open.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import sqlite3
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Protocol
+
+from agent.config import UplinkSection
+from agent.fleet import Ack, Batch, Command, FleetMessageError
+from agent.resilience import Backoff, CircuitBreaker, Event
+from agent.store import read_cursor, read_latest
+
+log = logging.getLogger(__name__)
+
+STATE_BATCH_EVENTS = 5000  # the compacted replay goes in as few messages as possible
+
+Deliver = Callable[[int, dict[str, tuple[int, int]]], None]
+
+
+class Phase(StrEnum):
+    """Where the resync is after the last (re)connect."""
+
+    OFFLINE = "offline"
+    STATE = "state"  # about to send the compacted replay
+    BACKLOG = "backlog"  # sending what was stored before this connection
+    LIVE = "live"  # caught up: sending events as they are committed
+
+
+@dataclass(frozen=True, slots=True)
+class Outgoing:
+    """A batch to publish on `kind` (state or events)."""
+
+    kind: str
+    batch_id: int
+    payload: bytes
+    events: int
+
+
+@dataclass(slots=True)
+class _InFlight:
+    batch_id: int
+    upto_rowid: int
+    positions: dict[str, tuple[int, int]]
+    sent_at: float
+    acked: bool = False
+
+
+@dataclass
+class ResyncCounters:
+    """Figures for status and metrics."""
+
+    batches_sent: int = 0
+    events_sent: int = 0
+    state_batches_sent: int = 0
+    acks: int = 0
+    acks_stale: int = 0
+    ack_timeouts: int = 0
+    replays_requested: int = 0
+    last_convergence_s: float = -1.0  # connect -> every state batch acked
+    extra: dict[str, int] = field(default_factory=dict)
+
+
+class Resync:
+    """What to send next, and what the fleet's acks mean for the delivery cursor."""
+
+    def __init__(
+        self,
+        reader: sqlite3.Connection,
+        vehicle: str,
+        config: UplinkSection,
+        deliver: Deliver,
+        *,
+        run_id: int | None = None,
+    ) -> None:
+        self.reader = reader
+        self.vehicle = vehicle
+        self.config = config
+        self.deliver = deliver
+        # Batch ids are unique across agent restarts, so a late ack for a batch of a
+        # previous run can never be mistaken for one of this run.
+        self.run_id = run_id if run_id is not None else random.SystemRandom().randrange(1, 2**31)
+        self._next_batch = 1
+        self.phase = Phase.OFFLINE
+        self.counters = ResyncCounters()
+        self._inflight: OrderedDict[int, _InFlight] = OrderedDict()
+        self._state_pending: set[int] = set()
+        self._delivered = read_cursor(reader) - 1  # highest rowid the fleet holds
+        self._send_after = self._delivered
+        self._connect_high = 0
+        self._connected_at = 0.0
+        self._partial_since: float | None = None
+        self.timed_out = False
+
+    # -- connection events ---------------------------------------------------------------
+
+    def on_connected(self, now: float) -> None:
+        """Start over from what the fleet acknowledged: state first, then the backlog."""
+        self._delivered = max(self._delivered, read_cursor(self.reader) - 1)
+        self._send_after = self._delivered
+        self._inflight.clear()
+        self._state_pending.clear()
+        row = self.reader.execute("SELECT max(id) FROM events").fetchone()
+        self._connect_high = int(row[0] or 0)
+        self._connected_at = now
+        self._partial_since = None
+        self.phase = Phase.STATE
+
+    def on_disconnected(self) -> None:
+        """Whatever is in flight is forgotten; it is resent after the next connect."""
+        self.phase = Phase.OFFLINE
+        self._inflight.clear()
+        self._state_pending.clear()
+
+    def request_replay(self, now: float) -> None:
+        """The fleet asked for everything again (state, then all unacknowledged)."""
+        self.counters.replays_requested += 1
+        if self.phase is not Phase.OFFLINE:
+            self.on_connected(now)
+
+    @property
+    def backlog_rows(self) -> int:
+        """Rows stored and not yet acknowledged by the fleet (an upper bound)."""
+        row = self.reader.execute("SELECT max(id) FROM events").fetchone()
+        return max(0, int(row[0] or 0) - self._delivered)
+
+    @property
+    def delivered(self) -> int:
+        """Highest rowid the fleet is known to hold (every row at or below it)."""
+        return self._delivered
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._inflight)
+
+    # -- acknowledgements ----------------------------------------------------------------
+
+    def on_ack(self, batch_id: int, now: float) -> bool:
+        """Apply an ack; returns False for an unknown (stale or duplicate) batch."""
+        if batch_id in self._state_pending:
+            self._state_pending.discard(batch_id)
+            self.counters.acks += 1
+            if not self._state_pending:
+                self.counters.last_convergence_s = now - self._connected_at
+            return True
+        entry = self._inflight.get(batch_id)
+        if entry is None or entry.acked:
+            self.counters.acks_stale += 1
+            return False
+        entry.acked = True
+        self.counters.acks += 1
+        upto = -1
+        positions: dict[str, tuple[int, int]] = {}
+        while self._inflight:
+            first = next(iter(self._inflight.values()))
+            if not first.acked:
+                break
+            self._inflight.popitem(last=False)
+            upto = first.upto_rowid
+            for stream, pos in first.positions.items():
+                if pos > positions.get(stream, (-1, -1)):
+                    positions[stream] = pos
+        if upto > self._delivered:
+            self._delivered = upto
+            self.deliver(upto, positions)
+        return True
+
+    # -- sending -------------------------------------------------------------------------
+
+    def run_once(self, now: float) -> list[Outgoing]:
+        """Batches to publish now. Sets `timed_out` when an ack is overdue."""
+        self.timed_out = False
+        if self.phase is Phase.OFFLINE:
+            return []
+        if self._inflight:
+            oldest = next(iter(self._inflight.values()))
+            if now - oldest.sent_at > self.config.ack_timeout:
+                # Go back to the last acknowledged point; the collector drops duplicates.
+                self.counters.ack_timeouts += 1
+                self.timed_out = True
+                self._inflight.clear()
+                self._send_after = self._delivered
+        out: list[Outgoing] = []
+        if self.phase is Phase.STATE:
+            out += self._state_batches()
+            self.phase = Phase.BACKLOG
+        while len(self._inflight) < self.config.max_in_flight:
+            batch = self._next_events_batch(now)
+            if batch is None:
+                break
+            out.append(batch)
+        return out
+
+    def _new_id(self) -> int:
+        batch_id = (self.run_id << 32) | self._next_batch
+        self._next_batch += 1
+        return batch_id
+
+    def _state_batches(self) -> list[Outgoing]:
+        latest = read_latest(self.reader)
+        out = []
+        for start in range(0, len(latest), STATE_BATCH_EVENTS):
+            chunk = latest[start : start + STATE_BATCH_EVENTS]
+            batch_id = self._new_id()
+            batch = Batch(
+                self.vehicle, batch_id, "state", False, tuple((e, tq) for _, e, tq, _ in chunk)
+            )
+            out.append(Outgoing("state", batch_id, batch.encode(self.config.compress), len(chunk)))
+            self._state_pending.add(batch_id)
+            self.counters.state_batches_sent += 1
+        if not latest:
+            self.counters.last_convergence_s = 0.0
+        return out
+
+    def _next_events_batch(self, now: float) -> Outgoing | None:
+        c = self.config
+        rows = self.reader.execute(
+            """SELECT e.id, s.name, e.boot_epoch, e.seq, e.ts, e.ts_quality, e.kind, e.priority,
+                      e.payload
+               FROM events AS e JOIN streams AS s ON s.id = e.stream_id
+               WHERE e.id > ? ORDER BY e.id LIMIT ?""",
+            (self._send_after, c.batch_max_events),
+        ).fetchall()
+        if not rows:
+            if self.phase is Phase.BACKLOG:
+                self.phase = Phase.LIVE
+            return None
+        if len(rows) < c.batch_max_events and rows[0][0] > self._connect_high:
+            # Live and not a full batch yet: wait a little to send fewer, fuller messages.
+            if self._partial_since is None:
+                self._partial_since = now
+            if now - self._partial_since < c.batch_max_delay_ms / 1000.0:
+                return None
+        self._partial_since = None
+        events: list[tuple[Event, int]] = []
+        positions: dict[str, tuple[int, int]] = {}
+        size = 0
+        upto = self._send_after
+        for rowid, name, epoch, seq, ts, tq, kind, priority, payload in rows:
+            size += len(payload) + len(name) + len(kind) + 40
+            if events and size > c.batch_max_bytes:
+                break
+            event = Event.trusted(name, seq, epoch, ts, kind, priority, bytes(payload))
+            events.append((event, tq))
+            if (epoch, seq) > positions.get(name, (-1, -1)):
+                positions[name] = (epoch, seq)
+            upto = rowid
+        historical = upto <= self._connect_high
+        batch_id = self._new_id()
+        payload = Batch(self.vehicle, batch_id, "events", historical, tuple(events)).encode(
+            c.compress
+        )
+        self._inflight[batch_id] = _InFlight(batch_id, upto, positions, now)
+        self._send_after = upto
+        self.counters.batches_sent += 1
+        self.counters.events_sent += len(events)
+        return Outgoing("events", batch_id, payload, len(events))
+
+
+class Transport(Protocol):
+    """What FleetSync needs from the MQTT side (see agent.uplink.MqttTransport)."""
+
+    @property
+    def connected(self) -> bool: ...
+
+    def connect(self) -> bool: ...
+
+    def poll(self, timeout: float) -> list[tuple[str, object]]: ...
+
+    def publish(self, kind: str, payload: bytes) -> int | None: ...
+
+    def publish_status(self, state: str, **fields: object) -> None: ...
+
+
+class FleetSync:
+    """The uplink control loop: connection, breaker, resync, acks and commands."""
+
+    def __init__(
+        self,
+        transport: Transport,
+        resync: Resync,
+        breaker: CircuitBreaker,
+        backoff: Backoff,
+        *,
+        ack_mode: str = "fleet",
+    ) -> None:
+        self.transport = transport
+        self.resync = resync
+        self.breaker = breaker
+        self.backoff = backoff
+        self.ack_mode = ack_mode
+        self._next_attempt = 0.0
+        self._mids: dict[int, int] = {}  # MQTT message id -> batch id
+        self._failure_streak = 0
+        self.pings = 0
+        self.bad_messages = 0
+
+    def run_once(self, now: float, timeout: float = 0.05) -> None:
+        """One step: network I/O, events, reconnect if due, send what is due."""
+        for kind, value in self.transport.poll(timeout):
+            self._on_event(kind, value, now)
+        if not self.transport.connected:
+            self._maybe_connect(now)
+            return
+        if not self.breaker.allow():
+            return  # open: nothing is sent; the store keeps buffering
+        for out in self.resync.run_once(now):
+            mid = self.transport.publish(out.kind, out.payload)
+            if mid is None:
+                self.breaker.record_failure()
+                self.resync.on_disconnected()
+                return
+            self._mids[mid] = out.batch_id
+        if self.resync.timed_out:
+            self.breaker.record_failure()
+            log.warning("uplink_ack_timeout resend_from=%d", self.resync.delivered + 1)
+
+    def _maybe_connect(self, now: float) -> None:
+        if now < self._next_attempt or not self.breaker.allow():
+            return
+        if self.transport.connect():
+            return  # CONNACK arrives through poll()
+        self._failed(now, "connect failed")
+
+    def _failed(self, now: float, why: str) -> None:
+        self.breaker.record_failure()
+        self._failure_streak += 1
+        self._next_attempt = now + self.backoff.next_delay()
+        level = logging.WARNING if self._failure_streak == 1 else logging.DEBUG
+        log.log(
+            level,
+            "uplink_down reason=%r streak=%d breaker=%s retry_in=%.2f",
+            why,
+            self._failure_streak,
+            self.breaker.state,
+            self._next_attempt - now,
+        )
+
+    def _on_event(self, kind: str, value: object, now: float) -> None:
+        if kind == "connected":
+            self.breaker.record_success()
+            self.backoff.reset()
+            backlog = self.resync.backlog_rows
+            if self._failure_streak:
+                log.info("uplink_recovered after_failures=%d backlog=%d", self._failure_streak,
+                         backlog)  # fmt: skip
+            else:
+                log.info("uplink_connected backlog=%d", backlog)
+            self._failure_streak = 0
+            self._mids.clear()
+            self.resync.on_connected(now)
+            self.transport.publish_status("online", backlog=backlog)
+        elif kind == "refused":
+            self._failed(now, f"broker refused: {value}")
+        elif kind == "disconnected":
+            self.resync.on_disconnected()
+            self._mids.clear()
+            self._failed(now, f"disconnected: {value}")
+        elif kind == "puback":
+            self.breaker.record_success()
+            batch_id = self._mids.pop(int(value), None)  # type: ignore[call-overload]
+            if batch_id is not None and self.ack_mode == "broker":
+                self.resync.on_ack(batch_id, now)
+        elif kind == "ack":
+            self._on_ack(value, now)
+        elif kind == "cmd":
+            self._on_cmd(value, now)
+
+    def _on_ack(self, value: object, now: float) -> None:
+        try:
+            ack = Ack.decode(value)  # type: ignore[arg-type]
+        except FleetMessageError as exc:
+            self.bad_messages += 1
+            log.warning("bad_ack error=%r", str(exc))
+            return
+        if self.ack_mode == "fleet":
+            self.resync.on_ack(ack.batch_id, now)
+
+    def _on_cmd(self, value: object, now: float) -> None:
+        try:
+            cmd = Command.decode(value)  # type: ignore[arg-type]
+        except FleetMessageError as exc:
+            self.bad_messages += 1
+            log.warning("bad_command error=%r", str(exc))
+            return
+        if cmd.op == "replay":
+            log.info("replay_requested id=%d", cmd.cmd_id)
+            self.resync.request_replay(now)
+        else:
+            self.pings += 1
+            self.transport.publish_status("online", pong=cmd.cmd_id)

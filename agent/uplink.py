@@ -1,0 +1,210 @@
+"""MQTT transport for the uplink: the only module that imports paho-mqtt.
+
+QoS 1, a persistent session (clean_session=False, fixed client id) so the broker keeps
+our `ack` and `cmd` subscriptions across reconnects, a retained `status` with an
+"offline" last will, optional TLS and credentials (the password is read from a file,
+e.g. systemd's LoadCredential=, never from argv or the environment).
+
+Reconnecting is not left to paho: `FleetSync` decides when (backoff with jitter, and
+not while the circuit breaker is open), so paho's automatic reconnect is off and its
+network loop is stepped with `poll()` from the uplink thread only.
+"""
+
+from __future__ import annotations
+
+import logging
+import ssl
+from pathlib import Path
+from typing import Any
+
+import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode, MQTTProtocolVersion
+
+from agent.config import UplinkSection
+from agent.errors import ConfigError
+from agent.fleet import FleetMessageError, parse_topic, status_document, topic
+
+log = logging.getLogger(__name__)
+
+CONNECT_TIMEOUT = 5.0  # seconds for TCP connect: a blackholed broker must not hang us
+
+
+class MqttTransport:
+    """paho-mqtt client wrapped for `FleetSync`: connect, poll, publish, events."""
+
+    def __init__(self, config: UplinkSection, vehicle: str) -> None:
+        self.config = config
+        self.vehicle = vehicle
+        client_id = config.client_id or f"ironfleet-{vehicle}"
+        self.client = mqtt.Client(
+            CallbackAPIVersion.VERSION2,
+            client_id=client_id,
+            clean_session=False,
+            protocol=MQTTProtocolVersion.MQTTv311,
+            reconnect_on_failure=False,
+        )
+        self.client.connect_timeout = CONNECT_TIMEOUT
+        self.client.max_inflight_messages_set(max(20, config.max_in_flight * 4))
+        self.client.will_set(topic(vehicle, "status"), status_document("offline"), 1, True)
+        if config.username:
+            self.client.username_pw_set(config.username, self._password())
+        if config.tls:
+            self.client.tls_set(
+                ca_certs=config.ca_file or None,
+                certfile=config.cert_file or None,
+                keyfile=config.key_file or None,
+                tls_version=ssl.PROTOCOL_TLS_CLIENT,
+            )
+        self.client.on_connect = self._on_connect
+        self.client.on_disconnect = self._on_disconnect
+        self.client.on_message = self._on_message
+        self.client.on_publish = self._on_publish
+        self._events: list[tuple[str, object]] = []
+        self._connected = False
+        self._ever_connected = False
+
+    def _password(self) -> str | None:
+        if not self.config.password_file:
+            return None
+        try:
+            return Path(self.config.password_file).read_text().strip()
+        except OSError as exc:
+            raise ConfigError(
+                f"[uplink] password_file = {self.config.password_file!r}: {exc.strerror}"
+            ) from None
+
+    @property
+    def connected(self) -> bool:
+        return self._connected
+
+    def connect(self) -> bool:
+        """Start a connection attempt; the outcome arrives as an event from `poll`."""
+        try:
+            if self._ever_connected:
+                rc = self.client.reconnect()
+            else:
+                rc = self.client.connect(self.config.host, self.config.port, self.config.keepalive)
+                self._ever_connected = True
+        except (OSError, ValueError) as exc:
+            log.debug("mqtt_connect_failed error=%r", str(exc))
+            return False
+        return rc == MQTTErrorCode.MQTT_ERR_SUCCESS
+
+    def poll(self, timeout: float) -> list[tuple[str, object]]:
+        """Run paho's network loop once; return what happened since the last call."""
+        rc = self.client.loop(timeout)
+        if rc != MQTTErrorCode.MQTT_ERR_SUCCESS and self._connected:
+            self._connected = False
+            self._events.append(("disconnected", f"loop: {mqtt.error_string(rc)}"))
+        events, self._events = self._events, []
+        return events
+
+    def publish(self, kind: str, payload: bytes) -> int | None:
+        """Publish at QoS 1; the message id, or None if paho refused it."""
+        info = self.client.publish(topic(self.vehicle, kind), payload, qos=1)
+        if info.rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
+            return None
+        return int(info.mid)
+
+    def publish_status(self, state: str, **fields: object) -> None:
+        self.client.publish(
+            topic(self.vehicle, "status"), status_document(state, **fields), 1, True
+        )
+
+    def close(self) -> None:
+        """Say offline (retained) and disconnect cleanly."""
+        if self._connected:
+            self.publish_status("offline")
+            self.client.loop(0.1)
+            self.client.disconnect()
+        self.client.loop(0.1)
+        self._connected = False
+
+    # paho callbacks (run inside client.loop, on our thread)
+
+    def _on_connect(self, _c: Any, _u: Any, _flags: Any, reason: Any, _props: Any) -> None:
+        if reason.is_failure:
+            self._events.append(("refused", str(reason)))
+            return
+        self._connected = True
+        self.client.subscribe([(topic(self.vehicle, "ack"), 1), (topic(self.vehicle, "cmd"), 1)])
+        self._events.append(("connected", None))
+
+    def _on_disconnect(self, _c: Any, _u: Any, _flags: Any, reason: Any, _props: Any) -> None:
+        if self._connected:
+            self._connected = False
+            self._events.append(("disconnected", str(reason)))
+
+    def _on_message(self, _c: Any, _u: Any, msg: mqtt.MQTTMessage) -> None:
+        try:
+            _vehicle, kind = parse_topic(msg.topic)
+        except FleetMessageError:
+            return
+        if kind in ("ack", "cmd"):
+            self._events.append((kind, bytes(msg.payload)))
+
+    def _on_publish(self, _c: Any, _u: Any, mid: int, _reason: Any, _props: Any) -> None:
+        self._events.append(("puback", mid))
+
+
+class FleetSubscriber:
+    """The collector's side of MQTT: subscribe to every vehicle, publish acks and commands.
+
+    Messages are handed to `on_message(topic, payload)` on paho's network thread; the
+    handler commits before it calls `ack`, so an ack always follows a durable write.
+    """
+
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        on_message: Any,
+        *,
+        client_id: str = "ironfleet-collector",
+        vehicles: tuple[str, ...] = (),
+        keepalive: int = 30,
+    ) -> None:
+        self.host, self.port, self.keepalive = host, port, keepalive
+        self.on_message = on_message
+        self.vehicles = vehicles or ("+",)
+        self.client = mqtt.Client(
+            CallbackAPIVersion.VERSION2,
+            client_id=client_id,
+            clean_session=False,
+            protocol=MQTTProtocolVersion.MQTTv311,
+        )
+        self.client.connect_timeout = CONNECT_TIMEOUT
+        self.client.reconnect_delay_set(1, 5)
+        self.client.max_inflight_messages_set(1000)
+        self.client.on_connect = self._on_connect
+        self.client.on_message = self._on_message
+        self.connected = False
+
+    def start(self) -> None:
+        """Connect (retrying in the background) and start paho's network thread."""
+        self.client.connect_async(self.host, self.port, self.keepalive)
+        self.client.loop_start()
+
+    def stop(self) -> None:
+        self.client.disconnect()
+        self.client.loop_stop()
+
+    def ack(self, vehicle: str, payload: bytes) -> None:
+        self.client.publish(topic(vehicle, "ack"), payload, qos=1)
+
+    def command(self, vehicle: str, payload: bytes) -> None:
+        self.client.publish(topic(vehicle, "cmd"), payload, qos=1)
+
+    def _on_connect(self, _c: Any, _u: Any, _flags: Any, reason: Any, _props: Any) -> None:
+        if reason.is_failure:
+            log.warning("collector_connect_refused reason=%s", reason)
+            return
+        self.connected = True
+        subs = [
+            (topic(v, kind), 1) for v in self.vehicles for kind in ("events", "state", "status")
+        ]
+        self.client.subscribe(subs)
+        log.info("collector_connected broker=%s:%d", self.host, self.port)
+
+    def _on_message(self, _c: Any, _u: Any, msg: mqtt.MQTTMessage) -> None:
+        self.on_message(msg.topic, bytes(msg.payload))
