@@ -28,6 +28,8 @@ class AgentSection:
         problems = {}
         if not self.vehicle_id or any(c in self.vehicle_id for c in "/+#"):
             problems["vehicle_id"] = "must be non-empty without '/', '+' or '#' (MQTT topic part)"
+        elif len(self.vehicle_id.encode()) > 64:  # sent in the serial HELLO (MAX_ID_LEN)
+            problems["vehicle_id"] = "must be at most 64 bytes"
         if self.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
             problems["log_level"] = "must be one of DEBUG, INFO, WARNING, ERROR"
         return problems

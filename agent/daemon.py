@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import logging
 import os
@@ -482,6 +483,10 @@ class Daemon:
             return
         logging.getLogger().setLevel(fresh.agent.log_level.upper())
         log.info("reloaded log_level=%s", fresh.agent.log_level.upper())
+        # Everything but log_level needs a restart: say so rather than ignore it silently.
+        live = dataclasses.replace(fresh.agent, log_level=self.config.agent.log_level)
+        if dataclasses.replace(fresh, agent=live, source=self.config.source) != self.config:
+            log.warning("reload_needs_restart: only log_level applies live; restart for the rest")
 
     def run(self) -> int:
         """Main loop: react to flags set by signal handlers."""

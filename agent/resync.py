@@ -101,12 +101,13 @@ class Resync:
         self.phase = Phase.OFFLINE
         self.counters = ResyncCounters()
         self._inflight: OrderedDict[int, _InFlight] = OrderedDict()
-        self._state_pending: set[int] = set()
+        self._state_pending: dict[int, float] = {}  # state batch id -> sent at
         self._delivered = read_cursor(reader) - 1  # highest rowid the fleet holds
         self._send_after = self._delivered
         self._connect_high = 0
         self._connected_at = 0.0
         self._partial_since: float | None = None
+        self._resend_state = False
         self.timed_out = False
 
     # -- connection events ---------------------------------------------------------------
@@ -117,6 +118,7 @@ class Resync:
         self._send_after = self._delivered
         self._inflight.clear()
         self._state_pending.clear()
+        self._resend_state = False
         row = self.reader.execute("SELECT max(id) FROM events").fetchone()
         self._connect_high = int(row[0] or 0)
         self._connected_at = now
@@ -155,7 +157,7 @@ class Resync:
     def on_ack(self, batch_id: int, now: float) -> bool:
         """Apply an ack; returns False for an unknown (stale or duplicate) batch."""
         if batch_id in self._state_pending:
-            self._state_pending.discard(batch_id)
+            del self._state_pending[batch_id]
             self.counters.acks += 1
             if not self._state_pending:
                 self.counters.last_convergence_s = now - self._connected_at
@@ -197,10 +199,22 @@ class Resync:
                 self.timed_out = True
                 self._inflight.clear()
                 self._send_after = self._delivered
+        if (
+            self._state_pending
+            and now - min(self._state_pending.values()) > self.config.ack_timeout
+        ):
+            # The compacted replay was lost (e.g. the collector was not subscribed yet):
+            # send it again, or the fleet view would stay behind until the next connect.
+            self.counters.ack_timeouts += 1
+            self.timed_out = True
+            self._state_pending.clear()
+            self._resend_state = True
         out: list[Outgoing] = []
-        if self.phase is Phase.STATE:
-            out += self._state_batches()
-            self.phase = Phase.BACKLOG
+        if self.phase is Phase.STATE or self._resend_state:
+            out += self._state_batches(now)
+            self._resend_state = False
+            if self.phase is Phase.STATE:
+                self.phase = Phase.BACKLOG
         while len(self._inflight) < self.config.max_in_flight:
             batch = self._next_events_batch(now)
             if batch is None:
@@ -213,7 +227,7 @@ class Resync:
         self._next_batch += 1
         return batch_id
 
-    def _state_batches(self) -> list[Outgoing]:
+    def _state_batches(self, now: float) -> list[Outgoing]:
         latest = read_latest(self.reader)
         out = []
         for start in range(0, len(latest), STATE_BATCH_EVENTS):
@@ -223,7 +237,7 @@ class Resync:
                 self.vehicle, batch_id, "state", False, tuple((e, tq) for _, e, tq, _ in chunk)
             )
             out.append(Outgoing("state", batch_id, batch.encode(self.config.compress), len(chunk)))
-            self._state_pending.add(batch_id)
+            self._state_pending[batch_id] = now
             self.counters.state_batches_sent += 1
         if not latest:
             self.counters.last_convergence_s = 0.0

@@ -377,7 +377,11 @@ class EventStore:
                     _remove_from_pieces(gap.pieces, seq)
         for sid, epoch, seq in conn.execute("SELECT stream_id, boot_epoch, seq FROM checkpoints"):
             self._checkpoints[sid] = (epoch, seq)
-        self._next_id = (conn.execute("SELECT max(id) FROM events").fetchone()[0] or 0) + 1
+        # Rowids are never reused: after eviction the highest rows may be gone, and a reused
+        # rowid at or below the uplink cursor would count as delivered without being sent.
+        top = conn.execute("SELECT max(id) FROM events").fetchone()[0] or 0
+        row = conn.execute("SELECT value FROM agent_state WHERE key = 'events.max_id'").fetchone()
+        self._next_id = max(top, int(row[0]) if row else 0, read_cursor(conn) - 1) + 1
         self._next_gap = (conn.execute("SELECT max(id) FROM gaps").fetchone()[0] or 0) + 1
         self._next_stream = (conn.execute("SELECT max(id) FROM streams").fetchone()[0] or 0) + 1
         self._rows: int = conn.execute("SELECT count(*) FROM events").fetchone()[0]
@@ -486,6 +490,10 @@ class EventStore:
                 [(*s, s[4]) for s in b.new_streams],
             )
         if b.rows:
+            conn.executemany(
+                "UPDATE streams SET last_seen = ? WHERE id = ?",
+                [(b.received_at, sid) for sid in {k[0] for k in b.staged}],
+            )
             conn.executemany(
                 "INSERT INTO events (id, stream_id, boot_epoch, seq, ts, ts_quality, kind, "
                 "priority, payload, received_at) VALUES (?,?,?,?,?,?,?,?,?,?)",
@@ -692,8 +700,14 @@ class EventStore:
         return max(0, min(c.max_buffer_bytes, allowed))
 
     def needs_room(self) -> bool:
-        """True when usage is above the high-water mark of the effective cap."""
-        return self.used_bytes() >= self.config.high_water * self.capacity()
+        """True when usage is above the high-water mark of the effective cap.
+
+        Also lowers SQLite's hard page cap to the effective cap, so the free-space floor
+        holds even if the ladder cannot keep up (SQLite never shrinks below the file).
+        """
+        cap = self.capacity()
+        self.conn.execute(f"PRAGMA max_page_count = {max(1, math.ceil(cap / PAGE_SIZE))}")
+        return self.used_bytes() >= self.config.high_water * cap
 
     def make_room(self, now: float | None = None) -> bool:
         """Run the eviction ladder until usage is under the low-water mark.
@@ -706,7 +720,7 @@ class EventStore:
         """
         at = time.time() if now is None else now
         target = self.config.low_water * self.capacity()
-        keep = ",".join(str(s.latest_rowid) for s in self._epochs.values()) or "0"
+        keep = self._latest_rowids()
         steps = [
             ("acked", self._prune_acked),
             ("compact_low_priority", self._compact_low_priority),
@@ -723,8 +737,21 @@ class EventStore:
                 return False
         return self.used_bytes() <= target
 
+    def _latest_rowids(self) -> str:
+        """Rowids eviction must keep: each stream's latest event (its newest boot epoch)."""
+        best: dict[int, tuple[int, int]] = {}
+        for (sid, epoch), state in self._epochs.items():
+            if state.latest_rowid and (sid not in best or epoch > best[sid][0]):
+                best[sid] = (epoch, state.latest_rowid)
+        return ",".join(str(rowid) for _, rowid in best.values()) or "0"
+
+    def _remember_max_id(self, at: float) -> None:
+        # Inside the deleting transaction: the highest rowid ever used survives deletion.
+        self._set_state(self.conn, "events.max_id", str(self._next_id - 1), at)
+
     def _prune_acked(self, keep: str, _target: float, at: float) -> None:
         self.conn.execute("BEGIN IMMEDIATE")
+        self._remember_max_id(at)
         cur = self.conn.execute(
             f"DELETE FROM events WHERE id < ? AND id NOT IN ({keep})", (self._cursor(),)
         )
@@ -737,6 +764,7 @@ class EventStore:
         """Record then delete the unacknowledged events matching `where`, one transaction."""
         unacked = f"id >= {int(self._cursor())}"
         self.conn.execute("BEGIN IMMEDIATE")
+        self._remember_max_id(at)
         self.conn.execute(
             f"""INSERT INTO shed (at, reason, stream_id, boot_epoch, first_seq, last_seq, count,
                                   first_rowid, last_rowid)

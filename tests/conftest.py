@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from simharness import AgentProcess, AgentSide, Sim
+from simharness import AgentProcess, AgentSide, Broker, Sim
 from support import SIM
 
 
@@ -74,3 +74,11 @@ def start_agent(tmp_path: Path) -> Iterator[Callable[..., AgentProcess]]:
     yield make
     for agent in agents:
         agent.stop_quietly()
+
+
+@pytest.fixture
+def broker(tmp_path: Path) -> Iterator[Broker]:
+    """A running mosquitto on a free 127.0.0.1 port; stopped by PID at teardown."""
+    b = Broker(tmp_path / "broker").start()
+    yield b
+    b.stop(signal.SIGKILL)

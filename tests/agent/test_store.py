@@ -315,3 +315,15 @@ def test_reader_holding_a_snapshot_does_not_block_append(db: Path) -> None:
 def test_bad_synchronous_mode_is_refused(db: Path) -> None:
     with pytest.raises(StoreError, match="synchronous"):
         EventStore(db, StoreConfig(synchronous="SOMETIMES"))
+
+
+def test_rowids_are_never_reused_after_eviction(db: Path) -> None:
+    store = EventStore(db)
+    store.append([ev("a", 1), ev("a", 2), ev("a", 4)])
+    store.append([ev("a", 3)])  # rowid 4, a late gap fill: the highest row, not the latest
+    store.mark_delivered(4, {"a": (1, 4)})
+    store._prune_acked(store._latest_rowids(), 0.0, 0.0)  # rows 1, 2 and 4 go
+    store.close()
+    store = EventStore(db)
+    store.append([ev("a", 5)])
+    assert [s.event.seq for s in store.backlog()] == [5]  # above the cursor: will be sent

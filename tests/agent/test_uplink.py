@@ -1,0 +1,305 @@
+"""Uplink end to end: simulator -> pty -> agent -> mosquitto -> collector, with faults."""
+
+from __future__ import annotations
+
+import json
+import signal
+import sqlite3
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from agent.collector import Collector, CollectorStore
+from agent.fleet import Batch
+from agent.resilience import Event, replay
+from agent.store import read_latest
+from agent.uplink import FleetSubscriber
+
+from netproxy import TcpProxy
+from simharness import AgentProcess, Broker, Sim, TruthReader, agent_state
+from support import wait_for
+
+StartSim = Callable[..., Sim]
+StartAgent = Callable[..., AgentProcess]
+VEHICLE = "test-vehicle"
+
+
+class CollectorHarness:
+    """The reference collector in-process, recording what arrived in which order."""
+
+    def __init__(self, db: Path, port: int) -> None:
+        self.store = CollectorStore(db)
+        self.collector = Collector(self.store)
+        self.arrivals: list[tuple[str, bool, int]] = []  # (kind, historical, events)
+        self.snapshots: list[dict[str, tuple[int, int]]] = []
+        self.lock = threading.Lock()
+        self.sub = FleetSubscriber("127.0.0.1", port, self._handle, client_id="test-collector")
+        self.collector.transport = self.sub
+        self.sub.start()
+
+    def _handle(self, topic: str, payload: bytes) -> None:
+        if topic.endswith(("/events", "/state")):
+            batch = Batch.decode(payload)
+            with self.lock:
+                if batch.kind == "events" and batch.historical:
+                    # What the fleet shows at the moment the first backlog event arrives.
+                    state = self.store.state(VEHICLE)
+                    self.snapshots.append({s: (e, q) for s, (e, q, _) in state.items()})
+                self.arrivals.append((batch.kind, batch.historical, len(batch.events)))
+        self.collector.handle(topic, payload)
+
+    def keys(self) -> set[tuple[str, int, int]]:
+        return self.store.keys(VEHICLE)
+
+    def stop(self) -> None:
+        self.sub.stop()
+
+
+@pytest.fixture
+def collector(tmp_path: Path, broker: Broker) -> Iterator[CollectorHarness]:
+    harness = CollectorHarness(tmp_path / "collector.db", broker.port)
+    wait_for(lambda: harness.sub.connected, 10, "the collector to connect")
+    yield harness
+    harness.stop()
+
+
+def uplink(port: int, **extra: object) -> dict[str, object]:
+    fast = {"keepalive": 5, "ack_timeout": 5.0, "breaker_failure_threshold": 3,
+            "breaker_recovery_timeout": 1.0, "reconnect_min": 0.1, "reconnect_max": 1.0,
+            "batch_max_delay_ms": 20.0}  # fmt: skip
+    return {"enabled": True, "port": port, **fast, **extra}
+
+
+def check_zero_loss(truth: TruthReader, harness: CollectorHarness, agent: AgentProcess) -> None:
+    """O4: every ACKed event reached the collector once, and the fleet's converged state
+    equals the vehicle's own replay (run after the agent stopped and the backlog drained).
+    """
+    truth.poll()
+    keys = harness.keys()
+    missing = [k for k in truth.acked if k not in keys]
+    assert not missing, f"{len(missing)} ACKed events never reached the collector: {missing[:3]}"
+    conn = sqlite3.connect(agent.db.absolute().as_uri() + "?mode=ro", uri=True)
+    local = {e.stream: (e.boot_epoch, e.seq, e.payload) for _, e, _, _ in read_latest(conn)}
+    conn.close()
+    assert harness.store.state(VEHICLE) == local
+    acked = [
+        Event(s, q, boot_epoch=e, payload=bytes.fromhex(p)) for (s, e, q), p in truth.acked.items()
+    ]
+    for event in replay(acked):  # and never behind what the controller saw ACKed
+        assert local[event.stream][:2] >= (event.boot_epoch, event.seq)
+
+
+def wait_drained(agent: AgentProcess, timeout: float) -> None:
+    """Wait until the fleet has acknowledged every event the agent stored."""
+
+    def drained() -> bool:
+        conn = sqlite3.connect(agent.db.absolute().as_uri() + "?mode=ro", uri=True)
+        try:
+            top = conn.execute("SELECT coalesce(max(id), 0) FROM events").fetchone()[0]
+            row = conn.execute(
+                "SELECT value FROM agent_state WHERE key = 'uplink.cursor'"
+            ).fetchone()
+        finally:
+            conn.close()
+        return row is not None and int(row[0]) > top
+
+    wait_for(drained, timeout, "the backlog to drain")
+
+
+def cursor_history(agent: AgentProcess, samples: list[int]) -> None:
+    if agent.db.exists():
+        try:
+            value = agent_state(agent.db).get("uplink.cursor")
+        except sqlite3.Error:
+            return
+        if value is not None:
+            samples.append(int(value))
+
+
+def test_steady_state_zero_loss(
+    start_sim: StartSim, start_agent: StartAgent, broker: Broker, collector: CollectorHarness
+) -> None:
+    sim = start_sim("--rate", "2000", "--streams", "8", "--events", "10000")
+    agent = start_agent(sim.devices["ecu0"], uplink=uplink(broker.port)).start()
+    truth = TruthReader(sim.truth_path)
+    assert sim.wait(timeout=60) == 0
+    wait_for(lambda: len(collector.keys()) >= 10_000, 30, "delivery")
+    assert agent.terminate() == 0
+    check_zero_loss(truth, collector, agent)
+    report = collector.store.report()[0]
+    assert report["duplicates_received"] == 0
+    assert report["missing_in_sequence"] == 0
+    state = agent_state(agent.db)
+    assert int(state["uplink.cursor"]) == 10_001  # everything acknowledged by the fleet
+
+
+def test_broker_bounces_sigterm_and_sigkill(
+    start_sim: StartSim, start_agent: StartAgent, broker: Broker, collector: CollectorHarness
+) -> None:
+    sim = start_sim("--rate", "1000", "--streams", "4")
+    agent = start_agent(sim.devices["ecu0"], uplink=uplink(broker.port)).start()
+    truth = TruthReader(sim.truth_path)
+    cursors: list[int] = []
+    saw_open = False
+    wait_for(lambda: len(collector.keys()) > 500, 30, "first deliveries")
+    for bounce in range(5):
+        sig = signal.SIGTERM if bounce % 2 == 0 else signal.SIGKILL
+        broker.stop(sig)
+        deadline = time.monotonic() + 3.0
+        while time.monotonic() < deadline:
+            cursor_history(agent, cursors)
+            if agent_state(agent.db).get("breaker.state") == "open":
+                saw_open = True
+            time.sleep(0.1)
+        broker.start()
+        wait_for(lambda: agent_state(agent.db).get("uplink.state") == "connected", 30, "reconnect")
+    sim.signal(signal.SIGTERM)
+    assert sim.wait(timeout=20) == 0
+    truth.poll()
+    wait_drained(agent, 60)
+    cursor_history(agent, cursors)
+    assert saw_open, "five broker outages never opened the breaker"
+    assert cursors == sorted(cursors), "a checkpoint moved backwards"
+    wait_for(lambda: agent_state(agent.db).get("breaker.state") == "closed", 20, "breaker closes")
+    assert agent.terminate() == 0
+    check_zero_loss(truth, collector, agent)
+
+
+@pytest.mark.parametrize("fault", ["cut", "blackhole", "delay"])
+def test_link_faults_through_a_proxy(
+    fault: str,
+    start_sim: StartSim,
+    start_agent: StartAgent,
+    broker: Broker,
+    collector: CollectorHarness,
+) -> None:
+    proxy = TcpProxy(broker.port)
+    try:
+        sim = start_sim("--rate", "1000", "--streams", "4")
+        agent = start_agent(sim.devices["ecu0"], uplink=uplink(proxy.port)).start()
+        truth = TruthReader(sim.truth_path)
+        wait_for(lambda: len(collector.keys()) > 300, 30, "first deliveries")
+        if fault == "cut":
+            proxy.cut()
+        elif fault == "blackhole":
+            proxy.blackhole()
+        else:
+            proxy.delay(0.3)
+        time.sleep(8 if fault == "blackhole" else 3)  # blackhole: past the 5 s keepalive
+        if fault != "delay":
+            state = agent_state(agent.db)
+            assert state["uplink.state"] == "disconnected" or int(state["uplink.in_flight"]) > 0
+        proxy.heal()
+        sim.signal(signal.SIGTERM)
+        assert sim.wait(timeout=20) == 0
+        truth.poll()
+        wait_drained(agent, 90)
+        assert agent.terminate() == 0
+        check_zero_loss(truth, collector, agent)
+    finally:
+        proxy.close()
+
+
+def test_fleet_view_converges_before_the_backlog(
+    start_sim: StartSim, start_agent: StartAgent, broker: Broker, collector: CollectorHarness
+) -> None:
+    sim = start_sim("--rate", "2000", "--streams", "16")
+    agent = start_agent(sim.devices["ecu0"], uplink=uplink(broker.port)).start()
+    truth = TruthReader(sim.truth_path)
+    wait_for(lambda: len(collector.keys()) > 500, 30, "first deliveries")
+    broker.stop(signal.SIGKILL)
+    time.sleep(3)  # the vehicle buffers ~6000 events
+    reader = sqlite3.connect(agent.db.absolute().as_uri() + "?mode=ro", uri=True)
+    before = {
+        name: (epoch, seq)
+        for name, epoch, seq in reader.execute(
+            "SELECT s.name, se.boot_epoch, se.high_seq FROM stream_epochs se "
+            "JOIN streams s ON s.id = se.stream_id"
+        )
+    }
+    reader.close()
+    with collector.lock:
+        collector.arrivals.clear()
+        collector.snapshots.clear()
+    broker.start()
+    wait_for(lambda: collector.snapshots, 30, "the first backlog batch")
+    with collector.lock:
+        first_kinds = [kind for kind, _, _ in collector.arrivals[:2]]
+        snapshot = collector.snapshots[0]
+    assert first_kinds[0] == "state"
+    # When the first historical event arrives, the fleet already shows every stream at or
+    # past where it was when the link came back: the view converged within one batch.
+    for stream, position in before.items():
+        assert snapshot[stream] >= position, stream
+    state = agent_state(agent.db)
+    assert json.loads(state["uplink.counters"])["last_convergence_s"] < 1.0
+    sim.signal(signal.SIGTERM)
+    assert sim.wait(timeout=20) == 0
+    truth.poll()
+    wait_drained(agent, 60)
+    assert agent.terminate() == 0
+    check_zero_loss(truth, collector, agent)
+
+
+def test_replay_request_is_served(
+    start_sim: StartSim, start_agent: StartAgent, broker: Broker, collector: CollectorHarness
+) -> None:
+    sim = start_sim("--rate", "500", "--streams", "4")
+    agent = start_agent(sim.devices["ecu0"], uplink=uplink(broker.port)).start()
+    wait_for(lambda: len(collector.keys()) > 200, 30, "first deliveries")
+    with collector.lock:
+        before = sum(1 for kind, _, _ in collector.arrivals if kind == "state")
+    collector.collector.request_replay(VEHICLE, 7)
+    wait_for(
+        lambda: sum(1 for kind, _, _ in collector.arrivals if kind == "state") > before,
+        10,
+        "a state batch in answer",
+    )
+    wait_for(
+        lambda: json.loads(agent_state(agent.db)["uplink.counters"])["replays_requested"] >= 1,
+        5,
+        "the agent to report the request",
+    )
+    assert agent.terminate() == 0
+
+
+def test_agent_killed_mid_resync_loses_nothing(
+    start_sim: StartSim, start_agent: StartAgent, broker: Broker, collector: CollectorHarness
+) -> None:
+    sim = start_sim("--rate", "3000", "--streams", "8")
+    agent = start_agent(
+        sim.devices["ecu0"], uplink=uplink(broker.port, batch_max_events=100, max_in_flight=2)
+    ).start()
+    truth = TruthReader(sim.truth_path)
+    wait_for(lambda: len(collector.keys()) > 300, 30, "first deliveries")
+    broker.stop(signal.SIGKILL)
+    time.sleep(3)
+    broker.start()
+    delivered = len(collector.keys())
+    wait_for(lambda: len(collector.keys()) > delivered + 500, 30, "resync under way")
+    agent.kill()
+    agent.start()
+    wait_for(agent.started, 30, "restart")
+    sim.signal(signal.SIGTERM)
+    assert sim.wait(timeout=20) == 0
+    truth.poll()
+    wait_drained(agent, 90)
+    assert agent.terminate() == 0
+    check_zero_loss(truth, collector, agent)
+
+
+def test_broker_ack_mode_delivers(
+    start_sim: StartSim, start_agent: StartAgent, broker: Broker, collector: CollectorHarness
+) -> None:
+    sim = start_sim("--rate", "2000", "--events", "4000")
+    agent = start_agent(sim.devices["ecu0"], uplink=uplink(broker.port, ack_mode="broker"))
+    agent.start()
+    truth = TruthReader(sim.truth_path)
+    assert sim.wait(timeout=60) == 0
+    wait_for(lambda: len(collector.keys()) >= 4000, 30, "delivery")
+    wait_for(lambda: agent_state(agent.db).get("uplink.cursor") == "4001", 10, "cursor on PUBACK")
+    assert agent.terminate() == 0
+    check_zero_loss(truth, collector, agent)
