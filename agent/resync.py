@@ -31,6 +31,7 @@ from agent.store import read_cursor, read_latest
 log = logging.getLogger(__name__)
 
 STATE_BATCH_EVENTS = 5000  # the compacted replay goes in as few messages as possible
+CONNACK_TIMEOUT = 10.0  # seconds from sending CONNECT to giving the attempt up
 
 Deliver = Callable[[int, dict[str, tuple[int, int]]], None]
 
@@ -323,6 +324,7 @@ class FleetSync:
         self._next_attempt = 0.0
         self._mids: dict[int, int] = {}  # MQTT message id -> batch id
         self._failure_streak = 0
+        self._connecting_until: float | None = None
         self.pings = 0
         self.bad_messages = 0
 
@@ -347,10 +349,17 @@ class FleetSync:
             log.warning("uplink_ack_timeout resend_from=%d", self.resync.delivered + 1)
 
     def _maybe_connect(self, now: float) -> None:
+        if self._connecting_until is not None:
+            if now < self._connecting_until:
+                return  # waiting for CONNACK (it arrives through poll())
+            self._connecting_until = None
+            self._failed(now, "no CONNACK")
+            return
         if now < self._next_attempt or not self.breaker.allow():
             return
         if self.transport.connect():
-            return  # CONNACK arrives through poll()
+            self._connecting_until = now + CONNACK_TIMEOUT
+            return
         self._failed(now, "connect failed")
 
     def _failed(self, now: float, why: str) -> None:
@@ -368,6 +377,8 @@ class FleetSync:
         )
 
     def _on_event(self, kind: str, value: object, now: float) -> None:
+        if kind in ("connected", "refused", "disconnected"):
+            self._connecting_until = None
         if kind == "connected":
             self.breaker.record_success()
             self.backoff.reset()
