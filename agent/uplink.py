@@ -174,7 +174,7 @@ class FleetSubscriber:
             protocol=MQTTProtocolVersion.MQTTv311,
         )
         self.client.connect_timeout = CONNECT_TIMEOUT
-        self.client.reconnect_delay_set(1, 5)
+        self.client.reconnect_delay_set(1, 2)
         self.client.max_inflight_messages_set(1000)
         self.client.on_connect = self._on_connect
         self.client.on_message = self._on_message

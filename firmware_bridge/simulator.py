@@ -362,6 +362,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=0,
         help="after this many events, stop sending anything at all (0: never)",
     )
+    g.add_argument(
+        "--control",
+        type=Path,
+        default=None,
+        help="a file polled for appended command lines: 'reboot', 'unplug SECONDS', "
+        "'noise SECONDS BER', 'garbage BYTES', 'stop'",
+    )
     g = p.add_argument_group("output")
     g.add_argument("--truth", type=Path, default=None, help="ground truth file (JSON lines)")
     return p
@@ -406,6 +413,9 @@ class Simulation:
         self.next_reboot = self._after(self.start, args.reboot_every)
         self.drain_deadline: float | None = None
         self.silent = False
+        self._control_offset = 0
+        self._noise_until: float | None = None
+        self._base_ber = args.ber
 
     @staticmethod
     def _after(now: float, every: float) -> float:
@@ -442,7 +452,41 @@ class Simulation:
                 device.pump(now)
         self.truth.flush()
 
+    def _control(self, now: float) -> None:
+        """Apply commands appended to the --control file since the last step."""
+        path = self.args.control
+        if path is None or not path.exists() or path.stat().st_size <= self._control_offset:
+            return
+        with path.open("rb") as fh:
+            fh.seek(self._control_offset)
+            data = fh.read()
+        end = data.rfind(b"\n") + 1
+        self._control_offset += end
+        for line in data[:end].decode().splitlines():
+            words = line.split()
+            if not words:
+                continue
+            self.truth.write({"op": "control", "command": line.strip(), "t": now})
+            if words[0] == "reboot":
+                _flags["reboot"] = True
+            elif words[0] == "unplug":
+                for device in self.devices:
+                    if device.master >= 0:
+                        device.unplug(now, float(words[1]) if len(words) > 1 else 1.0)
+            elif words[0] == "noise":
+                self._noise_until = now + float(words[1])
+                self.noise.ber = float(words[2]) if len(words) > 2 else 1e-3
+            elif words[0] == "garbage":
+                for device in self.devices:
+                    device.send_raw(self.noise.garbage(int(words[1])))
+            elif words[0] == "stop":
+                _flags["stop"] = True
+
     def _faults(self, now: float) -> None:
+        self._control(now)
+        if self._noise_until is not None and now >= self._noise_until:
+            self._noise_until = None
+            self.noise.ber = self._base_ber
         args = self.args
         if _flags["reboot"] or now >= self.next_reboot:
             _flags["reboot"] = False
