@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: test lint typecheck unit bench demo mosquitto clean
+.PHONY: test lint typecheck unit bench demo system-deps clean
 
 $(STAMP): pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "IronFleet needs Python >= 3.11, found " + sys.version.split()[0])'
@@ -13,16 +13,21 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet -e '.[test,demo]'
 	@touch $@
 
-# The uplink tests run a real broker. Installed with apt-get when we are root; otherwise
-# a clear message (tests are never skipped for a missing dependency).
-mosquitto:
-	@command -v mosquitto >/dev/null 2>&1 || test -x /usr/sbin/mosquitto || { \
+# Tests run a real broker (mosquitto) and check the unit with systemd-analyze. Installed
+# with apt-get when we are root; otherwise a clear message (tests never skip for a
+# missing dependency).
+system-deps:
+	@missing=""; \
+	{ command -v mosquitto >/dev/null 2>&1 || test -x /usr/sbin/mosquitto; } || missing="$$missing mosquitto"; \
+	command -v systemd-analyze >/dev/null 2>&1 || missing="$$missing systemd"; \
+	if [ -n "$$missing" ]; then \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
-	    echo "installing mosquitto (apt-get)"; \
-	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq mosquitto >/dev/null; \
+	    echo "installing$$missing (apt-get)"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
 	  else \
-	    echo "make test needs mosquitto: run 'sudo apt-get install mosquitto' (Debian/Ubuntu)" >&2; exit 1; \
-	  fi; }
+	    echo "make test needs:$$missing; run 'sudo apt-get install$$missing' (Debian/Ubuntu)" >&2; exit 1; \
+	  fi; \
+	fi
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
@@ -31,7 +36,7 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(BIN)/mypy
 
-unit: $(STAMP) mosquitto
+unit: $(STAMP) system-deps
 	$(BIN)/pytest
 
 test: lint typecheck unit

@@ -33,6 +33,7 @@ from types import FrameType
 from agent import config as config_mod
 from agent.config import Config
 from agent.errors import AgentError, CommitFailed, ConfigError, StoreFull
+from agent.notify import Notifier
 from agent.resilience import Backoff, CircuitBreaker
 from agent.resync import FleetSync, Resync
 from agent.store import EventStore, StoreConfig, connect
@@ -413,6 +414,13 @@ class Daemon:
         self.writer.uplink = self.uplink
         self._uplink_stop = threading.Event()
         self.flags = flags if flags is not None else {"stop": False, "reload": False}
+        self.notifier = Notifier()
+        now = time.monotonic()
+        # When each loop last finished an iteration: the watchdog pings only while all
+        # of them make progress (a free-running ping thread would hide a stuck loop).
+        self.progress: dict[str, float] = {"serial": now, "writer": now}
+        if self.uplink is not None:
+            self.progress["uplink"] = now
         self._threads: list[threading.Thread] = []
         self._serial_stop = threading.Event()
         self._writer_stop = threading.Event()
@@ -421,6 +429,7 @@ class Daemon:
         self.serial.start(time.monotonic())
         while not self._serial_stop.is_set():
             self.serial.run_once(time.monotonic())
+            self.progress["serial"] = time.monotonic()
         # Shutdown: wait for the writer's last reports and send their ACKs.
         deadline = time.monotonic() + STOP_TIMEOUT
         while time.monotonic() < deadline and (
@@ -434,11 +443,13 @@ class Daemon:
         assert self.uplink is not None
         while not self._uplink_stop.is_set():
             self.uplink.run_once(time.monotonic())
+            self.progress["uplink"] = time.monotonic()
         self.uplink.close()
 
     def _writer_loop(self) -> None:
         while not self._writer_stop.is_set():
             self.writer.run_once(time.monotonic())
+            self.progress["writer"] = time.monotonic()
         self.writer.drain()
         self.writer._publish()
         self.shared.writer_done.set()
@@ -489,9 +500,15 @@ class Daemon:
             log.warning("reload_needs_restart: only log_level applies live; restart for the rest")
 
     def run(self) -> int:
-        """Main loop: react to flags set by signal handlers."""
+        """Main loop: react to flags set by signal handlers; talk to systemd."""
         self.start()
+        # READY only now: the database is open, recovery done, the loops running.
+        self.notifier.ready(self.status_text())
+        next_status = 0.0
+        next_ping = 0.0
+        interval = self.notifier.watchdog_interval
         while not self.flags["stop"]:
+            now = time.monotonic()
             if self.flags["reload"]:
                 self.flags["reload"] = False
                 self.reload()
@@ -499,9 +516,35 @@ class Daemon:
                 log.error("thread_died; stopping so systemd restarts us")
                 self.stop()
                 return 1
-            time.sleep(0.1)
+            if interval is not None and now >= next_ping:
+                next_ping = now + interval / 4
+                stalled = self.stalled_loops(now, interval / 2)
+                if stalled:
+                    # No ping: if the loop stays stuck, systemd kills and restarts us.
+                    log.warning("watchdog_withheld stalled=%s", ",".join(stalled))
+                else:
+                    self.notifier.watchdog()
+            if now >= next_status:
+                next_status = now + 5.0
+                self.notifier.status(self.status_text())
+            time.sleep(0.05)
+        self.notifier.stopping()
         self.stop()
         return 0
+
+    def stalled_loops(self, now: float, limit: float) -> list[str]:
+        """Loops that have not completed an iteration within `limit` seconds."""
+        return [name for name, at in self.progress.items() if now - at > limit]
+
+    def status_text(self) -> str:
+        """One line for `systemctl status`: link, backlog, breaker."""
+        link = self.serial.link
+        backlog = self.uplink.resync.backlog_rows if self.uplink is not None else 0
+        breaker = self.uplink.breaker.state if self.uplink is not None else "disabled"
+        return (
+            f"link={link.state} controller={link.controller_id or '-'} "
+            f"events={self.store.event_count} backlog={backlog} breaker={breaker}"
+        )
 
 
 def setup_logging(level: str) -> None:

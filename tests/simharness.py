@@ -8,6 +8,7 @@ when it is in the dictionary, and only then is it reported to the link.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import signal
 import socket
@@ -231,13 +232,16 @@ class AgentProcess:
         self.db = self.workdir / "state" / "agent.db"
         self.log = self.workdir / "agent.log"
 
-    def start(self) -> AgentProcess:
+    def start(self, env: dict[str, str] | None = None) -> AgentProcess:
         assert self.proc is None or self.proc.poll() is not None, "already running"
         self.starts += 1
         self._log_offset = self.log.stat().st_size if self.log.exists() else 0
         with self.log.open("ab") as log:
             self.proc = subprocess.Popen(
-                [AGENT, "run", "--config", str(self.config)], stdout=log, stderr=subprocess.STDOUT
+                [AGENT, "run", "--config", str(self.config)],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env={**os.environ, **(env or {})},
             )
         return self
 
