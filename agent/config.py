@@ -169,6 +169,28 @@ class UplinkSection:
 
 
 @dataclass(frozen=True)
+class MetricsSection:
+    """[metrics]: Prometheus exposition on 127.0.0.1 and/or a node_exporter textfile."""
+
+    enabled: bool = False  # opt-in: a listening port on every vehicle is a choice
+    host: str = "127.0.0.1"
+    port: int = 9108
+    textfile: str = ""  # e.g. /var/lib/node_exporter/textfile/ironfleet.prom
+    textfile_interval: float = 15.0
+
+    def validate(self) -> dict[str, str]:
+        checks = {
+            "host": (self.host in ("127.0.0.1", "::1", "localhost"), "must be a loopback address"),
+            "port": (1 <= self.port <= 65535, "must be within [1, 65535]"),
+            "textfile_interval": (
+                1 <= self.textfile_interval <= 3600,
+                "must be within [1, 3600] seconds",
+            ),
+        }
+        return {key: why for key, (ok, why) in checks.items() if not ok}
+
+
+@dataclass(frozen=True)
 class Config:
     """The whole configuration; `load` builds it, `validate` ran before you see it."""
 
@@ -176,6 +198,7 @@ class Config:
     serial: SerialSection = field(default_factory=SerialSection)
     store: StoreSection = field(default_factory=StoreSection)
     uplink: UplinkSection = field(default_factory=UplinkSection)
+    metrics: MetricsSection = field(default_factory=MetricsSection)
     source: str = "<defaults>"
 
     @property
@@ -189,6 +212,7 @@ SECTIONS: dict[str, type] = {
     "serial": SerialSection,
     "store": StoreSection,
     "uplink": UplinkSection,
+    "metrics": MetricsSection,
 }
 
 

@@ -33,6 +33,7 @@ from types import FrameType
 from agent import config as config_mod
 from agent.config import Config
 from agent.errors import AgentError, CommitFailed, ConfigError, StoreFull
+from agent.metrics import Metrics
 from agent.notify import Notifier
 from agent.resilience import Backoff, CircuitBreaker
 from agent.resync import FleetSync, Resync
@@ -220,6 +221,7 @@ class Writer:
         self.shared = channels.shared
         self.serial = serial
         self.uplink: UplinkSide | None = None
+        self.last_state: dict[str, str] = {}
         self._next_publish = 0.0
         self._next_space = 0.0
         self._failure_streak = 0
@@ -324,6 +326,7 @@ class Writer:
             "link.device": self.serial.port.device or "",
             "link.counters": json.dumps(link.counters, sort_keys=True),
             "link.rejects": json.dumps(link.decoder.rejects, sort_keys=True),
+            "link.frames_accepted": str(link.decoder.accepted),
             "store.stats": json.dumps(self.store.stats(), sort_keys=True),
             "daemon.counters": json.dumps(self.shared.counters, sort_keys=True),
             "daemon.alarm": self.shared.alarm or ("store full" if self.shared.store_full else ""),
@@ -331,6 +334,7 @@ class Writer:
             "daemon.pid": str(os.getpid()),
             "daemon.heartbeat": f"{time.time():.3f}",
         }
+        self.last_state = state  # metrics read this snapshot (never the writer's connection)
         try:
             self.store.publish(state)
         except CommitFailed as exc:
@@ -415,6 +419,17 @@ class Daemon:
         self._uplink_stop = threading.Event()
         self.flags = flags if flags is not None else {"stop": False, "reload": False}
         self.notifier = Notifier()
+        m = config.metrics
+        self.metrics = (
+            Metrics(
+                lambda: self.writer.last_state,
+                host=m.host,
+                port=m.port if m.enabled else None,
+                textfile=m.textfile,
+            )
+            if m.enabled or m.textfile
+            else None
+        )
         now = time.monotonic()
         # When each loop last finished an iteration: the watchdog pings only while all
         # of them make progress (a free-running ping thread would hide a stuck loop).
@@ -506,6 +521,7 @@ class Daemon:
         self.notifier.ready(self.status_text())
         next_status = 0.0
         next_ping = 0.0
+        next_textfile = time.monotonic() + 2.0  # after the first publish
         interval = self.notifier.watchdog_interval
         while not self.flags["stop"]:
             now = time.monotonic()
@@ -527,9 +543,15 @@ class Daemon:
             if now >= next_status:
                 next_status = now + 5.0
                 self.notifier.status(self.status_text())
+            if self.metrics is not None and now >= next_textfile:
+                next_textfile = now + self.config.metrics.textfile_interval
+                self.metrics.write_textfile()
             time.sleep(0.05)
         self.notifier.stopping()
         self.stop()
+        if self.metrics is not None:
+            self.metrics.write_textfile()
+            self.metrics.close()
         return 0
 
     def stalled_loops(self, now: float, limit: float) -> list[str]:

@@ -76,6 +76,9 @@ class ResyncCounters:
     ack_timeouts: int = 0
     replays_requested: int = 0
     last_convergence_s: float = -1.0  # connect -> every state batch acked
+    convergence_failures: int = 0  # state batches whose ack never came (resent)
+    state_streams_known: int = 0  # streams in the store when the last replay was built
+    state_streams_sent: int = 0  # ... and how many the replay carried
     extra: dict[str, int] = field(default_factory=dict)
 
 
@@ -207,6 +210,7 @@ class Resync:
             # The compacted replay was lost (e.g. the collector was not subscribed yet):
             # send it again, or the fleet view would stay behind until the next connect.
             self.counters.ack_timeouts += 1
+            self.counters.convergence_failures += 1
             self.timed_out = True
             self._state_pending.clear()
             self._resend_state = True
@@ -230,6 +234,9 @@ class Resync:
 
     def _state_batches(self, now: float) -> list[Outgoing]:
         latest = read_latest(self.reader)
+        known = self.reader.execute("SELECT count(DISTINCT stream_id) FROM stream_epochs")
+        self.counters.state_streams_known = int(known.fetchone()[0])
+        self.counters.state_streams_sent = len(latest)
         out = []
         for start in range(0, len(latest), STATE_BATCH_EVENTS):
             chunk = latest[start : start + STATE_BATCH_EVENTS]

@@ -234,7 +234,8 @@ class EventStore:
         self._load()
         self.counters: dict[str, int] = dict.fromkeys(
             ("stored", "duplicates", "gaps_opened", "gaps_filled", "commit_failures",
-             "acks_applied", "acks_stale", "pruned_acked"),
+             "acks_applied", "acks_stale", "pruned_acked", "shed_compact_low_priority",
+             "shed_drop_oldest"),
             0,
         )  # fmt: skip
 
@@ -775,6 +776,7 @@ class EventStore:
         cur = self.conn.execute(f"DELETE FROM events WHERE {where} AND {unacked}", params)
         self.conn.execute("COMMIT")
         self._rows -= cur.rowcount
+        self.counters[f"shed_{reason}"] = self.counters.get(f"shed_{reason}", 0) + cur.rowcount
         if cur.rowcount:
             log.warning("evict step=%s shed=%d", reason, cur.rowcount)
         return int(cur.rowcount)
@@ -866,6 +868,7 @@ class EventStore:
             "open_gaps": sum(len(g) for g in self._gaps.values()),
             "oldest_unacked_received_at": float(oldest[0]) if oldest else 0.0,
             "cursor": self._cursor(),
+            "top_rowid": self._next_id - 1,
             **self.counters,
         }
 

@@ -1,0 +1,202 @@
+"""Prometheus metrics, computed at scrape time from the daemon's published snapshot.
+
+The writer thread publishes a snapshot of every live value about once a second (the
+same one the CLI reads from `agent_state`); metrics are derived from that snapshot, so
+a scrape never touches the writer's SQLite connection or the serial link's state.
+Served on 127.0.0.1 only (off by default) and/or written as a node_exporter textfile.
+docs/operations.md lists every metric.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from prometheus_client import start_http_server, write_to_textfile
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector, CollectorRegistry
+
+log = logging.getLogger(__name__)
+
+Snapshot = Callable[[], dict[str, str]]
+BREAKER_STATES = ("closed", "open", "half_open")
+FRAME_OUTCOMES = ("cobs", "crc", "too_long", "msgpack", "schema")
+
+
+def _json(snapshot: dict[str, str], key: str) -> dict[str, Any]:
+    try:
+        value = json.loads(snapshot.get(key, "{}"))
+    except ValueError:
+        return {}
+    return value if isinstance(value, dict) else {}
+
+
+def gauge(name: str, doc: str, value: float) -> GaugeMetricFamily:
+    return GaugeMetricFamily(name, doc, value=value)
+
+
+def counter(name: str, doc: str, value: float) -> CounterMetricFamily:
+    return CounterMetricFamily(name, doc, value=value)
+
+
+class AgentCollector(Collector):
+    """Turns the published snapshot into metric families."""
+
+    def __init__(self, snapshot: Snapshot, clock: Callable[[], float] = time.time) -> None:
+        self.snapshot = snapshot
+        self.clock = clock
+        self._last_delivered: tuple[float, int] | None = None
+        self._rate = 0.0  # events/s acknowledged by the fleet, smoothed
+
+    def collect(self) -> Iterator[Metric]:
+        snap = self.snapshot()
+        if not snap:
+            return
+        now = self.clock()
+        store = _json(snap, "store.stats")
+        link = _json(snap, "link.counters")
+        rejects = _json(snap, "link.rejects")
+        uplink = _json(snap, "uplink.counters")
+        daemon = _json(snap, "daemon.counters")
+
+        yield from self._replay(store, link, uplink)
+        yield from self._buffer(snap, store, uplink, now)
+        yield from self._transport(snap, rejects, uplink, daemon, store)
+
+    def _replay(
+        self, store: dict[str, Any], link: dict[str, Any], uplink: dict[str, Any]
+    ) -> Iterator[Metric]:
+        known = uplink.get("state_streams_known", 0)
+        sent = uplink.get("state_streams_sent", 0)
+        yield gauge(
+            "ironfleet_replay_event_loss_ratio",
+            "Share of known streams missing from the last compacted replay (0 = none lost).",
+            (1 - sent / known) if known else 0.0,
+        )
+        yield counter(
+            "ironfleet_replay_convergence_failures",
+            "Compacted replays the fleet did not acknowledge in time (resent).",
+            uplink.get("convergence_failures", 0),
+        )
+        gaps = CounterMetricFamily(
+            "ironfleet_telemetry_gaps",
+            "Sequence gaps detected, by type: stream (per-stream seq) or link (frames).",
+            labels=["type"],
+        )
+        gaps.add_metric(["stream"], store.get("gaps_opened", 0))
+        gaps.add_metric(["link"], link.get("gaps", 0))
+        yield gaps
+        yield counter(
+            "ironfleet_mission_state_inconsistency",
+            "Fleet acknowledgements refused because they would move a checkpoint backwards.",
+            store.get("acks_stale", 0) + uplink.get("acks_stale", 0),
+        )
+
+    def _buffer(
+        self, snap: dict[str, str], store: dict[str, Any], uplink: dict[str, Any], now: float
+    ) -> Iterator[Metric]:
+        events = store.get("events", 0)
+        yield gauge("ironfleet_buffer_events", "Events held in the local store.", events)
+        yield gauge("ironfleet_buffer_bytes", "Bytes of database pages in use.",
+                    store.get("used_bytes", 0))  # fmt: skip
+        oldest = store.get("oldest_unacked_received_at", 0.0)
+        yield gauge(
+            "ironfleet_oldest_unacked_age_seconds",
+            "Age of the oldest event the fleet has not acknowledged (0 when none).",
+            max(0.0, now - oldest) if oldest else 0.0,
+        )
+        delivered = int(snap.get("uplink.delivered", "0") or 0)
+        cursor = int(store.get("cursor", 1))
+        top = int(store.get("top_rowid", 0))
+        lag = max(0, top - max(delivered, cursor - 1))
+        if self._last_delivered is not None and now > self._last_delivered[0]:
+            rate = (delivered - self._last_delivered[1]) / (now - self._last_delivered[0])
+            self._rate = rate if self._rate == 0 else 0.7 * self._rate + 0.3 * rate
+        self._last_delivered = (now, delivered)
+        yield gauge("ironfleet_uplink_lag_events", "Stored events not yet acknowledged.", lag)
+        yield gauge(
+            "ironfleet_checkpoint_lag_events",
+            "Events between the persisted checkpoint cursor and the newest stored event.",
+            max(0, top - (cursor - 1)),
+        )
+        yield gauge(
+            "ironfleet_estimated_drain_seconds",
+            "Backlog divided by the recent delivery rate (+Inf while nothing is delivered).",
+            0.0 if lag == 0 else (lag / self._rate if self._rate > 0 else math.inf),
+        )
+
+    def _transport(
+        self,
+        snap: dict[str, str],
+        rejects: dict[str, Any],
+        uplink: dict[str, Any],
+        daemon: dict[str, Any],
+        store: dict[str, Any],
+    ) -> Iterator[Metric]:
+        breaker = GaugeMetricFamily(
+            "ironfleet_uplink_breaker_state", "Circuit breaker state (1 = current).",
+            labels=["state"],
+        )  # fmt: skip
+        current = snap.get("breaker.state", "")
+        for state in BREAKER_STATES:
+            breaker.add_metric([state], 1.0 if current == state else 0.0)
+        yield breaker
+        yield gauge("ironfleet_uplink_connected", "1 while connected to the broker.",
+                    1.0 if snap.get("uplink.state") == "connected" else 0.0)  # fmt: skip
+        yield gauge("ironfleet_serial_link_up", "1 while the controller link is up.",
+                    1.0 if snap.get("link.state") == "up" else 0.0)  # fmt: skip
+        frames = CounterMetricFamily(
+            "ironfleet_serial_frames", "Serial frames by outcome.", labels=["outcome"]
+        )
+        frames.add_metric(["accepted"], int(snap.get("link.frames_accepted", "0") or 0))
+        for outcome in FRAME_OUTCOMES:
+            frames.add_metric([outcome], rejects.get(outcome, 0))
+        yield frames
+        batches = uplink.get("batches_sent", 0) + uplink.get("state_batches_sent", 0)
+        yield counter("ironfleet_uplink_batches", "Batches published (state, events).", batches)
+        yield counter("ironfleet_uplink_events", "Events published (resends included).",
+                      uplink.get("events_sent", 0))  # fmt: skip
+        yield counter("ironfleet_uplink_ack_timeouts", "Batches whose fleet ack was overdue.",
+                      uplink.get("ack_timeouts", 0))  # fmt: skip
+        shed = CounterMetricFamily(
+            "ironfleet_shed_events", "Events removed by the buffer policy before the fleet "
+            "acknowledged them, by reason.", labels=["reason"],
+        )  # fmt: skip
+        for reason in ("compact_low_priority", "drop_oldest"):
+            shed.add_metric([reason], store.get(f"shed_{reason}", 0))
+        yield shed
+        yield counter("ironfleet_events_committed", "Events committed by this process.",
+                      daemon.get("events_committed", 0))  # fmt: skip
+        yield counter("ironfleet_commit_failures", "Commits that failed (nothing ACKed).",
+                      daemon.get("commit_failures", 0))  # fmt: skip
+        yield counter("ironfleet_store_duplicates", "Events the store skipped as already stored.",
+                      store.get("duplicates", 0))  # fmt: skip
+
+
+class Metrics:
+    """Owns the registry, the optional HTTP endpoint and the optional textfile."""
+
+    def __init__(self, snapshot: Snapshot, *, host: str, port: int | None, textfile: str) -> None:
+        self.registry = CollectorRegistry(auto_describe=False)
+        self.registry.register(AgentCollector(snapshot))
+        self.textfile = textfile
+        self.server: Any = None
+        if port is not None:
+            self.server, self.thread = start_http_server(port, addr=host, registry=self.registry)
+            log.info("metrics_listening address=%s:%d", host, port)
+
+    def write_textfile(self) -> None:
+        """Atomically (re)write the node_exporter textfile."""
+        if self.textfile:
+            try:
+                write_to_textfile(self.textfile, self.registry)
+            except OSError as exc:
+                log.warning("metrics_textfile_failed path=%s error=%r", self.textfile, str(exc))
+
+    def close(self) -> None:
+        if self.server is not None:
+            self.server.shutdown()
