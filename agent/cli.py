@@ -1,8 +1,1403 @@
-"""`ironfleet`: the technician CLI (being written)."""
+"""`ironfleet`: the technician's read-only view of the agent and its event store.
+
+Every command opens the store with `agent.store.connect(readonly=True)` (`mode=ro` plus
+`query_only`: it can neither write nor take the write lock), reads what it needs inside
+one short transaction under a deadline (`--timeout`), closes the connection, and only then
+prints. A reader never holds a transaction across output, so it never holds back the
+daemon's WAL checkpoints (DESIGN.md invariant 12 and "Readers must be brief").
+
+Live values (serial link, uplink, breaker, counters) come from `agent_state`, which the
+daemon rewrites about once a second (`Writer._publish`); `daemon.heartbeat` dates them and
+every view shows its age, so a stale picture is obvious. The functions at the top read
+and shape data; the click commands at the bottom only parse, call and format.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import glob
+import grp
+import itertools
+import json
+import os
+import pwd
+import re
+import sqlite3
+import stat
+import sys
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict, dataclass
+from datetime import datetime, timedelta
+from pathlib import Path
+from typing import IO, Any, Final, TypeVar
 
-def main() -> int:
+import click
+import msgpack
+from click.core import ParameterSource
+
+from agent import config as config_mod
+from agent.config import Config
+from agent.errors import ConfigError
+from agent.store import check_integrity, connect, read_cursor, read_latest
+
+DEFAULT_CONFIG: Final = "/etc/ironfleet/agent.toml"
+DB_ENV: Final = "IRONFLEET_DB"
+DEFAULT_TIMEOUT: Final = 2.0  # seconds; the design asks for answers well under one second
+PROGRESS_STEPS: Final = 1000  # SQLite VM instructions between two deadline checks
+FOLLOW_INTERVAL: Final = 0.5  # seconds between two polls of `events --follow`
+FOLLOW_BATCH: Final = 1000  # rows per poll; a longer backlog is read in several polls
+# The daemon publishes every second (agent.daemon.PUBLISH_INTERVAL); a few missed
+# publishes mean it is stopped or its writer thread is stuck.
+HEARTBEAT_STALE: Final = 5.0
+CLOCK_BACK_TOLERANCE: Final = 2.0  # a heartbeat this far in the future: the clock moved back
+MIN_SANE_YEAR: Final = 2020  # an earlier wall clock was never set (RTC without battery)
+CONTROLLER_SKEW_WARN: Final = 60.0  # seconds between a synced controller clock and ours
+RATE_WINDOW: Final = 10.0  # seconds over which `link` counts recent events
+RATE_SCAN_ROWS: Final = 100_000  # ... reading at most this many of the newest rows
+WAL_WARN_BYTES: Final = 128 * 2**20  # twice the store's journal_size_limit
+SIGNALS_WIDTH: Final = 60  # characters of decoded signals shown in a table cell
+TIME_QUALITY: Final = ("unknown", "monotonic", "rtc", "synced")  # events.ts_quality 0..3
+
+Row = dict[str, Any]
+T = TypeVar("T")
+
+
+class CliError(click.ClickException):
+    """A problem for the technician: one line on stderr, exit status 1."""
+
+    def show(self, file: IO[Any] | None = None) -> None:
+        click.echo(f"ironfleet: {self.format_message()}", err=True)
+
+
+# -- reading the store ---------------------------------------------------------------------
+
+
+def open_readonly(path: str | os.PathLike[str], timeout: float) -> sqlite3.Connection:
+    """A read-only connection whose statements are interrupted `timeout` s after opening."""
+    conn = connect(path, readonly=True, busy_timeout_ms=max(1, int(timeout * 1000)))
+    deadline = time.monotonic() + timeout
+    # A non-zero return makes SQLite abort the running statement with "interrupted".
+    conn.set_progress_handler(lambda: int(time.monotonic() > deadline), PROGRESS_STEPS)
+    return conn
+
+
+def explain(exc: sqlite3.Error, path: Path, timeout: float) -> str:
+    """One line saying what an SQLite error means for the technician."""
+    text = str(exc)
+    low = text.lower()
+    if "unable to open" in low and not os.access(path, os.R_OK):
+        return f"permission denied reading {path}: technicians need the 'ironfleet' group"
+    for needles, message in (
+        (("interrupted",), f"query timed out after {timeout:g} s and was stopped "
+                           "(raise --timeout, or narrow the query)"),
+        (("locked", "busy"), f"database busy: {path} stayed locked for {timeout:g} s "
+                             "(the agent may be starting or recovering; try again)"),
+        (("unable to open",), f"cannot open {path} read-only ({text}): are its -wal and -shm "
+                              "files readable by you? `ironfleet doctor` checks"),
+        (("not a database", "malformed"), f"{path} is damaged or not a database ({text}); the "
+                                          "agent quarantines a damaged file at its next start"),
+        (("no such table", "no such column"), f"{path} is not an IronFleet agent database of a "
+                                              f"known schema ({text})"),
+        (("readonly", "read-only"), f"refused: the CLI opens {path} read-only ({text})"),
+    ):  # fmt: skip
+        if any(needle in low for needle in needles):
+            return message
+    return f"database error on {path}: {text}"
+
+
+@contextlib.contextmanager
+def reading(path: Path, timeout: float) -> Iterator[sqlite3.Connection]:
+    """One short read transaction on `path`; SQLite errors become one-line CliErrors."""
+    try:
+        conn = open_readonly(path, timeout)
+    except sqlite3.Error as exc:
+        raise CliError(explain(exc, path, timeout)) from None
+    try:
+        conn.execute("BEGIN")  # one snapshot for the whole command, ended below
+        yield conn
+    except sqlite3.Error as exc:
+        raise CliError(explain(exc, path, timeout)) from None
+    finally:
+        with contextlib.suppress(sqlite3.Error):
+            if conn.in_transaction:
+                conn.execute("COMMIT")
+        conn.close()
+
+
+def read_state(conn: sqlite3.Connection) -> dict[str, tuple[str, float]]:
+    """Every `agent_state` key as (value, updated_at)."""
+    return {
+        key: (value, float(at or 0.0))
+        for key, value, at in conn.execute("SELECT key, value, updated_at FROM agent_state")
+    }
+
+
+def _text(state: dict[str, tuple[str, float]], key: str) -> str:
+    return state[key][0] if key in state else ""
+
+
+def _number(state: dict[str, tuple[str, float]], key: str) -> float | None:
+    try:
+        return float(state[key][0])
+    except (KeyError, ValueError):
+        return None
+
+
+def _int(state: dict[str, tuple[str, float]], key: str) -> int | None:
+    value = _number(state, key)
+    return None if value is None else int(value)
+
+
+def _json(state: dict[str, tuple[str, float]], key: str) -> dict[str, Any]:
+    try:
+        value = json.loads(state[key][0])
+    except (KeyError, ValueError):
+        return {}
+    return value if isinstance(value, dict) else {}
+
+
+def _age(ts: float | None, now: float) -> float | None:
+    return None if ts is None or ts <= 0 else round(now - ts, 3)
+
+
+def daemon_view(state: dict[str, tuple[str, float]], now: float) -> Row:
+    """Who published the live values and how long ago (`live` if within HEARTBEAT_STALE)."""
+    beat = _number(state, "daemon.heartbeat")
+    age = _age(beat, now)
+    return {
+        "pid": _int(state, "daemon.pid"),
+        "heartbeat": beat,
+        "heartbeat_age_s": age,
+        "live": age is not None and -CLOCK_BACK_TOLERANCE <= age <= HEARTBEAT_STALE,
+        "alarm": _text(state, "daemon.alarm"),
+        "counters": _json(state, "daemon.counters"),
+    }
+
+
+def fleet_view(state: dict[str, tuple[str, float]], conn: sqlite3.Connection, now: float) -> Row:
+    """What the fleet has acknowledged and when (the persisted cursor), and the uplink."""
+    last = state["uplink.cursor"][1] if "uplink.cursor" in state else None
+    if last is None:
+        last = conn.execute("SELECT max(acked_at) FROM checkpoints").fetchone()[0]
+    return {
+        "cursor": read_cursor(conn),
+        "last_ack_at": last,
+        "last_ack_age_s": _age(last, now),
+        "uplink": _text(state, "uplink.state") or "unknown",
+        "phase": _text(state, "uplink.phase"),
+        "breaker": _text(state, "breaker.state"),
+    }
+
+
+def link_view(state: dict[str, tuple[str, float]]) -> Row:
+    """The serial side as last published."""
+    epoch = _text(state, "link.boot_epoch")
+    return {
+        "state": _text(state, "link.state") or "unknown",
+        "controller": _text(state, "link.controller"),
+        "boot_epoch": int(epoch) if epoch.isdigit() else None,
+        "port": _text(state, "link.port"),
+        "device": _text(state, "link.device"),
+    }
+
+
+def file_bytes(path: Path) -> tuple[int, int]:
+    """Sizes of the database file and of its write-ahead log (0 when absent)."""
+    sizes = []
+    for name in (str(path), f"{path}-wal"):
+        try:
+            sizes.append(os.stat(name).st_size)
+        except OSError:
+            sizes.append(0)
+    return sizes[0], sizes[1]
+
+
+def read_status(conn: sqlite3.Connection, path: Path, now: float) -> Row:
+    """The one-screen answer: daemon alive, controller, buffer, backlog, fleet, gaps, shed."""
+    state = read_state(conn)
+    cursor = read_cursor(conn)
+    events = conn.execute("SELECT count(*) FROM events").fetchone()[0]
+    unacked = conn.execute("SELECT count(*) FROM events WHERE id >= ?", (cursor,)).fetchone()[0]
+    oldest = conn.execute(
+        "SELECT received_at FROM events WHERE id >= ? ORDER BY id LIMIT 1", (cursor,)
+    ).fetchone()
+    newest = conn.execute("SELECT received_at FROM events ORDER BY id DESC LIMIT 1").fetchone()
+    streams = conn.execute("SELECT count(*) FROM streams").fetchone()[0]
+    gaps_open, missing, gaps_total = conn.execute(
+        "SELECT count(*) FILTER (WHERE closed_at IS NULL), "
+        "coalesce(sum(missing) FILTER (WHERE closed_at IS NULL), 0), count(*) FROM gaps"
+    ).fetchone()
+    shed_records, shed_events = conn.execute(
+        "SELECT count(*), coalesce(sum(count), 0) FROM shed"
+    ).fetchone()
+    pages = conn.execute("PRAGMA page_count").fetchone()[0]
+    free = conn.execute("PRAGMA freelist_count").fetchone()[0]
+    page_size = conn.execute("PRAGMA page_size").fetchone()[0]
+    db_bytes, wal_bytes = file_bytes(path)
+    newest_at = float(newest[0]) if newest else None
+    oldest_at = float(oldest[0]) if oldest else None
+    return {
+        "database": str(path),
+        "now": now,
+        "daemon": daemon_view(state, now),
+        "link": {**link_view(state), "last_event_at": newest_at,
+                 "last_event_age_s": _age(newest_at, now)},
+        "buffer": {
+            "events": events,
+            "streams": streams,
+            "used_bytes": (pages - free) * page_size,
+            "file_bytes": db_bytes,
+            "wal_bytes": wal_bytes,
+        },
+        "backlog": {
+            "unacked_events": unacked,
+            "oldest_unacked_received_at": oldest_at,
+            "oldest_unacked_age_s": _age(oldest_at, now),
+        },
+        "fleet": fleet_view(state, conn, now),
+        "gaps": {"open": gaps_open, "missing": missing, "total": gaps_total},
+        "shed": {"records": shed_records, "events": shed_events},
+    }  # fmt: skip
+
+
+def read_streams(conn: sqlite3.Connection, now: float) -> list[Row]:
+    """Every stream with its latest position, checkpoint and open gaps (small tables)."""
+    rows = conn.execute(
+        """SELECT s.name, s.controller, s.priority, se.boot_epoch, se.low_seq, se.high_seq,
+                  (SELECT sum(events) FROM stream_epochs WHERE stream_id = s.id),
+                  c.boot_epoch, c.seq, s.first_seen, s.last_seen,
+                  (SELECT count(*) FROM gaps WHERE stream_id = s.id AND closed_at IS NULL)
+           FROM streams AS s
+           LEFT JOIN stream_epochs AS se
+             ON se.stream_id = s.id
+            AND se.boot_epoch = (SELECT max(boot_epoch) FROM stream_epochs
+                                 WHERE stream_id = s.id)
+           LEFT JOIN checkpoints AS c ON c.stream_id = s.id
+           ORDER BY s.name"""
+    ).fetchall()
+    return [
+        {
+            "stream": name, "controller": controller, "priority": priority,
+            "boot_epoch": epoch, "low_seq": low, "high_seq": high, "received": received or 0,
+            "acked_boot_epoch": acked_epoch, "acked_seq": acked_seq,
+            "first_seen": first, "last_seen": last, "last_seen_age_s": _age(last, now),
+            "open_gaps": gaps,
+        }
+        for (name, controller, priority, epoch, low, high, received, acked_epoch, acked_seq,
+             first, last, gaps) in rows
+    ]  # fmt: skip
+
+
+def decode_signals(payload: bytes) -> Any:
+    """The msgpack signal map of an event; undecodable bytes come back as hex."""
+    try:
+        return msgpack.unpackb(payload, raw=False, strict_map_key=False)
+    except Exception:  # msgpack raises several unrelated types (ValueError, TypeError, ...)
+        return {"_undecodable_hex": payload.hex()}
+
+
+@dataclass(frozen=True)
+class EventFilter:
+    """What `events` selects: stream names or GLOB patterns, kinds, received_at window."""
+
+    streams: tuple[str, ...] = ()
+    kinds: tuple[str, ...] = ()
+    since: float | None = None
+    until: float | None = None
+
+
+_EVENT_SQL: Final = """SELECT e.id, s.name, e.boot_epoch, e.seq, e.ts, e.ts_quality, e.kind,
+       e.priority, e.payload, e.received_at
+FROM events AS e CROSS JOIN streams AS s"""
+# CROSS JOIN makes SQLite walk `events` in rowid order (the outer loop) and stop at the
+# LIMIT, instead of starting from `streams` and sorting the whole table.
+
+
+def _event_where(conn: sqlite3.Connection, flt: EventFilter) -> tuple[list[str], list[object]]:
+    where: list[str] = ["s.id = e.stream_id"]
+    params: list[object] = []
+    if flt.streams:
+        ids: set[int] = set()
+        for pattern in flt.streams:
+            found = {r[0] for r in conn.execute("SELECT id FROM streams WHERE name GLOB ?",
+                                                (pattern,))}  # fmt: skip
+            if not found:
+                raise CliError(f"no stream matches {pattern!r}; `ironfleet streams` lists them")
+            ids |= found
+        where.append(f"e.stream_id IN ({','.join(str(i) for i in sorted(ids))})")
+    if flt.kinds:
+        where.append(f"e.kind IN ({','.join('?' * len(flt.kinds))})")
+        params += flt.kinds
+    if flt.since is not None:
+        where.append("e.received_at >= ?")
+        params.append(flt.since)
+    if flt.until is not None:
+        where.append("e.received_at < ?")
+        params.append(flt.until)
+    return where, params
+
+
+def _event_row(row: Sequence[Any], now: float) -> Row:
+    rowid, stream, epoch, seq, ts, tq, kind, priority, payload, received_at = row
+    return {
+        "id": rowid, "stream": stream, "boot_epoch": epoch, "seq": seq, "ts": ts,
+        "ts_quality": tq, "kind": kind, "priority": priority, "received_at": received_at,
+        "received_age_s": _age(received_at, now), "signals": decode_signals(bytes(payload)),
+    }  # fmt: skip
+
+
+def read_events(
+    conn: sqlite3.Connection, flt: EventFilter, limit: int, now: float
+) -> tuple[list[Row], int]:
+    """The newest `limit` matching events, oldest first, and the highest rowid now stored."""
+    where, params = _event_where(conn, flt)
+    rows = conn.execute(
+        f"{_EVENT_SQL} WHERE {' AND '.join(where)} ORDER BY e.id DESC LIMIT ?",
+        (*params, limit),
+    ).fetchall()
+    top = conn.execute("SELECT max(id) FROM events").fetchone()[0] or 0
+    return [_event_row(r, now) for r in reversed(rows)], int(top)
+
+
+def read_events_after(
+    conn: sqlite3.Connection, flt: EventFilter, after_id: int, now: float
+) -> list[Row]:
+    """Matching events with a rowid above `after_id`, oldest first, FOLLOW_BATCH at most."""
+    where, params = _event_where(conn, flt)
+    rows = conn.execute(
+        f"{_EVENT_SQL} WHERE {' AND '.join(where)} AND e.id > ? ORDER BY e.id LIMIT ?",
+        (*params, after_id, FOLLOW_BATCH),
+    ).fetchall()
+    return [_event_row(r, now) for r in rows]
+
+
+def read_gaps(conn: sqlite3.Connection, open_only: bool, limit: int, now: float) -> list[Row]:
+    """The newest `limit` gaps (or open gaps only), in order of detection."""
+    where = "WHERE g.closed_at IS NULL" if open_only else ""
+    rows = conn.execute(
+        f"""SELECT g.id, s.name, g.boot_epoch, g.first_seq, g.last_seq, g.missing,
+                   g.detected_at, g.closed_at
+            FROM gaps AS g LEFT JOIN streams AS s ON s.id = g.stream_id
+            {where} ORDER BY g.id DESC LIMIT ?""",
+        (limit,),
+    ).fetchall()
+    return [
+        {
+            "id": gid, "stream": name, "boot_epoch": epoch, "first_seq": lo, "last_seq": hi,
+            "missing": missing, "open": closed is None, "detected_at": detected,
+            "detected_age_s": _age(detected, now), "closed_at": closed,
+            "closed_age_s": _age(closed, now),
+        }
+        for gid, name, epoch, lo, hi, missing, detected, closed in reversed(rows)
+    ]  # fmt: skip
+
+
+def read_gap_summary(conn: sqlite3.Connection) -> Row:
+    """Counts over every gap, plus the serial link's own frame gaps (NACKed, resent)."""
+    opened, missing, total = conn.execute(
+        "SELECT count(*) FILTER (WHERE closed_at IS NULL), "
+        "coalesce(sum(missing) FILTER (WHERE closed_at IS NULL), 0), count(*) FROM gaps"
+    ).fetchone()
+    link = _json(read_state(conn), "link.counters")
+    return {"open": opened, "missing": missing, "total": total, "link_gaps": link.get("gaps")}
+
+
+def read_replay(conn: sqlite3.Connection, now: float) -> list[Row]:
+    """The latest event of every stream: the compacted state the fleet receives first."""
+    return [
+        {
+            "id": rowid, "stream": e.stream, "boot_epoch": e.boot_epoch, "seq": e.seq,
+            "ts": e.ts, "ts_quality": tq, "kind": e.kind, "priority": e.priority,
+            "received_at": at, "received_age_s": _age(at, now),
+            "signals": decode_signals(e.payload),
+        }
+        for rowid, e, tq, at in read_latest(conn)
+    ]  # fmt: skip
+
+
+def read_checkpoints(conn: sqlite3.Connection, now: float) -> list[Row]:
+    """Per stream: what the fleet acknowledged, what is stored, how far behind."""
+    rows = conn.execute(
+        """SELECT s.name, c.boot_epoch, c.seq, c.acked_at, se.boot_epoch, se.high_seq
+           FROM streams AS s
+           LEFT JOIN checkpoints AS c ON c.stream_id = s.id
+           LEFT JOIN stream_epochs AS se
+             ON se.stream_id = s.id
+            AND se.boot_epoch = (SELECT max(boot_epoch) FROM stream_epochs
+                                 WHERE stream_id = s.id)
+           ORDER BY s.name"""
+    ).fetchall()
+    out = []
+    for name, epoch, seq, acked_at, latest_epoch, high in rows:
+        # Counted in the latest boot epoch only: unknown when the ack is from an older one.
+        behind = high - seq if epoch is not None and epoch == latest_epoch else None
+        out.append({
+            "stream": name, "acked_boot_epoch": epoch, "acked_seq": seq, "acked_at": acked_at,
+            "acked_age_s": _age(acked_at, now), "latest_boot_epoch": latest_epoch,
+            "latest_seq": high, "behind": behind,
+        })  # fmt: skip
+    return out
+
+
+def read_fleet(conn: sqlite3.Connection, now: float) -> Row:
+    """The fleet cursor and the time of the last acknowledgement."""
+    return fleet_view(read_state(conn), conn, now)
+
+
+def read_shed(conn: sqlite3.Connection, limit: int, now: float) -> list[Row]:
+    """The newest `limit` shed records: events the disk ladder removed unacknowledged."""
+    rows = conn.execute(
+        """SELECT sh.id, sh.at, sh.reason, s.name, sh.boot_epoch, sh.first_seq, sh.last_seq,
+                  sh.count, sh.first_rowid, sh.last_rowid
+           FROM shed AS sh LEFT JOIN streams AS s ON s.id = sh.stream_id
+           ORDER BY sh.id DESC LIMIT ?""",
+        (limit,),
+    ).fetchall()
+    return [
+        {
+            "id": sid, "at": at, "age_s": _age(at, now), "reason": reason, "stream": name,
+            "boot_epoch": epoch, "first_seq": lo, "last_seq": hi, "count": count,
+            "first_rowid": first, "last_rowid": last,
+        }
+        for sid, at, reason, name, epoch, lo, hi, count, first, last in reversed(rows)
+    ]  # fmt: skip
+
+
+def read_shed_totals(conn: sqlite3.Connection) -> list[tuple[str, int, int, float]]:
+    """(reason, records, events, last at) over the whole shed table."""
+    return [
+        (reason, records, events, at)
+        for reason, records, events, at in conn.execute(
+            "SELECT reason, count(*), sum(count), max(at) FROM shed GROUP BY reason ORDER BY 1"
+        )
+    ]
+
+
+def read_link(conn: sqlite3.Connection, now: float) -> Row:
+    """Serial link as published, plus the newest stored event and the recent event rate."""
+    state = read_state(conn)
+    newest = conn.execute(
+        "SELECT e.received_at, s.name FROM events AS e CROSS JOIN streams AS s "
+        "WHERE s.id = e.stream_id ORDER BY e.id DESC LIMIT 1"
+    ).fetchone()
+    recent = conn.execute(
+        f"SELECT count(*) FROM (SELECT received_at FROM events ORDER BY id DESC "
+        f"LIMIT {RATE_SCAN_ROWS}) WHERE received_at >= ?",
+        (now - RATE_WINDOW,),
+    ).fetchone()[0]
+    published = state["link.state"][1] if "link.state" in state else None
+    return {
+        **link_view(state),
+        "published_at": published,
+        "published_age_s": _age(published, now),
+        "daemon": daemon_view(state, now),
+        "last_event_at": newest[0] if newest else None,
+        "last_event_age_s": _age(newest[0] if newest else None, now),
+        "last_event_stream": newest[1] if newest else None,
+        "events_last_10s": recent,
+        "counters": _json(state, "link.counters"),
+        "rejects": _json(state, "link.rejects"),
+    }
+
+
+def read_breaker(conn: sqlite3.Connection, now: float) -> Row:
+    """The uplink breaker as published, the uplink around it, and the likely reasons."""
+    state = read_state(conn)
+    daemon = daemon_view(state, now)
+    counters = _json(state, "uplink.counters")
+    retry = _number(state, "breaker.retry_in")
+    age = daemon["heartbeat_age_s"] or 0.0
+    view: Row = {
+        "state": _text(state, "breaker.state") or "unknown",
+        "failures": _int(state, "breaker.failures"),
+        "successes": _int(state, "breaker.successes"),
+        "retry_in_s": None if retry is None else max(0.0, round(retry - age, 1)),
+        "transitions": _int(state, "breaker.transitions"),
+        "uplink": _text(state, "uplink.state") or "unknown",
+        "phase": _text(state, "uplink.phase"),
+        "in_flight": _int(state, "uplink.in_flight"),
+        "ack_timeouts": counters.get("ack_timeouts"),
+        "uplink_counters": counters,
+        "daemon": daemon,
+    }
+    view["why"] = breaker_reasons(view)
+    return view
+
+
+def breaker_reasons(view: Row) -> list[str]:
+    """Plain-language reasons for the breaker's state, from the published values."""
+    why: list[str] = []
+    if view["uplink"] == "disabled":
+        return ["the uplink is disabled: [uplink] enabled = false in the configuration"]
+    if view["state"] == "unknown":
+        return ["no breaker state was ever published (the uplink never started)"]
+    if not view["daemon"]["live"]:
+        why.append("the daemon is not publishing: these values are from its last heartbeat")
+    if view["state"] in ("open", "half_open"):
+        if view["uplink"] != "connected":
+            why.append(
+                "the broker cannot be reached or refuses the agent (uplink disconnected); "
+                "the log line uplink_down reason=... names the cause"
+            )
+        if view["ack_timeouts"]:
+            why.append(
+                f"{int(view['ack_timeouts'])} batches were not acknowledged within "
+                "[uplink] ack_timeout (collector down or slow?)"
+            )
+        if not why:
+            why.append("publishes failed; the log lines uplink_down and uplink_ack_timeout tell")
+    elif view["uplink"] != "connected":
+        why.append("the breaker is closed but the uplink is down: reconnecting with backoff")
+    return why
+
+
+def run_query(conn: sqlite3.Connection, sql: str, limit: int) -> tuple[list[str], list[Row], bool]:
+    """Run one read-only SQL statement; return columns, up to `limit` rows, and truncation."""
+    cur = conn.execute(sql)
+    columns = [d[0] for d in cur.description or ()]
+    fetched = cur.fetchmany(limit + 1)
+    cur.close()
+    rows = [dict(zip(columns, r, strict=True)) for r in fetched[:limit]]
+    return columns, rows, len(fetched) > limit
+
+
+# -- doctor ----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Check:
+    """One doctor finding: `status` is ok, warn, fail or skip."""
+
+    name: str
+    status: str
+    detail: str
+
+
+def check_config(path: str) -> tuple[Check, Config | None]:
+    """The configuration file loads and validates exactly as the daemon would load it."""
+    try:
+        config = config_mod.load(path)
+    except ConfigError as exc:
+        return Check("config", "fail", str(exc)), None
+    return Check("config", "ok", f"{path}: valid (device {config.serial.device})"), config
+
+
+def _mode(path: Path) -> str:
+    """`drwxr-x--- ironfleet:ironfleet`, numeric ids where no name is known."""
+    st = path.stat()
+    try:
+        user = pwd.getpwuid(st.st_uid).pw_name
+    except KeyError:
+        user = str(st.st_uid)
+    try:
+        group = grp.getgrgid(st.st_gid).gr_name
+    except KeyError:
+        group = str(st.st_gid)
+    return f"{stat.filemode(st.st_mode)} {user}:{group}"
+
+
+def check_permissions(db: Path) -> Check:
+    """State directory and database readable by us, not writable by everyone."""
+    folder = db.parent
+    status, problems = "ok", []
+    try:
+        detail = f"{folder} {_mode(folder)}"
+        if not os.access(folder, os.R_OK | os.X_OK):
+            problems.append("directory not readable by you: technicians need the 'ironfleet' group")
+        elif not db.exists():
+            problems.append(f"no {db.name} in it")
+        else:
+            detail += f", {db.name} {_mode(db)}"
+            for path in (db, Path(f"{db}-wal"), Path(f"{db}-shm")):
+                if path.exists() and not os.access(path, os.R_OK):
+                    problems.append(f"{path.name} not readable by you ({_mode(path)})")
+            if (folder.stat().st_mode | db.stat().st_mode) & stat.S_IWOTH:
+                problems.append("writable by everyone")
+        if folder.stat().st_mode & stat.S_IRWXO and not problems:
+            status, problems = "warn", ["open to everyone (the unit uses StateDirectoryMode=0750)"]
+    except OSError as exc:
+        return Check("permissions", "fail", f"{exc.filename}: {exc.strerror}")
+    if problems and status == "ok":
+        status = "fail"
+    return Check("permissions", status, "; ".join([detail, *problems]))
+
+
+def resolve_device(pattern: str) -> list[str]:
+    """Existing paths for a configured device: the path itself, or a glob's matches."""
+    if glob.has_magic(pattern):
+        return sorted(glob.glob(pattern))
+    return [pattern] if os.path.exists(pattern) else []
+
+
+def check_device(config: Config | None, published: str) -> Check:
+    """The configured serial device (glob resolved) is present."""
+    if config is None:
+        return Check("device", "skip", "needs a valid configuration")
+    pattern = config.serial.device
+    found = resolve_device(pattern)
+    if not found:
+        return Check("device", "fail", f"{pattern}: not present (cable, power, udev rule?)")
+    target = os.path.realpath(found[0])
+    kind = "character device" if stat.S_ISCHR(os.stat(target).st_mode) else "not a tty"
+    detail = f"{pattern} -> {found[0]} ({target}, {kind})"
+    if len(found) > 1:
+        detail += f"; {len(found)} matches, the agent opens the first"
+    if published:
+        detail += f"; the agent has {published} open"
+    return Check("device", "ok" if kind == "character device" else "warn", detail)
+
+
+def check_disk(config: Config | None, db: Path) -> Check:
+    """Free space on the state file system against [store] min_free_bytes."""
+    if config is None:
+        return Check("disk", "skip", "needs a valid configuration")
+    try:
+        st = os.statvfs(db.parent)
+    except OSError as exc:
+        return Check("disk", "fail", f"{db.parent}: {exc.strerror}")
+    free = st.f_bavail * st.f_frsize
+    floor = config.store.min_free_bytes
+    detail = f"{human_bytes(free)} free, floor {human_bytes(floor)} ([store] min_free_bytes)"
+    if free < floor:
+        return Check("disk", "fail", f"{detail}: below the floor, the buffer is shrinking")
+    if free < 2 * floor:
+        return Check("disk", "warn", f"{detail}: close to the floor")
+    return Check("disk", "ok", detail)
+
+
+def check_clock(now: float, heartbeat: float | None, skew: float | None) -> Check:
+    """Wall clock set, not behind the daemon's heartbeat, close to synced controller clocks."""
+    year = datetime.fromtimestamp(now).year
+    wall = datetime.fromtimestamp(now).astimezone().isoformat(timespec="seconds")
+    if year < MIN_SANE_YEAR:
+        return Check("clock", "fail", f"wall clock reads {wall}: never set (NTP, RTC battery?)")
+    if heartbeat is not None and heartbeat - now > CLOCK_BACK_TOLERANCE:
+        return Check("clock", "fail", f"wall clock {wall} is {span(heartbeat - now)} behind the "
+                     "daemon's last heartbeat: the clock moved backwards")  # fmt: skip
+    detail = f"wall clock {wall}"
+    if skew is not None:
+        detail += f"; synced controller clock differs by {span(abs(skew))}"
+        if abs(skew) > CONTROLLER_SKEW_WARN:
+            return Check("clock", "warn", detail + " (one of the two clocks is wrong)")
+    return Check("clock", "ok", detail)
+
+
+def check_daemon(daemon: Row) -> Check:
+    """The daemon publishes its heartbeat (about every second)."""
+    if daemon["heartbeat"] is None:
+        return Check("daemon", "fail", "no heartbeat ever published (agent never started?)")
+    age = daemon["heartbeat_age_s"]
+    pid = daemon["pid"] or "?"
+    if not daemon["live"]:
+        return Check("daemon", "fail", f"last heartbeat {span(age)} ago (pid {pid}): stopped or "
+                     "stuck; `systemctl status ironfleet-agent`")  # fmt: skip
+    alarm = daemon["alarm"]
+    if alarm:
+        return Check("daemon", "warn", f"heartbeat {span(age)} ago (pid {pid}); alarm: {alarm}")
+    return Check("daemon", "ok", f"heartbeat {span(age)} ago (pid {pid})")
+
+
+def read_doctor(conn: sqlite3.Connection, now: float) -> Row:
+    """What doctor needs from the live state: heartbeat, opened device, clock skew."""
+    state = read_state(conn)
+    skews = [at - e.ts for _, e, tq, at in read_latest(conn) if tq == TIME_QUALITY.index("synced")]
+    return {
+        "daemon": daemon_view(state, now),
+        "device": _text(state, "link.device"),
+        "skew": max(skews, key=abs) if skews else None,
+    }
+
+
+Reader = Callable[[Callable[[sqlite3.Connection], Any]], Any]
+
+
+def check_database(db: Path, read: Reader) -> Check:
+    """`PRAGMA quick_check` under the read deadline (it reads the whole file)."""
+    try:
+        problems = read(check_integrity)
+    except CliError as exc:
+        message = exc.format_message()
+        return Check("database", "warn" if "timed out" in message else "fail", message)
+    if problems:
+        return Check("database", "fail", f"quick_check: {'; '.join(problems[:3])}")
+    return Check("database", "ok", f"quick_check ok ({human_bytes(sum(file_bytes(db)))})")
+
+
+def doctor_checks(config_path: str, db: Path, read: Reader, now: float) -> list[Check]:
+    """Every doctor check, in the order a technician fixes things."""
+    config_check, config = check_config(config_path)
+    checks = [config_check, check_permissions(db), check_database(db, read)]
+    _, wal = file_bytes(db)
+    if wal > WAL_WARN_BYTES:
+        checks.append(Check("wal", "warn", f"{human_bytes(wal)} of WAL: a reader holding a "
+                            "transaction open starves checkpoints"))  # fmt: skip
+    try:
+        found: Row | None = read(lambda conn: read_doctor(conn, now))
+    except CliError:
+        found = None  # already reported by the database check
+    daemon = found["daemon"] if found else None
+    checks += [
+        check_device(config, found["device"] if found else ""),
+        check_disk(config, db),
+        check_clock(now, daemon["heartbeat"] if daemon else None, found["skew"] if found else None),
+        check_daemon(daemon) if daemon else Check("daemon", "skip", "database unreadable"),
+    ]
+    return checks
+
+
+# -- time and size -------------------------------------------------------------------------
+
+_RELATIVE = re.compile(r"(\d+(?:\.\d+)?)\s*(s|sec|m|min|h|d)")
+_UNIT_SECONDS: Final = {"s": 1, "sec": 1, "m": 60, "min": 60, "h": 3600, "d": 86400}
+
+
+def parse_when(text: str, now: float) -> float:
+    """A time as Unix seconds: relative ("10m" ago), ISO 8601, or HH:MM[:SS] today (local)."""
+    text = text.strip()
+    if match := _RELATIVE.fullmatch(text):
+        return now - float(match.group(1)) * _UNIT_SECONDS[match.group(2)]
+    try:
+        when = datetime.fromisoformat(text)
+    except ValueError:
+        try:
+            clock = datetime.strptime(text, "%H:%M:%S" if text.count(":") == 2 else "%H:%M")
+        except ValueError:
+            raise ValueError(
+                f"{text!r} is neither a duration (30s, 10m, 2h, 1d), an ISO time "
+                "(2024-06-01T08:00:00) nor a time of day (14:05)"
+            ) from None
+        today = datetime.fromtimestamp(now)
+        when = today.replace(hour=clock.hour, minute=clock.minute, second=clock.second,
+                             microsecond=0)  # fmt: skip
+    return when.timestamp()  # naive times are local times
+
+
+def span(seconds: float) -> str:
+    """A duration for people: 0.4 s, 12 s, 5 min, 3.0 h, 2.0 d."""
+    if seconds < 10:
+        return f"{seconds:.1f} s"
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f} min"
+    if seconds < 172_800:
+        return f"{seconds / 3600:.1f} h"
+    return f"{seconds / 86400:.1f} d"
+
+
+def ago(age: float | None) -> str:
+    """An age for people: '12 s ago', 'never', or 'in 5 s' for a time in the future."""
+    if age is None:
+        return "never"
+    if age < -CLOCK_BACK_TOLERANCE:
+        return f"in {span(-age)} (clock moved back?)"
+    return f"{span(max(age, 0.0))} ago"
+
+
+def human_bytes(n: float) -> str:
+    """Bytes in binary units: 512 B, 3.2 MiB."""
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    raise AssertionError("unreachable")
+
+
+def clock_time(ts: float | None, now: float) -> str:
+    """Local time of day (with milliseconds) today, date and time otherwise."""
+    if ts is None:
+        return "-"
+    when = datetime.fromtimestamp(ts)
+    if abs(now - ts) < 43_200 and when.date() == datetime.fromtimestamp(now).date():
+        return when.strftime("%H:%M:%S.%f")[:-3]
+    return when.strftime("%Y-%m-%d %H:%M:%S")
+
+
+def controller_time(ts: float, quality: int) -> str:
+    """An event's controller timestamp as its time quality allows it to be read."""
+    if quality >= TIME_QUALITY.index("rtc"):
+        text = datetime.fromtimestamp(ts).strftime("%Y-%m-%d %H:%M:%S")
+        return text if quality == TIME_QUALITY.index("synced") else f"{text} (rtc)"
+    if quality == TIME_QUALITY.index("monotonic"):
+        return f"+{timedelta(seconds=round(ts))} since boot"
+    return "-"
+
+
+# -- formatting ------------------------------------------------------------------------------
+
+_NUMERIC = re.compile(r"[-+]?[\d,]+(\.\d+)?")
+
+
+def table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
+    """A plain-text table: numeric columns right-aligned, '-' for missing values."""
+    cells = [["-" if c is None else str(c) for c in row] for row in rows]
+    widths = [max([len(h)] + [len(r[i]) for r in cells]) for i, h in enumerate(headers)]
+    right = [
+        any(r[i] != "-" for r in cells)
+        and all(_NUMERIC.fullmatch(r[i]) or r[i] == "-" for r in cells)
+        for i in range(len(headers))
+    ]
+
+    def line(values: Sequence[str]) -> str:
+        return "  ".join(
+            v.rjust(w) if r else v.ljust(w) for v, w, r in zip(values, widths, right, strict=True)
+        ).rstrip()
+
+    return "\n".join([line(headers), line(["-" * w for w in widths]), *map(line, cells)])
+
+
+def pairs(items: Sequence[tuple[str, str]]) -> str:
+    """Label/value lines, labels aligned."""
+    width = max(len(k) for k, _ in items)
+    return "\n".join(f"{k:<{width}}  {v}" for k, v in items)
+
+
+def signals_text(value: Any, width: int = SIGNALS_WIDTH) -> str:
+    """Decoded signals as `name=value ...`, cut to `width` characters."""
+    if isinstance(value, dict):
+        text = " ".join(f"{k}={v!r}" if isinstance(v, str) else f"{k}={v}"
+                        for k, v in value.items())  # fmt: skip
+    else:
+        text = repr(value)
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
+def _json_default(value: object) -> object:
+    if isinstance(value, bytes | bytearray | memoryview):
+        return bytes(value).hex()
+    raise TypeError(f"cannot encode {type(value).__name__} as JSON")
+
+
+def emit(data: object, as_json: bool, render: Callable[[], str]) -> None:
+    """Print `data` as JSON, or the text `render` makes of it."""
+    if as_json:
+        click.echo(json.dumps(data, indent=2, default=_json_default))
+    else:
+        click.echo(render())
+
+
+def n(value: Any) -> str:
+    """A count with thousands separators ('-' when unknown)."""
+    return "-" if value is None else f"{int(value):,}"
+
+
+def daemon_line(d: Row) -> str:
+    """'running, pid 42, heartbeat 0.6 s ago', or a warning that the view is stale."""
+    if d["heartbeat"] is None:
+        return "never published: has the agent run on this database?"
+    if d["live"]:
+        return f"running, pid {d['pid']}, heartbeat {ago(d['heartbeat_age_s'])}"
+    return (
+        f"NOT PUBLISHING: last heartbeat {ago(d['heartbeat_age_s'])} (pid {d['pid'] or '?'}); "
+        "live values below are from then"
+    )
+
+
+def status_text(s: Row) -> str:
+    """The status screen."""
+    d, link, buf, back, fleet = s["daemon"], s["link"], s["buffer"], s["backlog"], s["fleet"]
+    gaps, shed = s["gaps"], s["shed"]
+    controller = link["controller"] or "none"
+    if link["boot_epoch"] is not None:
+        controller += f", boot epoch {link['boot_epoch']}"
+    port = link["port"] or "-"
+    if link["device"]:
+        port += f" on {link['device']}"
+    unacked = f"{n(back['unacked_events'])} events"
+    if back["unacked_events"]:
+        unacked += f", oldest received {ago(back['oldest_unacked_age_s'])}"
+    uplink = fleet["uplink"]
+    if fleet["phase"]:
+        uplink += f", phase {fleet['phase']}"
+    if fleet["breaker"]:
+        uplink += f", breaker {fleet['breaker']}"
+    counters = d["counters"]
+    items = [
+        ("database", f"{s['database']} ({human_bytes(buf['file_bytes'])}, "
+                     f"WAL {human_bytes(buf['wal_bytes'])})"),
+        ("daemon", daemon_line(d)),
+        ("alarm", d["alarm"] or "none"),
+        ("controller", f"{controller}; serial link {link['state']}"),
+        ("serial port", port),
+        ("last event", ago(link["last_event_age_s"])),
+        ("buffer", f"{n(buf['events'])} events in {n(buf['streams'])} streams, "
+                   f"{human_bytes(buf['used_bytes'])} used"),
+        ("not acked", unacked),
+        ("fleet ack", f"last {ago(fleet['last_ack_age_s'])} "
+                      f"(events below id {n(fleet['cursor'])} acknowledged)"),
+        ("uplink", uplink),
+        ("gaps", f"{n(gaps['open'])} open ({n(gaps['missing'])} events missing), "
+                 f"{n(gaps['total'])} detected in all"),
+        ("shed", f"{n(shed['events'])} events in {n(shed['records'])} records"
+                 if shed["records"] else "none"),
+    ]  # fmt: skip
+    if counters:
+        items.append(("commits", f"{n(counters.get('batches'))} batches, "
+                                 f"{n(counters.get('commit_failures'))} failed"))  # fmt: skip
+    return pairs(items)
+
+
+def streams_text(rows: list[Row]) -> str:
+    """The streams table."""
+    if not rows:
+        return "no streams yet"
+    body = []
+    for r in rows:
+        acked = f"{r['acked_boot_epoch']}/{r['acked_seq']}" if r["acked_seq"] is not None else "-"
+        body.append([r["stream"], r["controller"], r["priority"], r["boot_epoch"],
+                     r["high_seq"], n(r["received"]), acked, r["open_gaps"],
+                     ago(r["last_seen_age_s"])])  # fmt: skip
+    headers = ["stream", "controller", "prio", "epoch", "seq", "received", "acked",
+               "open gaps", "last seen"]  # fmt: skip
+    return table(headers, body)
+
+
+def events_rows(rows: list[Row], now: float) -> list[list[object]]:
+    """Table rows of events."""
+    return [
+        [r["id"], clock_time(r["received_at"], now), r["stream"], r["boot_epoch"], r["seq"],
+         r["kind"], r["priority"], signals_text(r["signals"])]
+        for r in rows
+    ]  # fmt: skip
+
+
+EVENT_HEADERS: Final = ("id", "received", "stream", "epoch", "seq", "kind", "prio", "signals")
+# Fixed widths for `events --follow`, which prints rows as they come (no table to align).
+FOLLOW_WIDTHS: Final = (8, 12, 14, 5, 7, 10, 4)
+
+
+def event_line(row: Row, header: bool = False) -> str:
+    """One event as a fixed-width line (or the header line) for `events --follow`."""
+    if header:
+        cells: list[object] = list(EVENT_HEADERS)
+    else:
+        cells = events_rows([row], time.time())[0]
+    text = [f"{c!s:>{w}}" if i in (0, 3, 4, 6) else f"{c!s:<{w}}"
+            for i, (c, w) in enumerate(zip(cells, FOLLOW_WIDTHS, strict=False))]  # fmt: skip
+    return "  ".join([*text, str(cells[-1])])
+
+
+def gaps_text(rows: list[Row], summary: Row) -> str:
+    """The gaps table and its summary."""
+    body = [
+        [r["id"], r["stream"], r["boot_epoch"], f"{r['first_seq']}..{r['last_seq']}",
+         r["missing"], ago(r["detected_age_s"]),
+         "open" if r["open"] else f"filled {ago(r['closed_age_s'])}"]
+        for r in rows
+    ]  # fmt: skip
+    head = table(["id", "stream", "epoch", "seq range", "missing", "detected", "state"], body)
+    lines = [head if rows else "no gaps to show"]
+    lines.append(
+        f"\n{n(summary['open'])} open ({n(summary['missing'])} events still missing), "
+        f"{n(summary['total'])} detected in all (--all lists the filled ones too)"
+    )
+    if summary["link_gaps"]:
+        lines.append(
+            f"serial link: {n(summary['link_gaps'])} frame gaps NACKed since the agent started "
+            "(resent by the controller)"
+        )
+    return "\n".join(lines)
+
+
+def replay_text(rows: list[Row], now: float) -> str:
+    """The latest state per stream."""
+    if not rows:
+        return "no events stored"
+    body = [
+        [r["stream"], r["boot_epoch"], r["seq"], r["kind"], r["priority"],
+         controller_time(r["ts"], r["ts_quality"]), ago(r["received_age_s"]),
+         signals_text(r["signals"])]
+        for r in rows
+    ]  # fmt: skip
+    headers = ["stream", "epoch", "seq", "kind", "prio", "controller time", "received", "signals"]
+    return table(headers, body)
+
+
+def checkpoints_text(rows: list[Row], fleet: Row) -> str:
+    """Per-stream checkpoints and the fleet cursor."""
+    body = []
+    for r in rows:
+        acked = "-" if r["acked_seq"] is None else f"{r['acked_boot_epoch']}/{r['acked_seq']}"
+        latest = "-" if r["latest_seq"] is None else f"{r['latest_boot_epoch']}/{r['latest_seq']}"
+        behind: object = r["behind"]
+        if behind is None and r["latest_seq"] is not None:
+            behind = "all" if r["acked_seq"] is None else "new epoch"
+        body.append([r["stream"], acked, ago(r["acked_age_s"]), latest, behind])
+    text = (
+        table(["stream", "acked", "acked at", "stored", "behind"], body)
+        if rows
+        else ("no streams yet")
+    )
+    return (
+        f"{text}\n\nfleet cursor: events below id {n(fleet['cursor'])} acknowledged, "
+        f"last moved {ago(fleet['last_ack_age_s'])}; uplink {fleet['uplink']}"
+    )
+
+
+def shed_text(rows: list[Row], totals: list[tuple[str, int, int, float]], now: float) -> str:
+    """Shed records and totals per reason."""
+    if not totals:
+        return "nothing shed: no event was removed before the fleet acknowledged it"
+    body = [
+        [r["id"], ago(r["age_s"]), r["reason"], r["stream"], r["boot_epoch"],
+         f"{r['first_seq']}..{r['last_seq']}", n(r["count"])]
+        for r in rows
+    ]  # fmt: skip
+    lines = [table(["id", "when", "reason", "stream", "epoch", "seq range", "events"], body), ""]
+    for reason, records, events, at in totals:
+        lines.append(
+            f"{reason}: {n(events)} events in {n(records)} records, last {ago(_age(at, now))}"
+        )
+    return "\n".join(lines)
+
+
+def link_text(v: Row) -> str:
+    """The serial link screen."""
+    counters = v["counters"]
+    rejects = {k: c for k, c in v["rejects"].items() if c}
+    controller = v["controller"] or "none"
+    if v["boot_epoch"] is not None:
+        controller += f" (boot epoch {v['boot_epoch']})"
+    last = ago(v["last_event_age_s"])
+    if v["last_event_stream"]:
+        last += f" ({v['last_event_stream']}); {n(v['events_last_10s'])} in the last 10 s"
+    items = [
+        ("daemon", daemon_line(v["daemon"])),
+        ("link", f"{v['state']} (published {ago(v['published_age_s'])})"),
+        ("controller", controller),
+        ("port", f"{v['port'] or '-'}" + (f" on {v['device']}" if v["device"] else "")),
+        ("last event", last),
+    ]
+    keys = ("events_accepted", "acks_sent", "nacks_sent", "gaps", "retransmits_reacked",
+            "link_downs", "controller_reboots", "outside_window", "foreign_session")  # fmt: skip
+    if counters:
+        items.append(("counters", " ".join(f"{k}={counters[k]}" for k in keys if k in counters)))
+    items.append(("rejected frames", " ".join(f"{k}={c}" for k, c in rejects.items()) or "none"))
+    return pairs(items)
+
+
+def breaker_text(v: Row) -> str:
+    """The breaker screen."""
+    state = v["state"]
+    if state == "open" and v["retry_in_s"] is not None:
+        state += f" (next probe in about {span(v['retry_in_s'])})"
+    items = [
+        ("daemon", daemon_line(v["daemon"])),
+        ("breaker", state),
+        ("failures", n(v["failures"])),
+        ("half-open ok", n(v["successes"])),
+        ("transitions", n(v["transitions"])),
+        ("uplink", v["uplink"] + (f", phase {v['phase']}" if v["phase"] else "")),
+        ("in flight", n(v["in_flight"])),
+        ("ack timeouts", n(v["ack_timeouts"])),
+    ]
+    items += [("why", reason) for reason in v["why"]]
+    return pairs(items)
+
+
+def doctor_text(checks: list[Check]) -> str:
+    """One line per check."""
+    width = max(len(c.name) for c in checks)
+    return "\n".join(f"{c.status.upper():<4}  {c.name:<{width}}  {c.detail}" for c in checks)
+
+
+def query_text(columns: list[str], rows: list[Row], truncated: bool, limit: int) -> str:
+    """Query results as a table; blobs shown by size."""
+
+    def cell(value: object) -> object:
+        return f"<{len(value)} bytes>" if isinstance(value, bytes) else value
+
+    text = table(columns, [[cell(r[c]) for c in columns] for r in rows]) if columns else "done"
+    if truncated:
+        text += f"\n(first {limit} rows; raise --limit for more)"
+    return text
+
+
+# -- command line -------------------------------------------------------------------------
+
+
+@dataclass
+class Options:
+    """Global options: where the database and the configuration are, read deadline."""
+
+    db: str | None
+    db_source: str
+    config_path: str
+    timeout: float
+
+    def config(self) -> Config:
+        """The configuration file, loaded and validated; raises ConfigError."""
+        return config_mod.load(self.config_path)
+
+    def database(self, must_exist: bool = True) -> Path:
+        """The database path from --db, IRONFLEET_DB, or the configuration's state_dir."""
+        if self.db:
+            path, source = Path(self.db).absolute(), self.db_source
+        else:
+            try:
+                path = self.config().database
+            except ConfigError as exc:
+                raise CliError(
+                    f"cannot locate the database ({exc}): pass --db PATH or --config FILE"
+                ) from None
+            source = f"[agent] state_dir in {self.config_path}"
+            path = path.absolute()
+        if must_exist:
+            try:
+                path.stat()
+            except FileNotFoundError:
+                raise CliError(
+                    f"no database at {path} (from {source}): pass --db PATH (or set {DB_ENV}), "
+                    "or --config FILE whose [agent] state_dir holds agent.db"
+                ) from None
+            except PermissionError:
+                raise CliError(
+                    f"permission denied reading {path}: technicians need the 'ironfleet' group"
+                ) from None
+        return path
+
+    def read(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        """Run `fn` in one short read transaction on the database, then close it."""
+        with reading(self.database(), self.timeout) as conn:
+            return fn(conn)
+
+
+def json_option(f: Callable[..., Any]) -> Callable[..., Any]:
+    """The --json flag every command has."""
+    return click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")(f)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.option(
+    "--db",
+    envvar=DB_ENV,
+    type=click.Path(dir_okay=False),
+    help=f"Agent database (default: [agent] state_dir/agent.db of --config; env {DB_ENV}).",
+)
+@click.option(
+    "--config",
+    "config_path",
+    default=DEFAULT_CONFIG,
+    show_default=True,
+    type=click.Path(dir_okay=False),
+    help="Agent configuration file.",
+)
+@click.option(
+    "--timeout",
+    default=DEFAULT_TIMEOUT,
+    show_default=True,
+    type=click.FloatRange(min=0.001),
+    help="Stop any database read after this many seconds.",
+)
+@click.version_option(package_name="ironfleet-agent", prog_name="ironfleet")
+@click.pass_context
+def cli(ctx: click.Context, db: str | None, config_path: str, timeout: float) -> None:
+    """Read-only view of the IronFleet agent: link, buffer, fleet acks, breaker, gaps.
+
+    Every command reads the agent's database read-only and briefly; the agent never
+    waits for it. Add --json to any command for machine-readable output.
+    """
+    source = "--db"
+    if ctx.get_parameter_source("db") is ParameterSource.ENVIRONMENT:
+        source = DB_ENV
+    ctx.obj = Options(db, source, config_path, timeout)
+
+
+@cli.command()
+@json_option
+@click.pass_obj
+def status(opts: Options, as_json: bool) -> None:
+    """Is the agent alive, how much is buffered, when did the fleet last acknowledge."""
+    now = time.time()
+    path = opts.database()
+    data = opts.read(lambda conn: read_status(conn, path, now))
+    emit(data, as_json, lambda: status_text(data))
+
+
+@cli.command()
+@json_option
+@click.pass_obj
+def streams(opts: Options, as_json: bool) -> None:
+    """Every stream: controller, priority, latest sequence, fleet checkpoint, gaps."""
+    now = time.time()
+    rows = opts.read(lambda conn: read_streams(conn, now))
+    emit(rows, as_json, lambda: streams_text(rows))
+
+
+def _when(_ctx: click.Context, param: click.Parameter, value: str | None) -> float | None:
+    """Click callback for --since/--until: see `parse_when`."""
+    if value is None:
+        return None
+    try:
+        return parse_when(value, time.time())
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param=param) from None
+
+
+def _events_after(conn: sqlite3.Connection, flt: EventFilter, after_id: int) -> list[Row]:
+    return read_events_after(conn, flt, after_id, time.time())
+
+
+def poll_events(opts: Options, flt: EventFilter, after_id: int) -> Iterator[list[Row]]:
+    """New matching events every FOLLOW_INTERVAL, each poll a fresh short read."""
+    while True:
+        rows = opts.read(functools.partial(_events_after, flt=flt, after_id=after_id))
+        if rows:
+            after_id = rows[-1]["id"]
+            yield rows
+        if len(rows) < FOLLOW_BATCH:
+            time.sleep(FOLLOW_INTERVAL)
+
+
+@cli.command()
+@click.option("--stream", "streams_", multiple=True, help="Stream name or GLOB ('ecu0/*').")
+@click.option("--kind", "kinds", multiple=True, help="Event kind (repeatable).")
+@click.option("--since", callback=_when, help="Received at or after: 10m, 2h, 14:05, ISO time.")
+@click.option("--until", callback=_when, help="Received before (same forms as --since).")
+@click.option("--limit", default=20, show_default=True, type=click.IntRange(min=1),
+              help="Newest events shown.")  # fmt: skip
+@click.option("--follow", "-f", is_flag=True, help="Keep printing new events; Ctrl-C stops.")
+@json_option
+@click.pass_obj
+def events(
+    opts: Options,
+    *,
+    streams_: tuple[str, ...],
+    kinds: tuple[str, ...],
+    since: float | None,
+    until: float | None,
+    limit: int,
+    follow: bool,
+    as_json: bool,
+) -> None:
+    """Stored events, newest last, payloads decoded (times are the agent's clock).
+
+    With --json: a JSON array; with --follow --json: one JSON object per line.
+    """
+    if follow and until is not None:
+        raise click.UsageError("--follow and --until exclude each other")
+    flt = EventFilter(streams_, kinds, since, until)
+    now = time.time()
+    rows, top = opts.read(lambda conn: read_events(conn, flt, limit, now))
+    if not follow:
+        emit(rows, as_json, lambda: table(EVENT_HEADERS, events_rows(rows, now)))
+        return
+    if not as_json:
+        click.echo(event_line(dict(zip(EVENT_HEADERS, EVENT_HEADERS, strict=True)), header=True))
+    try:
+        for batch in itertools.chain([rows], poll_events(opts, flt, top)):
+            for row in batch:
+                click.echo(json.dumps(row, default=_json_default) if as_json else event_line(row))
+    except KeyboardInterrupt:
+        return
+
+
+@cli.command()
+@click.option("--all", "show_all", is_flag=True, help="Also gaps already filled by late events.")
+@click.option("--limit", default=50, show_default=True, type=click.IntRange(min=1),
+              help="Newest gaps shown.")  # fmt: skip
+@json_option
+@click.pass_obj
+def gaps(opts: Options, show_all: bool, limit: int, as_json: bool) -> None:
+    """Missing sequence ranges per stream: open ones, or with --all filled ones too."""
+    now = time.time()
+    rows, summary = opts.read(
+        lambda conn: (read_gaps(conn, not show_all, limit, now), read_gap_summary(conn))
+    )
+    emit(rows, as_json, lambda: gaps_text(rows, summary))
+
+
+@cli.command()
+@json_option
+@click.pass_obj
+def replay(opts: Options, as_json: bool) -> None:
+    """The latest event of every stream, as the fleet receives it first after a resync."""
+    now = time.time()
+    rows = opts.read(lambda conn: read_replay(conn, now))
+    emit(rows, as_json, lambda: replay_text(rows, now))
+
+
+@cli.command()
+@json_option
+@click.pass_obj
+def checkpoints(opts: Options, as_json: bool) -> None:
+    """What the fleet has acknowledged per stream, and how far behind it is."""
+    now = time.time()
+    rows, fleet = opts.read(lambda conn: (read_checkpoints(conn, now), read_fleet(conn, now)))
+    emit(rows, as_json, lambda: checkpoints_text(rows, fleet))
+
+
+@cli.command()
+@json_option
+@click.pass_obj
+def breaker(opts: Options, as_json: bool) -> None:
+    """The uplink circuit breaker: state, counts, next probe, and why."""
+    now = time.time()
+    view = opts.read(lambda conn: read_breaker(conn, now))
+    emit(view, as_json, lambda: breaker_text(view))
+
+
+@cli.command()
+@json_option
+@click.pass_obj
+def link(opts: Options, as_json: bool) -> None:
+    """The serial link: is the controller talking, which one, frame counters."""
+    now = time.time()
+    view = opts.read(lambda conn: read_link(conn, now))
+    emit(view, as_json, lambda: link_text(view))
+
+
+@cli.command()
+@click.option("--limit", default=50, show_default=True, type=click.IntRange(min=1),
+              help="Newest records shown.")  # fmt: skip
+@json_option
+@click.pass_obj
+def shed(opts: Options, limit: int, as_json: bool) -> None:
+    """Events the disk ladder removed before the fleet acknowledged them."""
+    now = time.time()
+    rows, totals = opts.read(lambda conn: (read_shed(conn, limit, now), read_shed_totals(conn)))
+    emit(rows, as_json, lambda: shed_text(rows, totals, now))
+
+
+@cli.command()
+@json_option
+@click.pass_obj
+def doctor(opts: Options, as_json: bool) -> None:
+    """Check config, permissions, database, device, disk, clock and daemon; exit 1 on FAIL."""
+    now = time.time()
+    db = opts.database(must_exist=False)
+    checks = doctor_checks(opts.config_path, db, opts.read, now)
+    ok = not any(c.status == "fail" for c in checks)
+    emit({"ok": ok, "checks": [asdict(c) for c in checks]}, as_json, lambda: doctor_text(checks))
+    if not ok:
+        sys.exit(1)
+
+
+@cli.command()
+@click.argument("sql")
+@click.option("--limit", default=1000, show_default=True, type=click.IntRange(min=1),
+              help="Rows shown at most.")  # fmt: skip
+@json_option
+@click.pass_obj
+def query(opts: Options, sql: str, limit: int, as_json: bool) -> None:
+    """Run one read-only SQL statement (docs/schema.md), stopped after --timeout."""
+    columns, rows, truncated = opts.read(lambda conn: run_query(conn, sql, limit))
+    emit(rows, as_json, lambda: query_text(columns, rows, truncated, limit))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
     """Console entry point of `ironfleet`."""
-    raise SystemExit("ironfleet: not built yet")
+    try:
+        cli.main(args=list(argv) if argv is not None else None, prog_name="ironfleet")
+    except BrokenPipeError:
+        # Output piped into `head` and closed early: not an error worth a traceback.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

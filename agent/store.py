@@ -231,6 +231,9 @@ class EventStore:
         self._epochs: dict[tuple[int, int], _EpochState] = {}
         self._gaps: dict[tuple[int, int], list[_Gap]] = {}
         self._checkpoints: dict[int, tuple[int, int]] = {}
+        # streams.last_seen is written with the published state (about once a second),
+        # not per commit: per commit it cost 2.4 µs per event at 1,000 streams.
+        self._last_seen: dict[int, float] = {}
         self._load()
         self.counters: dict[str, int] = dict.fromkeys(
             ("stored", "duplicates", "gaps_opened", "gaps_filled", "commit_failures",
@@ -456,7 +459,7 @@ class EventStore:
                 self._open_gap(b, key, seq + 1, state.low_seq - 1)  # a late, older event
             state.low_seq = min(state.low_seq, seq)
             b.rows.append(
-                (b.next_id, sid, event.boot_epoch, seq, event.ts, arrival.time_quality,
+                (b.next_id, sid, event.boot_epoch, seq, event.ts, int(arrival.time_quality),
                  event.kind, event.priority, event.payload, received_at)
             )  # fmt: skip
             if seq > state.high_seq:
@@ -491,10 +494,6 @@ class EventStore:
                 [(*s, s[4]) for s in b.new_streams],
             )
         if b.rows:
-            conn.executemany(
-                "UPDATE streams SET last_seen = ? WHERE id = ?",
-                [(b.received_at, sid) for sid in {k[0] for k in b.staged}],
-            )
             conn.executemany(
                 "INSERT INTO events (id, stream_id, boot_epoch, seq, ts, ts_quality, kind, "
                 "priority, payload, received_at) VALUES (?,?,?,?,?,?,?,?,?,?)",
@@ -534,6 +533,8 @@ class EventStore:
         for sid, _name, _controller, priority, _at in b.new_streams:
             self._stream_priority[sid] = priority
         self._epochs.update(b.staged)
+        for sid, _epoch in b.staged:
+            self._last_seen[sid] = b.received_at
         for key, gaps in b.staged_gaps.items():
             self._gaps[key] = [g for g in gaps if g.pieces]
         self._next_id, self._next_gap = b.next_id, b.next_gap
@@ -557,18 +558,8 @@ class EventStore:
     # -- reading ---------------------------------------------------------------------------
 
     def latest(self) -> list[Event]:
-        """The latest stored event of every stream: replay's answer, by point reads."""
-        best: dict[int, tuple[int, int]] = {}
-        for (sid, epoch), state in self._epochs.items():
-            if state.latest_rowid and (sid not in best or epoch > best[sid][0]):
-                best[sid] = (epoch, state.latest_rowid)
-        out = []
-        for _sid, (_epoch, rowid) in best.items():
-            stored = self._read_row(rowid)
-            if stored is not None:
-                out.append(stored.event)
-        out.sort(key=lambda e: e.stream)
-        return out
+        """The latest stored event of every stream: replay's answer (one join, ~ms)."""
+        return [event for _, event, _, _ in read_latest(self.conn)]
 
     def _read_row(self, rowid: int) -> StoredEvent | None:
         row = self.conn.execute(
@@ -813,13 +804,19 @@ class EventStore:
     def publish(self, values: Mapping[str, str], now: float | None = None) -> None:
         """Write the daemon's live state (link, breaker, counters) for the CLI to read."""
         at = time.time() if now is None else now
+        seen, self._last_seen = self._last_seen, {}
         try:
             self.conn.execute("BEGIN IMMEDIATE")
             for key, value in values.items():
                 self._set_state(self.conn, key, value, at)
+            self.conn.executemany(
+                "UPDATE streams SET last_seen = ? WHERE id = ?",
+                [(t, sid) for sid, t in seen.items()],
+            )
             self.conn.execute("COMMIT")
         except sqlite3.Error as exc:
             self._rollback()
+            self._last_seen = {**seen, **self._last_seen}
             raise CommitFailed(f"state update failed: {exc}") from exc
 
     @staticmethod

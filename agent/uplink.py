@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import ssl
+import time
 from pathlib import Path
 from typing import Any
 
@@ -92,6 +93,10 @@ class MqttTransport:
 
     def poll(self, timeout: float) -> list[tuple[str, object]]:
         """Run paho's network loop once; return what happened since the last call."""
+        if self.client.socket() is None:
+            # No connection: paho returns at once, which would spin the uplink thread
+            # (measured: a full core, and serial ingest starved to 573 frames/s).
+            time.sleep(timeout)
         rc = self.client.loop(timeout)
         if rc != MQTTErrorCode.MQTT_ERR_SUCCESS and self._connected:
             self._connected = False
