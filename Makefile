@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: test lint typecheck unit bench demo system-deps clean
+.PHONY: test lint typecheck unit bench demo chaos system-deps clean
 
 $(STAMP): pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "IronFleet needs Python >= 3.11, found " + sys.version.split()[0])'
@@ -49,6 +49,10 @@ bench: $(STAMP)
 # else the embedded amqtt), collector; a one-minute scripted scenario and a report.
 demo: $(STAMP)
 	$(BIN)/python -m agent.demo
+
+# The long tier of the fault tests (SIGKILL x500, thousands of simulated fault runs).
+chaos: $(STAMP) system-deps
+	IRONFLEET_LONG=1 $(BIN)/pytest --timeout 3600 tests/chaos tests/agent/test_daemon.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis
