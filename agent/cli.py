@@ -74,9 +74,20 @@ class CliError(click.ClickException):
 # -- reading the store ---------------------------------------------------------------------
 
 
+def _authorize(action: int, arg1: str | None, arg2: str | None, *_: str | None) -> int:
+    # mode=ro already protects agent.db; this keeps `query` from creating other files
+    # (ATTACH of a new name, VACUUM INTO) or switching query_only off.
+    if action in (sqlite3.SQLITE_ATTACH, sqlite3.SQLITE_DETACH):
+        return sqlite3.SQLITE_DENY
+    if action == sqlite3.SQLITE_PRAGMA and arg1 == "query_only" and arg2 is not None:
+        return sqlite3.SQLITE_DENY
+    return sqlite3.SQLITE_OK
+
+
 def open_readonly(path: str | os.PathLike[str], timeout: float) -> sqlite3.Connection:
     """A read-only connection whose statements are interrupted `timeout` s after opening."""
     conn = connect(path, readonly=True, busy_timeout_ms=max(1, int(timeout * 1000)))
+    conn.set_authorizer(_authorize)
     deadline = time.monotonic() + timeout
     # A non-zero return makes SQLite abort the running statement with "interrupted".
     conn.set_progress_handler(lambda: int(time.monotonic() > deadline), PROGRESS_STEPS)
@@ -89,6 +100,15 @@ def explain(exc: sqlite3.Error, path: Path, timeout: float) -> str:
     low = text.lower()
     if "unable to open" in low and not os.access(path, os.R_OK):
         return f"permission denied reading {path}: technicians need the 'ironfleet' group"
+    cannot_open = "unable to open" in low or "readonly" in low
+    if cannot_open and not Path(f"{path}-wal").exists() and not os.access(path.parent, os.W_OK):
+        # A stopped agent removed its -wal and -shm; a WAL reader must create them again
+        # (SQLite says "attempt to write a readonly database" or "unable to open").
+        return (
+            f"cannot read {path} while the agent is stopped: SQLite must create "
+            f"{path.name}-wal and -shm in {path.parent}, which you may not write; "
+            "start the agent, or read it as the agent's user"
+        )
     for needles, message in (
         (("interrupted",), f"query timed out after {timeout:g} s and was stopped "
                            "(raise --timeout, or narrow the query)"),
@@ -100,7 +120,8 @@ def explain(exc: sqlite3.Error, path: Path, timeout: float) -> str:
                                           "agent quarantines a damaged file at its next start"),
         (("no such table", "no such column"), f"{path} is not an IronFleet agent database of a "
                                               f"known schema ({text})"),
-        (("readonly", "read-only"), f"refused: the CLI opens {path} read-only ({text})"),
+        (("readonly", "read-only", "not authorized", "authorization denied"),
+         f"refused: the CLI opens {path} read-only and reads nothing else ({text})"),
     ):  # fmt: skip
         if any(needle in low for needle in needles):
             return message
@@ -267,14 +288,15 @@ def read_streams(conn: sqlite3.Connection, now: float) -> list[Row]:
     rows = conn.execute(
         """SELECT s.name, s.controller, s.priority, se.boot_epoch, se.low_seq, se.high_seq,
                   (SELECT sum(events) FROM stream_epochs WHERE stream_id = s.id),
-                  c.boot_epoch, c.seq, s.first_seen, s.last_seen,
-                  (SELECT count(*) FROM gaps WHERE stream_id = s.id AND closed_at IS NULL)
+                  c.boot_epoch, c.seq, s.first_seen, s.last_seen, coalesce(g.open, 0)
            FROM streams AS s
            LEFT JOIN stream_epochs AS se
              ON se.stream_id = s.id
             AND se.boot_epoch = (SELECT max(boot_epoch) FROM stream_epochs
                                  WHERE stream_id = s.id)
            LEFT JOIN checkpoints AS c ON c.stream_id = s.id
+           LEFT JOIN (SELECT stream_id, count(*) AS open FROM gaps WHERE closed_at IS NULL
+                      GROUP BY stream_id) AS g ON g.stream_id = s.id
            ORDER BY s.name"""
     ).fetchall()
     return [
@@ -793,7 +815,7 @@ def ago(age: float | None) -> str:
         return "never"
     if age < -CLOCK_BACK_TOLERANCE:
         return f"in {span(-age)} (clock moved back?)"
-    return f"{span(max(age, 0.0))} ago"
+    return f"{span(age if age > 0 else 0.0)} ago"
 
 
 def human_bytes(n: float) -> str:
@@ -926,7 +948,8 @@ def status_text(s: Row) -> str:
                    f"{human_bytes(buf['used_bytes'])} used"),
         ("not acked", unacked),
         ("fleet ack", f"last {ago(fleet['last_ack_age_s'])} "
-                      f"(events below id {n(fleet['cursor'])} acknowledged)"),
+                      f"(events below id {n(fleet['cursor'])} acknowledged)"
+                      if fleet["last_ack_at"] else "never: the fleet has acknowledged nothing"),
         ("uplink", uplink),
         ("gaps", f"{n(gaps['open'])} open ({n(gaps['missing'])} events missing), "
                  f"{n(gaps['total'])} detected in all"),
@@ -968,12 +991,9 @@ EVENT_HEADERS: Final = ("id", "received", "stream", "epoch", "seq", "kind", "pri
 FOLLOW_WIDTHS: Final = (8, 12, 14, 5, 7, 10, 4)
 
 
-def event_line(row: Row, header: bool = False) -> str:
-    """One event as a fixed-width line (or the header line) for `events --follow`."""
-    if header:
-        cells: list[object] = list(EVENT_HEADERS)
-    else:
-        cells = events_rows([row], time.time())[0]
+def event_line(row: Row | None) -> str:
+    """One event as a fixed-width line for `events --follow`; the header line for None."""
+    cells = list(EVENT_HEADERS) if row is None else events_rows([row], time.time())[0]
     text = [f"{c!s:>{w}}" if i in (0, 3, 4, 6) else f"{c!s:<{w}}"
             for i, (c, w) in enumerate(zip(cells, FOLLOW_WIDTHS, strict=False))]  # fmt: skip
     return "  ".join([*text, str(cells[-1])])
@@ -1285,7 +1305,7 @@ def events(
         emit(rows, as_json, lambda: table(EVENT_HEADERS, events_rows(rows, now)))
         return
     if not as_json:
-        click.echo(event_line(dict(zip(EVENT_HEADERS, EVENT_HEADERS, strict=True)), header=True))
+        click.echo(event_line(None))
     try:
         for batch in itertools.chain([rows], poll_events(opts, flt, top)):
             for row in batch:

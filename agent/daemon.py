@@ -332,6 +332,7 @@ class Writer:
             "daemon.alarm": self.shared.alarm or ("store full" if self.shared.store_full else ""),
             **(self.uplink.state() if self.uplink is not None else {"uplink.state": "disabled"}),
             "daemon.pid": str(os.getpid()),
+            "daemon.stopped_at": "",
             "daemon.heartbeat": f"{time.time():.3f}",
         }
         self.last_state = state  # metrics read this snapshot (never the writer's connection)
@@ -385,6 +386,8 @@ class UplinkSide:
             "uplink.delivered": str(self.resync.delivered),
             "uplink.in_flight": str(self.resync.in_flight),
             "uplink.counters": json.dumps(counters, sort_keys=True),
+            "uplink.last_error": self.sync.last_error,
+            "uplink.next_attempt_in": f"{self.sync.next_attempt_in(time.monotonic()):.1f}",
             "breaker.state": str(snap.state),
             "breaker.failures": str(snap.failures),
             "breaker.successes": str(snap.successes),
@@ -496,6 +499,16 @@ class Daemon:
         self._writer_stop.set()
         for t in self._threads:
             t.join(timeout=STOP_TIMEOUT + 1)
+        # The loops are gone: say so, or the CLI would show the last live values forever.
+        with contextlib.suppress(AgentError):
+            self.store.publish(
+                {
+                    "daemon.stopped_at": f"{time.time():.3f}",
+                    "link.state": "down",
+                    "link.port": "closed",
+                    "uplink.state": "disconnected" if self.uplink is not None else "disabled",
+                }
+            )
         self.store.close()
         self.waker.close()
         log.info("agent_stopped")

@@ -332,6 +332,7 @@ class FleetSync:
         self._mids: dict[int, int] = {}  # MQTT message id -> batch id
         self._failure_streak = 0
         self._connecting_until: float | None = None
+        self.last_error = ""
         self.pings = 0
         self.bad_messages = 0
 
@@ -369,7 +370,14 @@ class FleetSync:
             return
         self._failed(now, "connect failed")
 
+    def next_attempt_in(self, now: float) -> float:
+        """Seconds until the next connection attempt (0 when connected or due)."""
+        if self.transport.connected:
+            return 0.0
+        return max(0.0, self._next_attempt - now, self.breaker.retry_in())
+
     def _failed(self, now: float, why: str) -> None:
+        self.last_error = why
         self.breaker.record_failure()
         self._failure_streak += 1
         self._next_attempt = now + self.backoff.next_delay()

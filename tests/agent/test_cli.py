@@ -1,0 +1,489 @@
+"""`ironfleet`, the technician CLI, as a real process against databases real daemons wrote.
+
+- every command answers, as a table and as JSON, with the values the database holds
+  (checked against direct read-only SQL and the simulator's ground truth): a controller
+  reboot under line noise leaves open gaps, a killed broker opens the breaker, a tiny
+  buffer makes the ladder shed;
+- the CLI's connection cannot write, a missing database is one line and a failure, a
+  slow query is stopped by --timeout, `events --follow` stops cleanly on Ctrl-C;
+- four CLI processes looping over every command while the daemon ingests cost it no
+  commit failure and do not stop the controller's ACKs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import re
+import signal
+import sqlite3
+import subprocess
+import sys
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import msgpack
+import pytest
+
+from agent.cli import cli, open_readonly
+from agent.store import EventStore
+
+from simharness import AgentProcess, Broker, Sim, TruthReader
+from support import wait_for
+
+IRONFLEET = str(Path(sys.executable).with_name("ironfleet"))
+OPERATIONS = Path(__file__).resolve().parents[2] / "docs" / "operations.md"
+StartSim = Callable[..., Sim]
+StartAgent = Callable[..., AgentProcess]
+
+# Arguments that make each command run (query needs its SQL).
+COMMAND_ARGS: dict[str, list[str]] = {"query": ["query", "SELECT count(*) AS n FROM streams"]}
+SLOW_SQL = "WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c) SELECT count(*) FROM c"
+
+
+def run(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """`ironfleet ARGS` as a process; IRONFLEET_DB from the test environment is ignored."""
+    base = {k: v for k, v in os.environ.items() if k != "IRONFLEET_DB"}
+    return subprocess.run(
+        [IRONFLEET, *args], capture_output=True, text=True, env={**base, **(env or {})},
+        timeout=60, check=False,
+    )  # fmt: skip
+
+
+def ok(*args: str) -> str:
+    """stdout of a command that must succeed."""
+    result = run(*args)
+    assert result.returncode == 0, f"ironfleet {' '.join(args)}: {result.stderr}"
+    return result.stdout
+
+
+def as_json(*args: str) -> Any:
+    return json.loads(ok(*args, "--json"))
+
+
+def sql(db: Path, query: str, params: tuple[object, ...] = ()) -> list[tuple[Any, ...]]:
+    """Direct read-only SQL: the reference the CLI output is checked against."""
+    conn = sqlite3.connect(db.absolute().as_uri() + "?mode=ro", uri=True)
+    try:
+        return conn.execute(query, params).fetchall()
+    finally:
+        conn.close()
+
+
+def fresh_store(tmp_path: Path) -> Path:
+    """A migrated, empty agent database made by the real store."""
+    path = tmp_path / "agent.db"
+    EventStore(path).close()
+    return path
+
+
+# -- no daemon needed ------------------------------------------------------------------------
+
+
+def test_every_command_has_help() -> None:
+    top = ok("--help")
+    assert cli.commands, "the group has commands"
+    for name, command in cli.commands.items():
+        assert name in top, f"`ironfleet --help` does not list {name}"
+        result = run(name, "--help")
+        assert result.returncode == 0, f"{name} --help: {result.stderr}"
+        assert f"Usage: ironfleet {name}" in result.stdout
+        assert command.help, f"{name} has no help text"
+        assert "--json" in result.stdout, f"{name} has no --json"
+
+
+def test_every_command_is_documented() -> None:
+    text = OPERATIONS.read_text()
+    for name in cli.commands:
+        assert f"ironfleet {name}" in text, f"docs/operations.md never shows `ironfleet {name}`"
+
+
+def test_missing_database_is_one_line_and_a_failure(tmp_path: Path) -> None:
+    missing = tmp_path / "nowhere" / "agent.db"
+    for name in cli.commands:
+        if name == "doctor":
+            continue  # doctor reports it among its checks, below
+        result = run("--db", str(missing), *COMMAND_ARGS.get(name, [name]))
+        assert result.returncode != 0, name
+        assert result.stdout == "", name
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1, f"{name}: {result.stderr!r}"
+        assert str(missing) in lines[0], lines[0]
+        assert "--db" in lines[0], lines[0]
+    via_env = run("status", env={"IRONFLEET_DB": str(missing)})
+    assert via_env.returncode == 1
+    assert "(from IRONFLEET_DB)" in via_env.stderr
+    no_config = run("--config", str(tmp_path / "agent.toml"), "status")
+    assert no_config.returncode == 1
+    assert len(no_config.stderr.strip().splitlines()) == 1
+    assert "agent.toml" in no_config.stderr
+    assert "--db" in no_config.stderr
+    doctor = run("--db", str(missing), "--config", str(tmp_path / "agent.toml"), "doctor", "--json")
+    assert doctor.returncode == 1
+    checks = {c["name"]: c for c in json.loads(doctor.stdout)["checks"]}
+    assert checks["config"]["status"] == "fail"
+    assert checks["database"]["status"] == "fail"
+
+
+def test_the_cli_connection_cannot_write(tmp_path: Path) -> None:
+    db = fresh_store(tmp_path)
+    conn = open_readonly(db, timeout=2.0)
+    try:
+        assert conn.execute("PRAGMA query_only").fetchone()[0] == 1
+        for statement in (
+            "DELETE FROM events",
+            "INSERT INTO agent_state (key, value, updated_at) VALUES ('x', 'y', 0)",
+            "CREATE TABLE scratch (x)",
+            "BEGIN IMMEDIATE",  # not even the write lock
+        ):
+            with pytest.raises(sqlite3.OperationalError, match=r"readonly|attempt to write"):
+                conn.execute(statement)
+        for statement in (  # nor create or write any other file
+            f"ATTACH DATABASE '{tmp_path / 'other.db'}' AS other",
+            f"VACUUM INTO '{tmp_path / 'copy.db'}'",
+            "PRAGMA query_only = 0",
+        ):
+            with pytest.raises(sqlite3.DatabaseError, match=r"not authorized|authorization"):
+                conn.execute(statement)
+        assert sorted(p.name for p in tmp_path.iterdir()) == [
+            "agent.db", "agent.db-shm", "agent.db-wal",
+        ]  # fmt: skip
+    finally:
+        conn.close()
+    result = run("--db", str(db), "query", "DELETE FROM agent_state")
+    assert result.returncode == 1
+    assert "read-only" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_timeout_stops_a_slow_query(tmp_path: Path) -> None:
+    db = fresh_store(tmp_path)
+    conn = open_readonly(db, timeout=0.2)
+    try:
+        with pytest.raises(sqlite3.OperationalError, match="interrupted"):
+            conn.execute(SLOW_SQL).fetchall()
+    finally:
+        conn.close()
+    result = run("--db", str(db), "--timeout", "0.3", "query", SLOW_SQL)
+    assert result.returncode == 1
+    assert result.stdout == ""
+    assert result.stderr.strip() == (
+        "ironfleet: query timed out after 0.3 s and was stopped "
+        "(raise --timeout, or narrow the query)"
+    )
+    # The same query, bounded, answers under the same deadline.
+    bounded = SLOW_SQL.replace("FROM c)", "FROM c WHERE x < 1000)")
+    assert json.loads(ok("--db", str(db), "--timeout", "0.3", "query", bounded, "--json")) == [
+        {"count(*)": 1000}
+    ]
+
+
+# -- against a real daemon ------------------------------------------------------------------
+
+
+def wait_ingest(truth: TruthReader, more: int, what: str) -> None:
+    truth.poll()
+    target = len(truth.acked) + more
+    wait_for(lambda: truth.poll() or len(truth.acked) >= target, 30, what)
+
+
+def open_gaps(db: Path) -> list[tuple[Any, ...]]:
+    return sql(db, "SELECT id FROM gaps WHERE closed_at IS NULL ORDER BY id")
+
+
+def cause_open_gaps(sim_control: Path, db: Path, truth: TruthReader) -> None:
+    """Reboot the controller under line noise until a gap stays open (events lost in RAM)."""
+    for _ in range(5):
+        with sim_control.open("a") as fh:
+            fh.write("noise 2 0.002\n")
+        wait_ingest(truth, 200, "ingest under noise")
+        with sim_control.open("a") as fh:
+            fh.write("reboot\n")
+        wait_ingest(truth, 300, "ingest after the reboot")
+        if open_gaps(db):
+            return
+    raise AssertionError("five reboots under noise left no open gap")
+
+
+class FollowReader:
+    """`ironfleet events --follow` in a process; its stdout lines land in a queue."""
+
+    def __init__(self, *args: str) -> None:
+        self.proc = subprocess.Popen(
+            [IRONFLEET, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
+        self.lines: queue.Queue[str] = queue.Queue()
+        threading.Thread(target=self._pump, daemon=True).start()
+
+    def _pump(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            self.lines.put(line)
+
+    def take(self, count: int) -> list[str]:
+        return [self.lines.get(timeout=20) for _ in range(count)]
+
+    def interrupt(self) -> tuple[int, str]:
+        self.proc.send_signal(signal.SIGINT)  # what Ctrl-C sends
+        _, err = self.proc.communicate(timeout=20)
+        return self.proc.returncode, err
+
+
+def test_commands_on_a_live_daemon_database(
+    tmp_path: Path, start_sim: StartSim, start_agent: StartAgent, broker: Broker
+) -> None:
+    control = tmp_path / "sim-control"
+    sim = start_sim("--rate", "300", "--streams", "4", "--control", str(control))
+    agent = start_agent(
+        sim.devices["ecu0"],
+        uplink={"enabled": True, "port": broker.port, "ack_mode": "broker",
+                "breaker_failure_threshold": 2, "breaker_recovery_timeout": 120.0,
+                "reconnect_min": 0.1, "reconnect_max": 0.2, "batch_max_delay_ms": 20.0},
+    ).start()  # fmt: skip
+    truth = TruthReader(sim.truth_path)
+    wait_for(agent.started, 30, "the agent to start")
+    wait_ingest(truth, 500, "ingest")
+    cause_open_gaps(control, agent.db, truth)
+    cfg = ("--config", str(agent.config))
+    epoch = sql(agent.db, "SELECT max(boot_epoch) FROM stream_epochs")[0][0]
+    assert epoch >= 2
+    wait_for(
+        lambda: sql(agent.db, "SELECT count(*) FROM checkpoints")[0][0] == 4,
+        30,
+        "a checkpoint for every stream",
+    )
+
+    # Live: is the controller talking, is the fleet acknowledging?
+    status = as_json(*cfg, "status")
+    assert status["database"] == str(agent.db)
+    assert status["daemon"]["live"] is True
+    assert agent.proc is not None
+    assert status["daemon"]["pid"] == agent.proc.pid
+    assert status["daemon"]["heartbeat_age_s"] < 5
+    assert status["link"] | {"last_event_at": 0, "last_event_age_s": 0} == {
+        "state": "up", "controller": "ecu0", "boot_epoch": epoch, "port": "open",
+        "device": sim.devices["ecu0"], "last_event_at": 0, "last_event_age_s": 0,
+    }  # fmt: skip
+    assert status["fleet"]["uplink"] == "connected"
+    assert status["fleet"]["breaker"] == "closed"
+    assert status["fleet"]["last_ack_age_s"] < 10
+    assert status["buffer"]["streams"] == 4
+    assert status["buffer"]["events"] > 1000
+    assert status["gaps"]["open"] >= 1
+    assert status["daemon"]["counters"]["commit_failures"] == 0
+    text = ok(*cfg, "status")
+    assert f"running, pid {agent.proc.pid}" in text
+    assert f"ecu0, boot epoch {epoch}; serial link up" in text
+
+    link = as_json("--db", str(agent.db), "link")
+    assert (link["state"], link["controller"], link["boot_epoch"]) == ("up", "ecu0", epoch)
+    assert link["device"] == sim.devices["ecu0"]
+    assert link["counters"]["controller_reboots"] >= 1
+    assert link["events_last_10s"] > 0
+    assert link["last_event_stream"].startswith("ecu0/s00")
+    assert f"ecu0 (boot epoch {epoch})" in ok(*cfg, "link")
+
+    assert as_json(*cfg, "breaker")["state"] == "closed"
+    doctor = run(*cfg, "doctor", "--json")
+    checks = {c["name"]: c for c in json.loads(doctor.stdout)["checks"]}
+    assert doctor.returncode == 0, checks
+    assert checks["device"]["status"] == "ok"
+    assert f"the agent has {sim.devices['ecu0']} open" in checks["device"]["detail"]
+    assert checks["daemon"]["status"] == "ok"
+    assert "closed" in ok(*cfg, "breaker")
+
+    # events --follow: new rows keep coming; Ctrl-C stops it cleanly.
+    follow = FollowReader(*cfg, "events", "--follow", "--json", "--stream", "ecu0/s001")
+    rows = [json.loads(line) for line in follow.take(20 + 30)]  # 20 recent, then new ones
+    code, err = follow.interrupt()
+    assert code == 0
+    assert err == ""
+    assert {r["stream"] for r in rows} == {"ecu0/s001"}
+    ids = [r["id"] for r in rows]
+    assert ids == sorted(set(ids))
+    assert all(set(r["signals"]) == {"v", "x", "ok"} for r in rows)
+    text_follow = FollowReader(*cfg, "events", "-f", "--limit", "3")
+    header, *lines = text_follow.take(1 + 10)
+    assert text_follow.interrupt()[0] == 0
+    assert header.split()[:3] == ["id", "received", "stream"]
+    assert all("ecu0/s00" in line and "v=" in line for line in lines)
+
+    # The broker dies: the breaker opens, and says why.
+    broker.stop(signal.SIGKILL)
+    wait_for(lambda: as_json(*cfg, "breaker")["state"] == "open", 30, "the breaker to open")
+    view = as_json(*cfg, "breaker")
+    assert view["uplink"] == "disconnected"
+    assert view["failures"] >= 2
+    assert 0 < view["retry_in_s"] <= 120
+    assert any("uplink disconnected" in why for why in view["why"])
+    text = ok(*cfg, "breaker")
+    assert "open (next probe in about" in text
+    assert "uplink_down" in text
+    wait_ingest(truth, 300, "ingest goes on with the uplink down")
+    assert as_json(*cfg, "status")["backlog"]["unacked_events"] > 0
+
+    # Stopped: the database no longer changes, so every figure can be checked exactly.
+    sim.signal(signal.SIGTERM)
+    assert sim.wait(timeout=30) == 0
+    assert agent.terminate() == 0
+    db = agent.db
+    truth.poll()
+
+    status = as_json(*cfg, "status")
+    cursor = int(sql(db, "SELECT value FROM agent_state WHERE key = 'uplink.cursor'")[0][0])
+    assert status["buffer"]["events"] == sql(db, "SELECT count(*) FROM events")[0][0]
+    assert (
+        status["backlog"]["unacked_events"]
+        == (sql(db, "SELECT count(*) FROM events WHERE id >= ?", (cursor,))[0][0])
+    )
+    assert status["fleet"]["cursor"] == cursor
+    assert status["gaps"]["open"] == len(open_gaps(db))
+    assert status["gaps"]["total"] == sql(db, "SELECT count(*) FROM gaps")[0][0]
+    assert f"{status['buffer']['events']:,} events in 4 streams" in ok(*cfg, "status")
+
+    names = [f"ecu0/s{k:03d}" for k in range(4)]
+    latest = {
+        name: (epoch, seq)
+        for name, epoch, seq in sql(
+            db,
+            "SELECT s.name, e.boot_epoch, max(e.seq) FROM events e JOIN streams s "
+            "ON s.id = e.stream_id WHERE e.boot_epoch = ? GROUP BY s.name",
+            (epoch,),
+        )
+    }
+    streams = as_json(*cfg, "streams")
+    assert [s["stream"] for s in streams] == names
+    for s in streams:
+        assert (s["controller"], s["boot_epoch"]) == ("ecu0", epoch)
+        assert s["high_seq"] == latest[s["stream"]][1]
+    text = ok(*cfg, "streams")
+    assert all(name in text for name in names)
+
+    replay = as_json(*cfg, "replay")
+    assert [r["stream"] for r in replay] == names  # one row per stream, sorted
+    acked_top: dict[str, tuple[int, int]] = {}
+    for stream, epoch, seq in truth.acked:
+        acked_top[stream] = max(acked_top.get(stream, (0, 0)), (epoch, seq))
+    for r in replay:
+        assert (r["boot_epoch"], r["seq"]) == latest[r["stream"]]  # the highest stored
+        assert (r["boot_epoch"], r["seq"]) >= acked_top[r["stream"]]
+        payload = sql(db, "SELECT payload FROM events WHERE id = ?", (r["id"],))[0][0]
+        assert r["signals"] == msgpack.unpackb(payload)
+    text = ok(*cfg, "replay")
+    for name in names:
+        assert re.search(rf"^{name}\s+{epoch}\s+{latest[name][1]}\s+telemetry", text, re.M)
+
+    gaps = as_json(*cfg, "gaps", "--limit", "100000")
+    assert [g["id"] for g in gaps] == [r[0] for r in open_gaps(db)]
+    assert all(g["open"] and g["missing"] > 0 for g in gaps)
+    assert any(g["boot_epoch"] < epoch for g in gaps)  # lost in the controller's RAM
+    every = as_json(*cfg, "gaps", "--all", "--limit", "100000")
+    assert [g["id"] for g in every] == [r[0] for r in sql(db, "SELECT id FROM gaps ORDER BY id")]
+    text = ok(*cfg, "gaps")
+    first = gaps[0]
+    assert f"{first['first_seq']}..{first['last_seq']}" in text
+    assert f"{len(gaps)} open" in text
+
+    recent = as_json(*cfg, "events", "--stream", "ecu0/s002", "--limit", "50")
+    top_ids = sql(
+        db,
+        "SELECT e.id FROM events e JOIN streams s ON s.id = e.stream_id "
+        "WHERE s.name = 'ecu0/s002' ORDER BY e.id DESC LIMIT 50",
+    )
+    assert [r["id"] for r in recent] == [r[0] for r in reversed(top_ids)]
+    assert all(r["kind"] == "telemetry" and r["signals"]["ok"] is True for r in recent)
+    assert len(as_json(*cfg, "events", "--stream", "ecu0/*", "--since", "1h", "--limit", "7")) == 7
+    assert as_json(*cfg, "events", "--kind", "no-such-kind") == []
+    assert as_json(*cfg, "events", "--until", "1d") == []  # nothing older than a day
+    bad = run(*cfg, "events", "--stream", "ecu9/*")
+    assert bad.returncode == 1
+    assert "no stream matches" in bad.stderr
+
+    checkpoints = as_json(*cfg, "checkpoints")
+    stored = {
+        name: (epoch, seq)
+        for name, epoch, seq in sql(
+            db, "SELECT s.name, c.boot_epoch, c.seq FROM checkpoints c JOIN streams s "
+            "ON s.id = c.stream_id",
+        )
+    }  # fmt: skip
+    assert {c["stream"]: (c["acked_boot_epoch"], c["acked_seq"]) for c in checkpoints} == stored
+    assert f"events below id {cursor:,} acknowledged" in ok(*cfg, "checkpoints")
+
+    assert as_json(*cfg, "shed") == []
+    assert "nothing shed" in ok(*cfg, "shed")
+
+    # The daemon has stopped: doctor says so and fails; what it can check is fine.
+    doctor = run(*cfg, "doctor", "--json")
+    assert doctor.returncode == 1
+    checks = {c["name"]: c for c in json.loads(doctor.stdout)["checks"]}
+    assert checks["daemon"]["status"] == "fail"
+    assert "last heartbeat" in checks["daemon"]["detail"]
+    assert {checks[k]["status"] for k in ("config", "database", "disk", "clock")} == {"ok"}
+    assert "quick_check ok" in checks["database"]["detail"]
+    assert "FAIL  daemon" in run(*cfg, "doctor").stdout
+
+
+def test_shed_lists_what_the_ladder_dropped(start_sim: StartSim, start_agent: StartAgent) -> None:
+    sim = start_sim("--rate", "3000", "--streams", "8", "--events", "20000")
+    agent = start_agent(
+        sim.devices["ecu0"], store={"max_buffer_bytes": 2**20, "min_free_bytes": 0}
+    ).start()
+    assert sim.wait(timeout=90) == 0
+    assert agent.terminate() == 0
+    db = str(agent.db)
+    rows = as_json("--db", db, "shed", "--limit", "100000")
+    reference = sql(agent.db, "SELECT id, reason, count FROM shed ORDER BY id")
+    assert reference, "a 1 MiB buffer must have shed"
+    assert [(r["id"], r["reason"], r["count"]) for r in rows] == reference
+    assert {r["stream"] for r in rows} <= {f"ecu0/s{k:03d}" for k in range(8)}
+    total = sum(r[2] for r in reference)
+    assert as_json("--db", db, "status")["shed"] == {"records": len(reference), "events": total}
+    text = ok("--db", db, "shed")
+    for reason in {r[1] for r in reference}:
+        count = sum(r[2] for r in reference if r[1] == reason)
+        assert f"{reason}: {count:,} events" in text
+
+
+def test_readers_looping_over_every_command_do_not_disturb_ingest(
+    start_sim: StartSim, start_agent: StartAgent
+) -> None:
+    sim = start_sim("--rate", "1000", "--streams", "4")
+    agent = start_agent(sim.devices["ecu0"]).start()
+    truth = TruthReader(sim.truth_path)
+    wait_for(agent.started, 30, "the agent to start")
+    wait_ingest(truth, 500, "ingest")
+    truth.poll()
+    acked_before = len(truth.acked)
+    failures: list[str] = []
+
+    names = list(cli.commands)
+
+    def reader(start: int) -> None:
+        for name in names[start:] + names[:start]:  # each reader in its own order
+            args = COMMAND_ARGS.get(name, [name])
+            result = run("--config", str(agent.config), *args, "--json")
+            # doctor's exit status also reflects this machine (disk, clock): not ours.
+            if result.returncode != 0 and name != "doctor":
+                failures.append(f"{name}: {result.returncode} {result.stderr.strip()}")
+            elif not result.stdout:
+                failures.append(f"{name}: no output")
+
+    threads = [threading.Thread(target=reader, args=(k * 3,)) for k in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=110)
+    assert not failures, failures
+    truth.poll()
+    assert len(truth.acked) > acked_before + 1000, "the controller's ACKs went on"
+    assert agent.terminate() == 0
+    state = dict(sql(agent.db, "SELECT key, value FROM agent_state"))
+    assert json.loads(state["daemon.counters"])["commit_failures"] == 0
+    assert json.loads(state["store.stats"])["commit_failures"] == 0
+    log = agent.log.read_text()
+    assert "commit_failed" not in log
+    assert "publish_failed" not in log
