@@ -102,6 +102,14 @@ class Waker:
 Task = Callable[[EventStore], None]  # work for the writer thread (the store's only user)
 
 
+@dataclass(frozen=True)
+class Delivered:
+    """The fleet holds every row up to `upto`; the writer persists it (coalesced)."""
+
+    upto: int
+    positions: dict[str, tuple[int, int]]
+
+
 @dataclass
 class Channels:
     """What joins the threads: the bounded hand-over queue, reports, wake-up, flags."""
@@ -112,7 +120,7 @@ class Channels:
     shared: Shared
     # Small, rare writes from other threads (uplink checkpoints). Unbounded on purpose:
     # at most one per acknowledged batch, and the uplink thread must never block on it.
-    tasks: queue.Queue[Task] = field(default_factory=queue.Queue)
+    tasks: queue.Queue[Task | Delivered] = field(default_factory=queue.Queue)
 
 
 class SerialSide:
@@ -253,15 +261,31 @@ class Writer:
         return True
 
     def _run_tasks(self) -> None:
+        # Deliveries are coalesced: one durable commit for all acks that arrived since
+        # the last one (a full-sync commit per ack cost 0.9 s per 100k events).
+        upto = -1
+        positions: dict[str, tuple[int, int]] = {}
         while True:
             try:
                 task = self.tasks.get_nowait()
             except queue.Empty:
-                return
+                break
+            if isinstance(task, Delivered):
+                upto = max(upto, task.upto)
+                for stream, pos in task.positions.items():
+                    if pos > positions.get(stream, (-1, -1)):
+                        positions[stream] = pos
+                continue
             try:
                 task(self.store)
             except AgentError as exc:
                 log.warning("writer_task_failed error=%r", str(exc))
+        if upto >= 0:
+            try:
+                self.store.mark_delivered(upto, positions)
+            except AgentError as exc:
+                log.warning("checkpoint_persist_failed error=%r (will retry)", str(exc))
+                self.tasks.put(Delivered(upto, positions))
 
     def _commit(self, groups: list[list[Received]]) -> None:
         arrivals = [r for g in groups for r in g]
@@ -368,10 +392,7 @@ class UplinkSide:
 
     def _deliver(self, upto: int, positions: dict[str, tuple[int, int]]) -> None:
         # Persisting the cursor is the writer's job (the store's only writer).
-        def task(store: EventStore) -> None:
-            store.mark_delivered(upto, positions)
-
-        self.tasks.put(task)
+        self.tasks.put(Delivered(upto, positions))
 
     def run_once(self, now: float) -> None:
         self.sync.run_once(now)

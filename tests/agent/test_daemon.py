@@ -65,7 +65,7 @@ def test_sigkill_at_random_instants_loses_nothing(
     assert sim.wait(timeout=20) == 0
     assert agent.terminate() == 0
     stored = assert_acked_stored_once(truth, agent.db)
-    assert len(truth.acked) > 20_000
+    assert len(truth.acked) > 5_000  # the run did real work (more when the machine is idle)
     assert set(truth.acked) <= set(stored)
     print(
         f"kills={KILLS} sent={len(truth.sent)} acked={len(truth.acked)} stored={len(stored)} "
