@@ -13,13 +13,15 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet -e '.[test,demo]'
 	@touch $@
 
-# Tests run a real broker (mosquitto) and check the unit with systemd-analyze. Installed
+# Tests run a real broker (mosquitto), check the unit with systemd-analyze and inject
+# faults at system calls with strace. Installed
 # with apt-get when we are root; otherwise a clear message (tests never skip for a
 # missing dependency).
 system-deps:
 	@missing=""; \
 	{ command -v mosquitto >/dev/null 2>&1 || test -x /usr/sbin/mosquitto; } || missing="$$missing mosquitto"; \
 	command -v systemd-analyze >/dev/null 2>&1 || missing="$$missing systemd"; \
+	command -v strace >/dev/null 2>&1 || missing="$$missing strace"; \
 	if [ -n "$$missing" ]; then \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
 	    echo "installing$$missing (apt-get)"; \

@@ -212,6 +212,7 @@ class AgentProcess:
     overrides: dict[str, dict[str, object]] = field(default_factory=dict)
     proc: subprocess.Popen[bytes] | None = None
     starts: int = 0
+    wrapped: bool = False
 
     def __post_init__(self) -> None:
         self.workdir.mkdir(parents=True, exist_ok=True)
@@ -232,13 +233,16 @@ class AgentProcess:
         self.db = self.workdir / "state" / "agent.db"
         self.log = self.workdir / "agent.log"
 
-    def start(self, env: dict[str, str] | None = None) -> AgentProcess:
+    def start(
+        self, env: dict[str, str] | None = None, wrapper: list[str] | None = None
+    ) -> AgentProcess:
         assert self.proc is None or self.proc.poll() is not None, "already running"
         self.starts += 1
+        self.wrapped = bool(wrapper)
         self._log_offset = self.log.stat().st_size if self.log.exists() else 0
         with self.log.open("ab") as log:
             self.proc = subprocess.Popen(
-                [AGENT, "run", "--config", str(self.config)],
+                [*(wrapper or []), AGENT, "run", "--config", str(self.config)],
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 env={**os.environ, **(env or {})},
@@ -258,9 +262,18 @@ class AgentProcess:
         self.proc.send_signal(signal.SIGKILL)
         self.proc.wait(timeout=10)
 
-    def terminate(self, timeout: float = 10) -> int:
+    def agent_pid(self) -> int:
+        """The agent's own pid (under a wrapper such as strace, the wrapper's child)."""
         assert self.proc is not None
-        self.proc.send_signal(signal.SIGTERM)
+        if not self.wrapped:
+            return self.proc.pid
+        children = Path(f"/proc/{self.proc.pid}/task/{self.proc.pid}/children").read_text()
+        return int(children.split()[0])
+
+    def terminate(self, timeout: float = 10) -> int:
+        """SIGTERM to the agent itself; its exit status (the wrapper passes it on)."""
+        assert self.proc is not None
+        os.kill(self.agent_pid(), signal.SIGTERM)
         return self.proc.wait(timeout=timeout)
 
     def alive(self) -> bool:
