@@ -13,8 +13,8 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet -e '.[test,demo]'
 	@touch $@
 
-# Tests run a real broker (mosquitto), check the unit with systemd-analyze and inject
-# faults at system calls with strace. Installed
+# Tests run a real broker (mosquitto), check the unit with systemd-analyze, inject faults
+# at system calls with strace and cut the power under a FUSE file system. Installed
 # with apt-get when we are root; otherwise a clear message (tests never skip for a
 # missing dependency).
 system-deps:
@@ -22,6 +22,7 @@ system-deps:
 	{ command -v mosquitto >/dev/null 2>&1 || test -x /usr/sbin/mosquitto; } || missing="$$missing mosquitto"; \
 	command -v systemd-analyze >/dev/null 2>&1 || missing="$$missing systemd"; \
 	command -v strace >/dev/null 2>&1 || missing="$$missing strace"; \
+	{ command -v fusermount >/dev/null 2>&1 && ldconfig -p | grep -q libfuse.so.2; } || missing="$$missing fuse libfuse2"; \
 	if [ -n "$$missing" ]; then \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
 	    echo "installing$$missing (apt-get)"; \
