@@ -82,3 +82,34 @@ def broker(tmp_path: Path) -> Iterator[Broker]:
     b = Broker(tmp_path / "broker").start()
     yield b
     b.stop(signal.SIGKILL)
+
+
+class ChaosReport:
+    """Fault-test figures, summed over the run and printed at its end (the chaos summary)."""
+
+    def __init__(self) -> None:
+        self.rows: dict[str, dict[str, int]] = {}
+
+    def record(self, fault: str, **figures: int) -> None:
+        row = self.rows.setdefault(fault, {})
+        for key, value in figures.items():
+            row[key] = row.get(key, 0) + value
+
+
+_CHAOS = ChaosReport()
+
+
+@pytest.fixture
+def chaos_report() -> ChaosReport:
+    return _CHAOS
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    if not _CHAOS.rows:
+        return
+    keys = ["injected", "acked", "lost", "duplicates", "integrity_failures", "controls_failed"]
+    tr = terminalreporter
+    tr.section("chaos summary")
+    tr.write_line(f"{'fault':<34}" + "".join(f"{k:>19}" for k in keys))
+    for fault, row in sorted(_CHAOS.rows.items()):
+        tr.write_line(f"{fault:<34}" + "".join(f"{row.get(k, 0):>19,}" for k in keys))

@@ -10,6 +10,7 @@ import sqlite3
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from simharness import (
     AgentProcess,
@@ -42,7 +43,7 @@ def assert_acked_stored_once(truth: TruthReader, db: Path) -> dict[tuple[str, in
 
 
 def test_sigkill_at_random_instants_loses_nothing(
-    start_sim: StartSim, start_agent: StartAgent
+    start_sim: StartSim, start_agent: StartAgent, chaos_report: Any
 ) -> None:
     sim = start_sim("--rate", "2000", "--streams", "8")
     agent = start_agent(sim.devices["ecu0"])
@@ -65,6 +66,7 @@ def test_sigkill_at_random_instants_loses_nothing(
     assert sim.wait(timeout=20) == 0
     assert agent.terminate() == 0
     stored = assert_acked_stored_once(truth, agent.db)
+    chaos_report.record("SIGKILL at random instants", injected=KILLS, acked=len(truth.acked))
     assert len(truth.acked) > 5_000  # the run did real work (more when the machine is idle)
     assert set(truth.acked) <= set(stored)
     print(

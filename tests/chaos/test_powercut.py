@@ -17,6 +17,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -110,17 +111,20 @@ def run_cuts(
 
 
 def test_power_cuts_lose_nothing_with_synchronous_full(
-    start_sim: StartSim, start_agent: StartAgent, powercut: PowerCutMount
+    start_sim: StartSim, start_agent: StartAgent, powercut: PowerCutMount, chaos_report: Any
 ) -> None:
     lost, acked = run_cuts(start_sim, start_agent, powercut, "FULL", 20 if LONG else 4)
+    chaos_report.record("power cut (FUSE), FULL", injected=powercut.cuts, acked=acked, lost=lost)
     assert lost == 0
     assert acked > 300
     print(f"power cuts={powercut.cuts} synchronous=FULL acked={acked} lost=0")
 
 
 def test_control_synchronous_normal_is_shown_to_lose_acked_events(
-    start_sim: StartSim, start_agent: StartAgent, powercut: PowerCutMount
+    start_sim: StartSim, start_agent: StartAgent, powercut: PowerCutMount, chaos_report: Any
 ) -> None:
     lost, acked = run_cuts(start_sim, start_agent, powercut, "NORMAL", 3)
+    chaos_report.record("control: power cut, NORMAL", injected=powercut.cuts,
+                        controls_failed=int(lost > 0))  # fmt: skip
     assert lost > 0, "the NORMAL control lost nothing: the power-cut harness proves nothing"
     print(f"control: synchronous=NORMAL lost {lost} of {acked} ACKed events across 3 cuts")

@@ -18,6 +18,7 @@ import signal
 import subprocess
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from simharness import AgentProcess, Sim, TruthReader, agent_state, integrity, stored_events
 from support import wait_for
@@ -45,7 +46,9 @@ def check(truth: TruthReader, db: Path) -> int:
     return len(stored)
 
 
-def test_sigkill_at_syscall_boundaries(start_sim: StartSim, start_agent: StartAgent) -> None:
+def test_sigkill_at_syscall_boundaries(
+    start_sim: StartSim, start_agent: StartAgent, chaos_report: Any
+) -> None:
     assert Path(STRACE).exists(), "strace is needed: make test installs it"
     sim = start_sim("--rate", "1500", "--streams", "8")
     agent = start_agent(sim.devices["ecu0"])
@@ -71,6 +74,8 @@ def test_sigkill_at_syscall_boundaries(start_sim: StartSim, start_agent: StartAg
     wait_for(lambda: truth.poll() or len(truth.acked) > target, 60, "ingest to resume")
     assert agent.terminate() == 0
     stored = check(truth, agent.db)
+    chaos_report.record("SIGKILL at fsync/pwrite64 (strace)", injected=injected,
+                        acked=len(truth.acked))  # fmt: skip
     assert injected >= len(points) // 2, f"only {injected} kills landed on a system call"
     print(f"syscall SIGKILLs={injected}/{len(points)} acked={len(truth.acked)} stored={stored}")
 
@@ -97,17 +102,23 @@ def run_with_errors(
 
 
 def test_eio_on_writes_for_a_window_then_recovery(
-    start_sim: StartSim, start_agent: StartAgent
+    start_sim: StartSim, start_agent: StartAgent, chaos_report: Any
 ) -> None:
-    _, agent, counters = run_with_errors(start_sim, start_agent, "pwrite64:error=EIO:when=300..420")
+    truth, agent, counters = run_with_errors(
+        start_sim, start_agent, "pwrite64:error=EIO:when=300..420"
+    )
+    chaos_report.record("EIO on pwrite64 x121 (strace)", injected=121, acked=len(truth.acked))
     assert counters["commit_failures"] > 0, "the injected errors never hit a commit"
     assert b"commit_failed" in agent.log.read_bytes()
     assert b"commit_recovered" in agent.log.read_bytes()
 
 
-def test_enospc_on_fdatasync_once(start_sim: StartSim, start_agent: StartAgent) -> None:
-    _, agent, counters = run_with_errors(
+def test_enospc_on_fdatasync_once(
+    start_sim: StartSim, start_agent: StartAgent, chaos_report: Any
+) -> None:
+    truth, agent, counters = run_with_errors(
         start_sim, start_agent, "fdatasync,fsync:error=ENOSPC:when=150"
     )
+    chaos_report.record("ENOSPC on fdatasync x1 (strace)", injected=1, acked=len(truth.acked))
     assert counters["commit_failures"] >= 1
     assert b"commit_failed" in agent.log.read_bytes()
