@@ -23,6 +23,7 @@ import os
 import queue
 import select
 import signal
+import sqlite3
 import sys
 import threading
 import time
@@ -319,7 +320,11 @@ class Writer:
             self.shared.store_full = False
         except StoreFull:
             # At the hard cap: run the ladder now and try once more before refusing.
-            if not self.store.make_room():
+            try:
+                room = self.store.make_room()
+            except (OSError, sqlite3.Error) as exc:
+                raise CommitFailed(f"eviction failed: {exc}") from exc
+            if not room:
                 self.shared.store_full = True
                 raise
             self.store.append(arrivals)
@@ -341,6 +346,12 @@ class Writer:
             self._publish()
 
     def _publish(self) -> None:
+        try:
+            self._publish_state()
+        except (OSError, sqlite3.Error) as exc:  # a flaky disk must not kill the writer
+            log.debug("publish_failed error=%r", str(exc))
+
+    def _publish_state(self) -> None:
         link = self.serial.link
         state = {
             "link.state": str(link.state),
@@ -462,6 +473,7 @@ class Daemon:
             self.progress["uplink"] = now
         self._threads: list[threading.Thread] = []
         self._serial_stop = threading.Event()
+        self._reading_stopped = threading.Event()
         self._writer_stop = threading.Event()
 
     def _serial_loop(self) -> None:
@@ -469,14 +481,21 @@ class Daemon:
         while not self._serial_stop.is_set():
             self.serial.run_once(time.monotonic())
             self.progress["serial"] = time.monotonic()
+        # Nothing more is handed to the writer after this point (its drain waits for it).
+        self._reading_stopped.set()
         # Shutdown: wait for the writer's last reports and send their ACKs.
         deadline = time.monotonic() + STOP_TIMEOUT
         while time.monotonic() < deadline and (
             not self.shared.writer_done.is_set() or self.serial.in_flight > 0
         ):
             self.serial.run_once(time.monotonic(), timeout=0.01)
+            if self.shared.writer_done.is_set() and self.reports_drained():
+                break  # what is still queued will never commit: unACKed, resent later
         self.serial.run_once(time.monotonic(), timeout=0.0)
         self.serial.close()
+
+    def reports_drained(self) -> bool:
+        return self.channels.reports.empty()
 
     def _uplink_loop(self) -> None:
         assert self.uplink is not None
@@ -489,6 +508,11 @@ class Daemon:
         while not self._writer_stop.is_set():
             self.writer.run_once(time.monotonic())
             self.progress["writer"] = time.monotonic()
+        # Keep committing until the serial side has stopped handing over (a batch it read
+        # just before the stop must be committed and ACKed, not stranded).
+        deadline = time.monotonic() + STOP_TIMEOUT
+        while time.monotonic() < deadline and not self._reading_stopped.is_set():
+            self.writer.run_once(time.monotonic(), timeout=0.01)
         self.writer.drain()
         self.writer._publish()
         self.shared.writer_done.set()
@@ -516,7 +540,11 @@ class Daemon:
         log.info("agent_stopping")
         self.shared.stop_reading.set()
         self._serial_stop.set()
+        # The uplink stops first, so the checkpoints it reported reach the writer's drain.
         self._uplink_stop.set()
+        for t in self._threads:
+            if t.name == "uplink":
+                t.join(timeout=STOP_TIMEOUT + 1)
         self._writer_stop.set()
         for t in self._threads:
             t.join(timeout=STOP_TIMEOUT + 1)
@@ -595,8 +623,11 @@ class Daemon:
     def status_text(self) -> str:
         """One line for `systemctl status`: link, backlog, breaker."""
         link = self.serial.link
-        backlog = self.uplink.resync.backlog_rows if self.uplink is not None else 0
-        breaker = self.uplink.breaker.state if self.uplink is not None else "disabled"
+        # From the published snapshot: the uplink's connection belongs to its thread.
+        snap = self.writer.last_state
+        stats = json.loads(snap.get("store.stats", "{}") or "{}")
+        backlog = max(0, int(stats.get("top_rowid", 0)) - int(stats.get("cursor", 1)) + 1)
+        breaker = snap.get("breaker.state", "disabled" if self.uplink is None else "-")
         return (
             f"link={link.state} controller={link.controller_id or '-'} "
             f"events={self.store.event_count} backlog={backlog} breaker={breaker}"

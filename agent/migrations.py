@@ -50,9 +50,9 @@ def _m001_initial(db: sqlite_utils.Database) -> None:
     )
     db["gaps"].create(  # type: ignore[union-attr]
         {"id": int, "stream_id": int, "boot_epoch": int, "first_seq": int, "last_seq": int,
-         "missing": int, "detected_at": float, "closed_at": float},
+         "missing": int, "pieces": str, "detected_at": float, "closed_at": float},
         pk="id",
-        not_null={"stream_id", "boot_epoch", "first_seq", "last_seq", "missing",
+        not_null={"stream_id", "boot_epoch", "first_seq", "last_seq", "missing", "pieces",
                   "detected_at"},
     )  # fmt: skip
     db["shed"].create(  # type: ignore[union-attr]

@@ -21,6 +21,7 @@ Design notes (measurements in docs/decisions.md):
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import math
 import os
@@ -152,6 +153,7 @@ class _Batch:
     staged_gaps: dict[tuple[int, int], list[_Gap]] = field(default_factory=dict)
     gap_inserts: list[tuple[object, ...]] = field(default_factory=list)
     gap_updates: dict[int, _Gap] = field(default_factory=dict)
+    gap_dropped: list[int] = field(default_factory=list)
     duplicates: int = 0
     opened: int = 0
     filled: int = 0
@@ -360,25 +362,12 @@ class EventStore:
             "FROM stream_epochs"
         ):
             self._epochs[(sid, epoch)] = _EpochState(low, high, latest, count)
-        for gid, sid, epoch, lo, hi in conn.execute(
-            "SELECT id, stream_id, boot_epoch, first_seq, last_seq FROM gaps "
-            "WHERE closed_at IS NULL ORDER BY id"
+        # Open gaps come back exactly as last committed (their remaining pieces are
+        # persisted with every fill): no scan of events, whatever was pruned since.
+        for gid, sid, epoch, pieces in conn.execute(
+            "SELECT id, stream_id, boot_epoch, pieces FROM gaps WHERE closed_at IS NULL ORDER BY id"
         ):
-            self._gaps.setdefault((sid, epoch), []).append(_Gap(gid, [[lo, hi]]))
-        # Filled parts of open gaps are not persisted piecewise: re-derive them from events.
-        for (sid, epoch), gaps in self._gaps.items():
-            for gap in gaps:
-                lo, hi = gap.pieces[0]
-                present = [
-                    r[0]
-                    for r in conn.execute(
-                        "SELECT seq FROM events WHERE id >= ? AND stream_id = ? "
-                        "AND boot_epoch = ? AND seq BETWEEN ? AND ? ORDER BY seq",
-                        (self._cursor(), sid, epoch, lo, hi),
-                    )
-                ]
-                for seq in present:
-                    _remove_from_pieces(gap.pieces, seq)
+            self._gaps.setdefault((sid, epoch), []).append(_Gap(gid, json.loads(pieces)))
         for sid, epoch, seq in conn.execute("SELECT stream_id, boot_epoch, seq FROM checkpoints"):
             self._checkpoints[sid] = (epoch, seq)
         # Rowids are never reused: after eviction the highest rows may be gone, and a reused
@@ -480,8 +469,12 @@ class EventStore:
         gap = _Gap(b.next_gap, [[lo, hi]])
         b.next_gap += 1
         gaps.append(gap)
-        _bound_gaps(gaps)
-        b.gap_inserts.append((gap.gap_id, key[0], key[1], lo, hi, hi - lo + 1, b.received_at))
+        for dropped in _bound_gaps(gaps):
+            b.gap_dropped.append(dropped.gap_id)
+        b.gap_inserts.append(
+            (gap.gap_id, key[0], key[1], lo, hi, hi - lo + 1, json.dumps([[lo, hi]]),
+             b.received_at)
+        )  # fmt: skip
         b.opened += 1
 
     def _write(self, b: _Batch) -> None:
@@ -513,14 +506,25 @@ class EventStore:
         if b.gap_inserts:
             conn.executemany(
                 "INSERT INTO gaps (id, stream_id, boot_epoch, first_seq, last_seq, missing, "
-                "detected_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                "pieces, detected_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                 b.gap_inserts,
+            )
+        if b.gap_dropped:
+            # No longer tracked (MAX_GAP_PIECES): closed, with `missing` left as it was.
+            conn.executemany(
+                "UPDATE gaps SET closed_at = ? WHERE id = ?",
+                [(b.received_at, gid) for gid in b.gap_dropped],
             )
         if b.gap_updates:
             conn.executemany(
-                "UPDATE gaps SET missing = ?, closed_at = ? WHERE id = ?",
+                "UPDATE gaps SET missing = ?, pieces = ?, closed_at = ? WHERE id = ?",
                 [
-                    (g.missing, b.received_at if not g.pieces else None, g.gap_id)
+                    (
+                        g.missing,
+                        json.dumps(g.pieces),
+                        b.received_at if not g.pieces else None,
+                        g.gap_id,
+                    )
                     for g in b.gap_updates.values()
                 ],
             )
@@ -688,7 +692,13 @@ class EventStore:
         c = self.config
         st = os.statvfs(self.path.parent)
         free = st.f_bavail * st.f_frsize
-        allowed = self.used_bytes() + free - c.min_free_bytes
+        # Our own file counts as usable whole (free pages included): SQLite reuses them
+        # but never returns them to the disk, so counting only pages in use would lower
+        # the cap by every eviction and shed the whole backlog for nothing.
+        pages = self.conn.execute("PRAGMA page_count").fetchone()[0] * PAGE_SIZE
+        wal = Path(f"{self.path}-wal")
+        own = int(pages) + (wal.stat().st_size if wal.exists() else 0)
+        allowed = own + free - c.min_free_bytes
         return max(0, min(c.max_buffer_bytes, allowed))
 
     def needs_room(self) -> bool:
@@ -890,11 +900,13 @@ def _remove_from_pieces(pieces: list[list[int]], seq: int) -> None:
             return
 
 
-def _bound_gaps(gaps: list[_Gap]) -> None:
-    """Forget the oldest gap pieces past MAX_GAP_PIECES (their late fills become dups)."""
+def _bound_gaps(gaps: list[_Gap]) -> list[_Gap]:
+    """Forget the oldest gaps past MAX_GAP_PIECES (their late fills become dups)."""
+    dropped = []
     total = sum(len(g.pieces) for g in gaps)
     while total > MAX_GAP_PIECES and gaps:
-        oldest = gaps[0]
+        oldest = gaps.pop(0)
         total -= len(oldest.pieces)
+        dropped.append(oldest)
         log.warning("gap_tracking_dropped gap_id=%d pieces=%d", oldest.gap_id, len(oldest.pieces))
-        del gaps[0]
+    return dropped
