@@ -32,6 +32,7 @@ log = logging.getLogger(__name__)
 
 STATE_BATCH_EVENTS = 5000  # the compacted replay goes in as few messages as possible
 CONNACK_TIMEOUT = 10.0  # seconds from sending CONNECT to giving the attempt up
+MAX_TRACKED_BATCHES = 4096  # sent batches whose late ack is still honoured
 
 Deliver = Callable[[int, dict[str, tuple[int, int]]], None]
 
@@ -58,10 +59,10 @@ class Outgoing:
 @dataclass(slots=True)
 class _InFlight:
     batch_id: int
+    from_rowid: int  # the batch covers every stored row in [from_rowid, upto_rowid]
     upto_rowid: int
     positions: dict[str, tuple[int, int]]
     sent_at: float
-    acked: bool = False
 
 
 @dataclass
@@ -104,7 +105,12 @@ class Resync:
         self._next_batch = 1
         self.phase = Phase.OFFLINE
         self.counters = ResyncCounters()
-        self._inflight: OrderedDict[int, _InFlight] = OrderedDict()
+        self._inflight: OrderedDict[int, _InFlight] = OrderedDict()  # the window, unacked
+        # Every batch sent and not yet acked, including those a timeout or a reconnect
+        # took out of the window: their late acks still count (a slow collector would
+        # otherwise have every ack thrown away as stale while the resends queue up).
+        self._sent: OrderedDict[int, _InFlight] = OrderedDict()
+        self._acked: list[_InFlight] = []  # acked, not yet contiguous with the cursor
         self._state_pending: dict[int, float] = {}  # state batch id -> sent at
         self._delivered = read_cursor(reader) - 1  # highest rowid the fleet holds
         self._send_after = self._delivered
@@ -166,25 +172,31 @@ class Resync:
             if not self._state_pending:
                 self.counters.last_convergence_s = now - self._connected_at
             return True
-        entry = self._inflight.get(batch_id)
-        if entry is None or entry.acked:
+        entry = self._sent.pop(batch_id, None)
+        if entry is None:
             self.counters.acks_stale += 1
             return False
-        entry.acked = True
+        self._inflight.pop(batch_id, None)
         self.counters.acks += 1
-        upto = -1
+        self._acked.append(entry)
+        # The cursor moves over acked batches that are contiguous with it, in any order
+        # of arrival: a row is delivered only when every row before it is.
+        upto = self._delivered
         positions: dict[str, tuple[int, int]] = {}
-        while self._inflight:
-            first = next(iter(self._inflight.values()))
-            if not first.acked:
-                break
-            self._inflight.popitem(last=False)
-            upto = first.upto_rowid
-            for stream, pos in first.positions.items():
-                if pos > positions.get(stream, (-1, -1)):
-                    positions[stream] = pos
+        progress = True
+        while progress:
+            progress = False
+            for acked in list(self._acked):
+                if acked.from_rowid <= upto + 1:
+                    self._acked.remove(acked)
+                    upto = max(upto, acked.upto_rowid)
+                    for stream, pos in acked.positions.items():
+                        if pos > positions.get(stream, (-1, -1)):
+                            positions[stream] = pos
+                    progress = True
         if upto > self._delivered:
             self._delivered = upto
+            self._send_after = max(self._send_after, upto)  # never resend what is held
             self.deliver(upto, positions)
         return True
 
@@ -292,7 +304,12 @@ class Resync:
         payload = Batch(self.vehicle, batch_id, "events", historical, tuple(events)).encode(
             c.compress
         )
-        self._inflight[batch_id] = _InFlight(batch_id, upto, positions, now)
+        entry = _InFlight(batch_id, self._send_after + 1, upto, positions, now)
+        self._inflight[batch_id] = entry
+        self._sent[batch_id] = entry
+        while len(self._sent) > MAX_TRACKED_BATCHES:
+            self._sent.popitem(last=False)
+        del self._acked[:-MAX_TRACKED_BATCHES]
         self._send_after = upto
         self.counters.batches_sent += 1
         self.counters.events_sent += len(events)

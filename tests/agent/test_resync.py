@@ -248,3 +248,16 @@ def test_disconnect_forgets_in_flight_and_reconnect_resends(store: EventStore) -
     step(sync, 3)
     resent = [e.seq for b in transport.batches() if b.kind == "events" for e, _ in b.events]
     assert resent[:1] == [1]  # nothing was acknowledged: everything again
+
+
+def test_late_acks_after_a_timeout_still_advance_the_cursor(store: EventStore) -> None:
+    fill(store, streams=1, per_stream=30)
+    transport = FakeTransport()
+    sync, resync, _, delivered = make(store, transport, ack_timeout=2.0)
+    step(sync, 2)
+    first = [b for b in transport.batches() if b.kind == "events"]
+    step(sync, 1, dt=2.5)  # timeout: the window is resent under new batch ids
+    assert resync.counters.ack_timeouts == 1
+    ack_all(transport, sync, first)  # the slow collector's acks for the originals arrive
+    assert delivered[-1][0] == 30  # honoured, not thrown away as stale
+    assert resync.counters.acks_stale == 0
