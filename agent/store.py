@@ -34,7 +34,6 @@ from pathlib import Path
 from typing import Final, Protocol
 
 from agent.errors import CommitFailed, StoreError, StoreFull
-from agent.migrations import migrate
 from agent.resilience import Event
 
 log = logging.getLogger(__name__)
@@ -261,6 +260,9 @@ class EventStore:
 
     def _open_or_recover(self) -> sqlite3.Connection:
         """Open, check, migrate; quarantine and salvage a corrupt file instead of dying."""
+        # Imported here: sqlite-utils costs ~0.1 s of import time, and only the writer
+        # migrates; the technician CLI imports this module on every call.
+        from agent.migrations import migrate  # noqa: PLC0415
         problems: list[str]
         try:
             conn = self._connect()
