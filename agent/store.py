@@ -263,6 +263,7 @@ class EventStore:
         # Imported here: sqlite-utils costs ~0.1 s of import time, and only the writer
         # migrates; the technician CLI imports this module on every call.
         from agent.migrations import migrate  # noqa: PLC0415
+
         problems: list[str]
         try:
             conn = self._connect()
