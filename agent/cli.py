@@ -187,11 +187,13 @@ def daemon_view(state: dict[str, tuple[str, float]], now: float) -> Row:
     """Who published the live values and how long ago (`live` if within HEARTBEAT_STALE)."""
     beat = _number(state, "daemon.heartbeat")
     age = _age(beat, now)
+    stopped = _number(state, "daemon.stopped_at")  # set by a clean stop, empty while running
     return {
         "pid": _int(state, "daemon.pid"),
         "heartbeat": beat,
         "heartbeat_age_s": age,
-        "live": age is not None and -CLOCK_BACK_TOLERANCE <= age <= HEARTBEAT_STALE,
+        "stopped_at": stopped,
+        "live": not stopped and age is not None and -CLOCK_BACK_TOLERANCE <= age <= HEARTBEAT_STALE,
         "alarm": _text(state, "daemon.alarm"),
         "counters": _json(state, "daemon.counters"),
     }
@@ -712,6 +714,9 @@ def check_daemon(daemon: Row) -> Check:
         return Check("daemon", "fail", "no heartbeat ever published (agent never started?)")
     age = daemon["heartbeat_age_s"]
     pid = daemon["pid"] or "?"
+    if daemon.get("stopped_at"):
+        return Check("daemon", "fail", f"stopped cleanly (pid {pid}); `systemctl status "
+                     "ironfleet-agent`")  # fmt: skip
     if not daemon["live"]:
         return Check("daemon", "fail", f"last heartbeat {span(age)} ago (pid {pid}): stopped or "
                      "stuck; `systemctl status ironfleet-agent`")  # fmt: skip

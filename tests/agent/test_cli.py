@@ -421,7 +421,7 @@ def test_commands_on_a_live_daemon_database(
     assert doctor.returncode == 1
     checks = {c["name"]: c for c in json.loads(doctor.stdout)["checks"]}
     assert checks["daemon"]["status"] == "fail"
-    assert "last heartbeat" in checks["daemon"]["detail"]
+    assert "stopped cleanly" in checks["daemon"]["detail"]  # daemon.stopped_at was set
     assert {checks[k]["status"] for k in ("config", "database", "disk", "clock")} == {"ok"}
     assert "quick_check ok" in checks["database"]["detail"]
     assert "FAIL  daemon" in run(*cfg, "doctor").stdout
