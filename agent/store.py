@@ -568,14 +568,6 @@ class EventStore:
         """The latest stored event of every stream: replay's answer (one join, ~ms)."""
         return [event for _, event, _, _ in read_latest(self.conn)]
 
-    def _read_row(self, rowid: int) -> StoredEvent | None:
-        row = self.conn.execute(
-            "SELECT id, stream_id, boot_epoch, seq, ts, ts_quality, kind, priority, payload, "
-            "received_at FROM events WHERE id = ?",
-            (rowid,),
-        ).fetchone()
-        return self._row_to_event(row) if row else None
-
     def _row_to_event(self, row: tuple[object, ...]) -> StoredEvent:
         rowid, sid, epoch, seq, ts, tq, kind, priority, payload, received_at = row
         event = Event.trusted(
