@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Final, Protocol
 
+from agent.config import StoreSection
 from agent.errors import CommitFailed, StoreError, StoreFull
 from agent.resilience import Event
 
@@ -94,14 +95,14 @@ class Arrival(Protocol):
 
 @dataclass(frozen=True, slots=True)
 class StoreConfig:
-    """Store knobs; defaults are the documented ones (docs/configuration.md)."""
+    """Store knobs. Defaults come from the [store] section: one place (agent/config.py)."""
 
-    synchronous: str = "FULL"
-    max_buffer_bytes: int = 512 * 2**20
-    min_free_bytes: int = 256 * 2**20
-    high_water: float = 0.90  # run the eviction ladder above this fraction of the cap
-    low_water: float = 0.80  # ... until usage is back under this fraction
-    low_priority_max: int = 1  # priorities <= this are compacted first (ladder step 2)
+    synchronous: str = StoreSection.synchronous
+    max_buffer_bytes: int = StoreSection.max_buffer_bytes
+    min_free_bytes: int = StoreSection.min_free_bytes
+    high_water: float = StoreSection.high_water  # run the eviction ladder above this
+    low_water: float = StoreSection.low_water  # ... until usage is back under this
+    low_priority_max: int = StoreSection.low_priority_max  # compacted first (ladder step 2)
     busy_timeout_ms: int = 5000
     journal_size_limit: int = 64 * 2**20
 
