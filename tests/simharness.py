@@ -152,6 +152,7 @@ class TruthReader:
 
 
 AGENT = str(Path(sys.executable).with_name("ironfleet-agent"))
+BROKEN = Path(__file__).parent / "chaos" / "broken.py"
 
 
 def stored_events(db: Path) -> dict[Key, list[str]]:
@@ -234,15 +235,22 @@ class AgentProcess:
         self.log = self.workdir / "agent.log"
 
     def start(
-        self, env: dict[str, str] | None = None, wrapper: list[str] | None = None
+        self,
+        env: dict[str, str] | None = None,
+        wrapper: list[str] | None = None,
+        broken: str | None = None,
     ) -> AgentProcess:
+        """Start the agent, optionally under `wrapper` (strace, faketime: the agent is its
+        child) and with a deliberate bug patched in (`broken`: see tests/chaos/broken.py).
+        """
         assert self.proc is None or self.proc.poll() is not None, "already running"
         self.starts += 1
         self.wrapped = bool(wrapper)
         self._log_offset = self.log.stat().st_size if self.log.exists() else 0
+        patched = [sys.executable, str(BROKEN), broken] if broken else []
         with self.log.open("ab") as log:
             self.proc = subprocess.Popen(
-                [*(wrapper or []), AGENT, "run", "--config", str(self.config)],
+                [*(wrapper or []), *patched, AGENT, "run", "--config", str(self.config)],
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 env={**os.environ, **(env or {})},
@@ -350,3 +358,47 @@ class Broker:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.send_signal(sig)
             self.proc.wait(timeout=10)
+
+
+@dataclass
+class Verdict:
+    """The store-side oracle (O1, O2, O6) as figures, for harnesses and their controls."""
+
+    acked: int
+    stored: int
+    lost: list[Key]  # ACKed to the controller, not in the store (O1)
+    duplicates: list[Key]  # stored more than once (O2)
+    altered: list[Key]  # stored with other bytes than were sent (O2)
+    integrity: str  # PRAGMA integrity_check (O6)
+
+    @property
+    def ok(self) -> bool:
+        return not (self.lost or self.duplicates or self.altered) and self.integrity == "ok"
+
+    def describe(self) -> str:
+        return (
+            f"acked={self.acked} stored={self.stored} lost={len(self.lost)} "
+            f"duplicates={len(self.duplicates)} altered={len(self.altered)} "
+            f"integrity={self.integrity} e.g. {(self.lost + self.duplicates + self.altered)[:3]}"
+        )
+
+
+def verdict(truth: TruthReader, db: Path) -> Verdict:
+    """Compare what the controller saw ACKed with what the agent's database holds."""
+    truth.poll()
+    stored = stored_events(db)
+    return Verdict(
+        acked=len(truth.acked),
+        stored=len(stored),
+        lost=[k for k in truth.acked if k not in stored],
+        duplicates=[k for k, v in stored.items() if len(v) > 1],
+        altered=[k for k, v in truth.acked.items() if k in stored and v not in stored[k]],
+        integrity=integrity(db),
+    )
+
+
+def assert_zero_loss(truth: TruthReader, db: Path) -> Verdict:
+    """O1, O2, O6 hold: every ACKed event stored once, byte-equal; the database is sound."""
+    found = verdict(truth, db)
+    assert found.ok, found.describe()
+    return found
