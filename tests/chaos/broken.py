@@ -19,12 +19,13 @@ Variants:
 
 from __future__ import annotations
 
+import contextlib
 import sys
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
-import cobs.cobs as cobs
+from cobs import cobs
 
 from agent import daemon, resync
 from agent.store import CommitFailed, StoreFull
@@ -37,10 +38,8 @@ def ack_before_commit() -> None:
             self.reports.put((True, [r.token for r in g]))
         self.waker.wake()
         time.sleep(0.002)  # let the serial thread send the ACK before the commit
-        try:
+        with contextlib.suppress(CommitFailed, StoreFull):
             self._append([r for g in groups for r in g])
-        except (CommitFailed, StoreFull):
-            pass
 
     daemon.Writer._commit = commit  # type: ignore[method-assign]
 
