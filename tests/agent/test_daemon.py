@@ -19,6 +19,7 @@ from simharness import (
     agent_state,
     integrity,
     stored_events,
+    verdict,
 )
 from support import wait_for
 
@@ -73,6 +74,28 @@ def test_sigkill_at_random_instants_loses_nothing(
         f"kills={KILLS} sent={len(truth.sent)} acked={len(truth.acked)} stored={len(stored)} "
         f"lost=0 duplicates=0"
     )
+
+
+def test_control_ack_before_commit_is_caught_by_the_kill_harness(
+    start_sim: StartSim, start_agent: StartAgent, chaos_report: Any
+) -> None:
+    """The same harness against an agent that ACKs before its commit must report loss."""
+    sim = start_sim("--rate", "2000", "--streams", "8")
+    agent = start_agent(sim.devices["ecu0"])
+    truth = TruthReader(sim.truth_path)
+    rng = random.Random(5)
+    lost = 0
+    kills = 0
+    while not lost and kills < 20:
+        agent.start(broken="ack_before_commit")
+        wait_for(agent.started, 30, "the broken agent to start")
+        time.sleep(rng.uniform(0.2, 0.9))
+        agent.kill()
+        kills += 1
+        lost = len(verdict(truth, agent.db).lost)
+    print(f"control (ACK before commit): {lost} ACKed events lost after {kills} kills")
+    assert lost, f"{kills} kills of an agent that ACKs before committing showed no loss"
+    chaos_report.record("control: ACK before commit (SIGKILL)", controls_failed=1)
 
 
 def test_lost_acks_cause_no_duplicates(start_sim: StartSim, start_agent: StartAgent) -> None:

@@ -20,7 +20,15 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from simharness import AgentProcess, Sim, TruthReader, agent_state, integrity, stored_events
+from simharness import (
+    AgentProcess,
+    Sim,
+    TruthReader,
+    agent_state,
+    integrity,
+    stored_events,
+    verdict,
+)
 from support import wait_for
 
 StartSim = Callable[..., Sim]
@@ -81,12 +89,12 @@ def test_sigkill_at_syscall_boundaries(
 
 
 def run_with_errors(
-    start_sim: StartSim, start_agent: StartAgent, inject: str
+    start_sim: StartSim, start_agent: StartAgent, inject: str, broken: str | None = None
 ) -> tuple[TruthReader, AgentProcess, dict[str, int]]:
     sim = start_sim("--rate", "1000", "--streams", "4")
     agent = start_agent(sim.devices["ecu0"])
     truth = TruthReader(sim.truth_path)
-    agent.start(wrapper=strace(inject))
+    agent.start(wrapper=strace(inject), broken=broken)
     wait_for(agent.started, 30, "start under strace")
     # Past the error window, ingest resumes on the same process (it stayed up).
     truth.poll()
@@ -97,7 +105,8 @@ def run_with_errors(
     sim.signal(signal.SIGTERM)
     assert sim.wait(timeout=20) == 0
     assert agent.terminate() == 0
-    check(truth, agent.db)
+    if broken is None:
+        check(truth, agent.db)
     return truth, agent, counters
 
 
@@ -122,3 +131,17 @@ def test_enospc_on_fdatasync_once(
     chaos_report.record("ENOSPC on fdatasync x1 (strace)", injected=1, acked=len(truth.acked))
     assert counters["commit_failures"] >= 1
     assert b"commit_failed" in agent.log.read_bytes()
+
+
+def test_control_ack_after_failed_commit_is_caught(
+    start_sim: StartSim, start_agent: StartAgent, chaos_report: Any
+) -> None:
+    """The EIO harness against an agent that ACKs failed commits must report the loss."""
+    truth, agent, counters = run_with_errors(
+        start_sim, start_agent, "pwrite64:error=EIO:when=300..420", "ack_after_failed_commit"
+    )
+    found = verdict(truth, agent.db)
+    print(f"control (ACK after failed commit): {found.describe()}")
+    assert counters["commit_failures"] > 0
+    assert found.lost, "the oracle missed events ACKed after a failed commit"
+    chaos_report.record("control: ACK after failed commit (EIO)", controls_failed=1)
