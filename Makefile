@@ -14,8 +14,7 @@ $(STAMP): pyproject.toml
 	@touch $@
 
 # Tests run a real broker (mosquitto), check the unit with systemd-analyze, inject faults
-# at system calls with strace, cut the power under a FUSE file system
-# and move the wall clock under the agent with libfaketime. Installed
+# at system calls with strace and cut the power under a FUSE file system. Installed
 # with apt-get when we are root; otherwise a clear message (tests never skip for a
 # missing dependency).
 system-deps:
@@ -24,7 +23,6 @@ system-deps:
 	command -v systemd-analyze >/dev/null 2>&1 || missing="$$missing systemd"; \
 	command -v strace >/dev/null 2>&1 || missing="$$missing strace"; \
 	{ command -v fusermount >/dev/null 2>&1 && ldconfig -p | grep -q libfuse.so.2; } || missing="$$missing fuse libfuse2"; \
-	ls /usr/lib/*/faketime/libfaketime.so.1 >/dev/null 2>&1 || missing="$$missing libfaketime"; \
 	if [ -n "$$missing" ]; then \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
 	    echo "installing$$missing (apt-get)"; \
