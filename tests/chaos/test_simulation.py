@@ -4,28 +4,41 @@ Controller -> serial bytes -> agent link -> store (a real SQLite file) -> resync
 broker -> collector -> acks, all stepped on one fake clock by a hypothesis state machine
 whose rules inject the faults: corrupt bytes, agent crash (SIGKILL: nothing in memory
 survives, the file does), controller reboot, link down and up, broker restart (messages
-in flight lost), acks duplicated and reordered, wall-clock jumps, technician queries.
+in flight lost), acks duplicated and reordered, the disk filling up (SQLite refuses to
+grow the file) and freed, wall-clock jumps, technician queries.
 The invariants are the chaos oracle; a failure prints the example (and with
 `print_blob` a blob that replays it exactly).
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import shutil
 import sqlite3
 import tempfile
+from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import msgpack
-from hypothesis import HealthCheck, settings
+import pytest
+from hypothesis import HealthCheck, Phase, settings
 from hypothesis import strategies as st
-from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
+from hypothesis.stateful import (
+    RuleBasedStateMachine,
+    invariant,
+    precondition,
+    rule,
+    run_state_machine_as_test,
+)
 
 from agent.collector import Collector, CollectorStore
 from agent.config import UplinkSection
+from agent.errors import StoreError
 from agent.resilience import Backoff, CircuitBreaker, replay
 from agent.resync import FleetSync, Resync
 from agent.store import EventStore, connect, read_latest
@@ -35,6 +48,7 @@ from firmware_bridge.protocol import EventBody, TimeQuality
 
 Key = tuple[str, int, int]
 VEHICLE = "sim-vehicle"
+TOTALS: Counter[str] = Counter()  # faults injected over every example, for the summary
 
 
 @dataclass
@@ -94,6 +108,28 @@ class AckSink:
         self.broker.to_agent.append(("ack", payload))
 
 
+class DiskFullConnection:
+    """The store's real SQLite connection, on a disk that can fill up.
+
+    While the simulation's disk is full, COMMIT fails with SQLITE_FULL, as it does when
+    the WAL cannot be written: the transaction is left open for the store to roll back.
+    (The real file system filling up is tests/chaos/test_disk_faults.py.)
+    """
+
+    def __init__(self, conn: sqlite3.Connection, sim: CoreSimulation) -> None:
+        self._conn = conn
+        self._sim = sim
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._conn, name)
+
+    def execute(self, sql: str, *args: object) -> sqlite3.Cursor:
+        if self._sim.disk_is_full and sql.lstrip().upper().startswith("COMMIT"):
+            self._sim.failed_commits += 1
+            raise sqlite3.OperationalError("database or disk is full")
+        return self._conn.execute(sql, *args)
+
+
 class CoreSimulation(RuleBasedStateMachine):
     def __init__(self) -> None:
         super().__init__()
@@ -110,6 +146,9 @@ class CoreSimulation(RuleBasedStateMachine):
         self.pending: list[Received] = []
         self.autocommit = True
         self.cursors: list[int] = []
+        self.disk_is_full = False
+        self.failed_commits = 0
+        self.unsaved_checkpoint: tuple[int, dict[str, tuple[int, int]]] | None = None
         self.broker = Broker()
         self.collector = Collector(CollectorStore(":memory:"), AckSink(self.broker))
         self.ctl = self._controller()
@@ -127,6 +166,7 @@ class CoreSimulation(RuleBasedStateMachine):
 
     def _start_agent(self) -> None:
         self.store = EventStore(self.db)
+        self.store.conn = DiskFullConnection(self.store.conn, self)  # type: ignore[assignment]
         self.link = AgentLink(session=self.rng.randrange(1, 2**31), heartbeat_interval=0.5)
         self.link.start(self.now)
         self.reader = connect(self.db, readonly=True)
@@ -140,7 +180,13 @@ class CoreSimulation(RuleBasedStateMachine):
                               Backoff(0.05, 0.5, rng=random.Random(1)))  # fmt: skip
 
     def _deliver(self, upto: int, positions: dict[str, tuple[int, int]]) -> None:
-        self.store.mark_delivered(upto, positions)
+        # As the daemon's writer: a checkpoint that cannot be saved is retried later.
+        try:
+            self.store.mark_delivered(upto, positions)
+        except StoreError:
+            self.unsaved_checkpoint = (upto, positions)
+            return
+        self.unsaved_checkpoint = None
         self.cursors.append(self.store.cursor)
 
     def _step(self, dt: float) -> None:
@@ -159,14 +205,31 @@ class CoreSimulation(RuleBasedStateMachine):
         self.link.poll(self.now)
         self.ctl.receive(self.link.outgoing(), self.now)
         self.sync.run_once(self.now, timeout=0)
+        if self.unsaved_checkpoint is not None:
+            self._deliver(*self.unsaved_checkpoint)
 
     @rule()
     def commit(self) -> None:
-        """The writer's group commit: store what was received, then let the link ACK it."""
+        """The writer's group commit: store what was received, then let the link ACK it;
+        a failed commit is never ACKed (the controller keeps the events and resends)."""
         if self.pending:
-            self.store.append(self.pending, now=self.wall)
-            self.link.durable([r.token for r in self.pending], self.now)
+            tokens = [r.token for r in self.pending]
+            try:
+                self.store.append(self.pending, now=self.wall)
+            except StoreError:
+                self.link.forget(tokens)
+            else:
+                self.link.durable(tokens, self.now)
             self.pending = []
+
+    @rule()
+    def disk_full(self) -> None:
+        TOTALS["disk_full"] += 1
+        self.disk_is_full = True
+
+    @rule()
+    def disk_freed(self) -> None:
+        self.disk_is_full = False
 
     @rule(on=st.booleans())
     def set_autocommit(self, on: bool) -> None:
@@ -200,10 +263,12 @@ class CoreSimulation(RuleBasedStateMachine):
 
     @rule()
     def corrupt_bytes(self) -> None:
+        TOTALS["corrupt_bytes"] += 1
         self.corrupt_next = True
 
     @rule()
     def crash_agent(self) -> None:
+        TOTALS["crash_agent"] += 1
         # SIGKILL: nothing in memory survives (received, uncommitted events are gone);
         # the database file does.
         self.pending = []
@@ -231,12 +296,14 @@ class CoreSimulation(RuleBasedStateMachine):
 
     @rule()
     def controller_reboot(self) -> None:
+        TOTALS["controller_reboot"] += 1
         self.epoch += 1
         self.seqs.clear()
         self.ctl = self._controller()
 
     @rule()
     def broker_down(self) -> None:
+        TOTALS["broker_down"] += 1
         self.broker.up = False
         self.broker.to_collector.clear()
         self.broker.to_agent.clear()
@@ -251,6 +318,7 @@ class CoreSimulation(RuleBasedStateMachine):
         self.broker.to_collector = []
         if data.draw(st.booleans(), label="reorder"):
             self.rng.shuffle(messages)
+        TOTALS["deliveries mangled"] += 1
         if messages and data.draw(st.booleans(), label="duplicate"):
             messages.append(messages[0])
         for topic, payload in messages:
@@ -262,6 +330,7 @@ class CoreSimulation(RuleBasedStateMachine):
 
     @rule(jump=st.sampled_from([0.004, -0.004, 262.0, -262.0, -1_764_000_000.0 + 1.0]))
     def wall_clock_jump(self, jump: float) -> None:
+        TOTALS["wall_clock_jump"] += 1
         self.wall += jump  # event timestamps only; nothing may depend on them
 
     @rule()
@@ -298,6 +367,7 @@ class CoreSimulation(RuleBasedStateMachine):
         """Faults heal: everything ACKed reaches the fleet; the fleet converges."""
         self.broker.up = True
         self.autocommit = True
+        self.disk_freed()
         for i in range(3000):
             if i % 20 == 0:
                 self.produce(2, 2)  # traffic goes on: the breaker closes on successes
@@ -342,6 +412,8 @@ class CoreSimulation(RuleBasedStateMachine):
         return {e.stream: (e.boot_epoch, e.seq, e.payload) for e in self.store.latest()}
 
     def teardown(self) -> None:
+        TOTALS["examples"] += 1
+        TOTALS["acked"] += len(self.acked)
         self.reader.close()
         self.store.conn.close()
         shutil.rmtree(self.dir, ignore_errors=True)
@@ -357,3 +429,38 @@ TestCoreSimulation.settings = settings(
     print_blob=True,
     suppress_health_check=[HealthCheck.too_slow],
 )
+
+
+class AckOnFailedCommit(CoreSimulation):
+    """Control: a writer that ACKs a batch even when its commit failed (disk full)."""
+
+    @rule()
+    def commit(self) -> None:
+        if self.pending:
+            with contextlib.suppress(StoreError):
+                self.store.append(self.pending, now=self.wall)
+            self.link.durable([r.token for r in self.pending], self.now)
+            self.pending = []
+
+
+def test_control_ack_on_failed_commit_is_found(chaos_report: Any) -> None:
+    """The simulation must find the bug (no shrinking: finding it is what counts here)."""
+    control = settings(max_examples=500, stateful_step_count=30, deadline=None, database=None,
+                       phases=[Phase.generate],
+                       suppress_health_check=[HealthCheck.too_slow])  # fmt: skip
+    with pytest.raises(AssertionError):
+        run_state_machine_as_test(AckOnFailedCommit, settings=control)
+    chaos_report.record("control: ACK on failed commit (simulation)", controls_failed=1)
+
+
+@pytest.fixture(autouse=True)
+def _summary(chaos_report: Any, request: pytest.FixtureRequest) -> Iterator[None]:
+    """Add this module's totals to the chaos summary (and print what each rule injected)."""
+    TOTALS.clear()
+    yield
+    if "control" in request.node.name:
+        return
+    faults = {k: v for k, v in TOTALS.items() if k not in ("examples", "acked")}
+    print(f"simulation: {TOTALS['examples']} examples, faults {dict(faults)}")
+    chaos_report.record("deterministic simulation (hypothesis)", injected=sum(faults.values()),
+                        acked=TOTALS["acked"])  # fmt: skip
