@@ -36,6 +36,7 @@ import hashlib
 import io
 import logging
 import os
+import shlex
 import sqlite3
 import sys
 import tempfile
@@ -329,7 +330,9 @@ def main(argv: list[str]) -> None:
             if hits[name] == 1:
                 print(f"KNOWN-BUG {name}: first hit, input {data.hex()}", file=sys.stderr)
 
-    atheris.Setup(argv, one_input)
+    # -merge=1, -fork and -minimize_crash re-run argv[0] through sh: make it the interpreter
+    # and this script, as this file is not executable itself.
+    atheris.Setup([shlex.join([sys.executable, argv[0]]), *argv[1:]], one_input)
     atheris.Fuzz()
 
 

@@ -29,6 +29,7 @@ Input layout (so mutations of the seeds stay meaningful):
 from __future__ import annotations
 
 import logging
+import shlex
 import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -103,7 +104,7 @@ KNOWN_BUGS: tuple[KnownBug, ...] = (
 
 @dataclass
 class Stats:
-    """What one `check` saw: the figures the test reports and known-bug hits."""
+    """What one `check` saw: frames accepted and rejected, open bugs it ran into."""
 
     accepted: int = 0
     rejected: int = 0
@@ -124,7 +125,7 @@ def check(data: bytes, *, tolerate_known: bool = False) -> Stats:
     """Run every oracle on one input; raise OracleViolation on the first failure."""
     parsed = parse_input(data)
     stats = Stats()
-    _check_decode_one(data[1:])
+    _check_decode_one(data[1:])  # any bytes at all, delimiters included
     expected, rejects, envelope_lengths = _reference(parsed.stream)
     got = _feed_decoder(parsed)
     if got.frames != expected:
@@ -225,6 +226,13 @@ def write_seeds(directory: Path) -> None:
         (directory / name).write_bytes(data)
 
 
+def known_bug(exc: BaseException | None) -> str | None:
+    """Name of the open bug `exc` is an instance of, if any."""
+    if exc is None:
+        return None
+    return next((bug.name for bug in KNOWN_BUGS if bug.matches(exc)), None)
+
+
 def main(argv: list[str]) -> None:
     """libFuzzer entry; known bugs are counted on stderr, anything else is a crash."""
     if len(argv) == 3 and argv[1] == "--write-seeds":
@@ -239,18 +247,13 @@ def main(argv: list[str]) -> None:
             if hits[name] == 1:
                 print(f"KNOWN-BUG {name}: first hit, input {data.hex()}", file=sys.stderr)
 
-    atheris.Setup(argv, one_input)
+    # -merge=1, -fork and -minimize_crash re-run argv[0] through sh: make it the interpreter
+    # and this script, as this file is not executable itself.
+    atheris.Setup([shlex.join([sys.executable, argv[0]]), *argv[1:]], one_input)
     atheris.Fuzz()
 
 
 # -- oracle pieces ---------------------------------------------------------------------------
-
-
-def known_bug(exc: BaseException | None) -> str | None:
-    """Name of the open bug `exc` is an instance of, if any."""
-    if exc is None:
-        return None
-    return next((bug.name for bug in KNOWN_BUGS if bug.matches(exc)), None)
 
 
 def _record(envelope: bytes, *, raw: bool = False) -> bytes:
