@@ -85,31 +85,50 @@ def broker(tmp_path: Path) -> Iterator[Broker]:
 
 
 class ChaosReport:
-    """Fault-test figures, summed over the run and printed at its end (the chaos summary)."""
+    """Fault-test figures of one test, summed over the run and printed at its end.
 
-    def __init__(self) -> None:
-        self.rows: dict[str, dict[str, int]] = {}
+    Figures travel in the test's `user_properties`, so they reach the process that
+    prints the summary whichever process ran the test (pytest-xdist workers included).
+    """
+
+    def __init__(self, node: pytest.Item) -> None:
+        self.node = node
 
     def record(self, fault: str, **figures: int) -> None:
-        row = self.rows.setdefault(fault, {})
-        for key, value in figures.items():
-            row[key] = row.get(key, 0) + value
+        self.node.user_properties.append(("chaos", (fault, figures)))
 
 
-_CHAOS = ChaosReport()
+_TOTALS: dict[str, dict[str, int]] = {}
+CHAOS_KEYS = ["injected", "acked", "lost", "duplicates", "integrity_failures", "controls_failed"]
 
 
 @pytest.fixture
-def chaos_report() -> ChaosReport:
-    return _CHAOS
+def chaos_report(request: pytest.FixtureRequest) -> ChaosReport:
+    return ChaosReport(request.node)
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    if report.when != "teardown":  # the teardown report carries every phase's records
+        return
+    for name, value in report.user_properties:
+        if name == "chaos":
+            fault, figures = value
+            row = _TOTALS.setdefault(fault, {})
+            for key, number in figures.items():
+                row[key] = row.get(key, 0) + int(number)
 
 
 def pytest_terminal_summary(terminalreporter: Any) -> None:
-    if not _CHAOS.rows:
+    if not _TOTALS:
         return
-    keys = ["injected", "acked", "lost", "duplicates", "integrity_failures", "controls_failed"]
     tr = terminalreporter
     tr.section("chaos summary")
-    tr.write_line(f"{'fault':<34}" + "".join(f"{k:>19}" for k in keys))
-    for fault, row in sorted(_CHAOS.rows.items()):
-        tr.write_line(f"{fault:<34}" + "".join(f"{row.get(k, 0):>19,}" for k in keys))
+    tr.write_line(f"{'fault':<44}" + "".join(f"{k:>19}" for k in CHAOS_KEYS))
+    total: dict[str, int] = {}
+    for fault, row in sorted(_TOTALS.items()):
+        tr.write_line(f"{fault:<44}" + "".join(f"{row.get(k, 0):>19,}" for k in CHAOS_KEYS))
+        for key in CHAOS_KEYS:
+            total[key] = total.get(key, 0) + row.get(key, 0)
+    tr.write_line(f"{'total':<44}" + "".join(f"{total[k]:>19,}" for k in CHAOS_KEYS))
+    controls = sum(1 for fault in _TOTALS if fault.startswith("control:"))
+    tr.write_line(f"controls run: {controls}, failed as expected: {total['controls_failed']}")

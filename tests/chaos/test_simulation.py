@@ -446,6 +446,7 @@ class AckOnFailedCommit(CoreSimulation):
 def test_control_ack_on_failed_commit_is_found(chaos_report: Any) -> None:
     """The simulation must find the bug (no shrinking: finding it is what counts here)."""
     control = settings(max_examples=500, stateful_step_count=30, deadline=None, database=None,
+                       derandomize=True,
                        phases=[Phase.generate],
                        suppress_health_check=[HealthCheck.too_slow])  # fmt: skip
     with pytest.raises(AssertionError):
