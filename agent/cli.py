@@ -20,6 +20,7 @@ import glob
 import grp
 import itertools
 import json
+import math
 import os
 import pwd
 import re
@@ -45,6 +46,24 @@ from agent.store import check_integrity, connect, read_cursor, read_latest
 DEFAULT_CONFIG: Final = "/etc/ironfleet/agent.toml"
 DB_ENV: Final = "IRONFLEET_DB"
 DEFAULT_TIMEOUT: Final = 2.0  # seconds; the design asks for answers well under one second
+# Bounds of numeric options: past them SQLite's 64-bit integers and the millisecond busy
+# timeout overflow (found by fuzzing: 2**63 rows or a timeout of 1e308 was a traceback).
+MAX_LIMIT: Final = 1_000_000
+MAX_TIMEOUT: Final = 3600.0
+
+
+class FiniteFloatRange(click.FloatRange):
+    """A FloatRange that also refuses nan (which compares false with both bounds)."""
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        rv = super().convert(value, param, ctx)
+        if math.isnan(rv):
+            self.fail(f"{value!r} is not a number of seconds", param, ctx)
+        return rv
+
+
+LIMIT: Final = click.IntRange(min=1, max=MAX_LIMIT)
+TIMEOUT: Final = FiniteFloatRange(min=0.001, max=MAX_TIMEOUT)
 PROGRESS_STEPS: Final = 1000  # SQLite VM instructions between two deadline checks
 FOLLOW_INTERVAL: Final = 0.5  # seconds between two polls of `events --follow`
 FOLLOW_BATCH: Final = 1000  # rows per poll; a longer backlog is read in several polls
@@ -1213,7 +1232,7 @@ def json_option(f: Callable[..., Any]) -> Callable[..., Any]:
     "--timeout",
     default=DEFAULT_TIMEOUT,
     show_default=True,
-    type=click.FloatRange(min=0.001),
+    type=TIMEOUT,
     help="Stop any database read after this many seconds.",
 )
 @click.version_option(package_name="ironfleet-agent", prog_name="ironfleet")
@@ -1281,7 +1300,7 @@ def poll_events(opts: Options, flt: EventFilter, after_id: int) -> Iterator[list
 @click.option("--kind", "kinds", multiple=True, help="Event kind (repeatable).")
 @click.option("--since", callback=_when, help="Received at or after: 10m, 2h, 14:05, ISO time.")
 @click.option("--until", callback=_when, help="Received before (same forms as --since).")
-@click.option("--limit", default=20, show_default=True, type=click.IntRange(min=1),
+@click.option("--limit", default=20, show_default=True, type=LIMIT,
               help="Newest events shown.")  # fmt: skip
 @click.option("--follow", "-f", is_flag=True, help="Keep printing new events; Ctrl-C stops.")
 @json_option
@@ -1321,7 +1340,7 @@ def events(
 
 @cli.command()
 @click.option("--all", "show_all", is_flag=True, help="Also gaps already filled by late events.")
-@click.option("--limit", default=50, show_default=True, type=click.IntRange(min=1),
+@click.option("--limit", default=50, show_default=True, type=LIMIT,
               help="Newest gaps shown.")  # fmt: skip
 @json_option
 @click.pass_obj
@@ -1375,7 +1394,7 @@ def link(opts: Options, as_json: bool) -> None:
 
 
 @cli.command()
-@click.option("--limit", default=50, show_default=True, type=click.IntRange(min=1),
+@click.option("--limit", default=50, show_default=True, type=LIMIT,
               help="Newest records shown.")  # fmt: skip
 @json_option
 @click.pass_obj
@@ -1402,7 +1421,7 @@ def doctor(opts: Options, as_json: bool) -> None:
 
 @cli.command()
 @click.argument("sql")
-@click.option("--limit", default=1000, show_default=True, type=click.IntRange(min=1),
+@click.option("--limit", default=1000, show_default=True, type=LIMIT,
               help="Rows shown at most.")  # fmt: skip
 @json_option
 @click.pass_obj
@@ -1414,8 +1433,18 @@ def query(opts: Options, sql: str, limit: int, as_json: bool) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Console entry point of `ironfleet`."""
+    args = list(argv) if argv is not None else sys.argv[1:]
+    for arg in args:
+        # Bytes that are not UTF-8 reach Python as lone surrogates; SQLite cannot take
+        # them (a traceback, found by fuzzing). Say which argument, as a usage error.
+        try:
+            arg.encode("utf-8")
+        except UnicodeEncodeError:
+            shown = arg.encode("utf-8", "surrogateescape").decode("ascii", "backslashreplace")
+            print(f"ironfleet: argument '{shown}' is not valid UTF-8", file=sys.stderr)
+            return 2
     try:
-        cli.main(args=list(argv) if argv is not None else None, prog_name="ironfleet")
+        cli.main(args=args, prog_name="ironfleet")
     except BrokenPipeError:
         # Output piped into `head` and closed early: not an error worth a traceback.
         devnull = os.open(os.devnull, os.O_WRONLY)

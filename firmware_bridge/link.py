@@ -295,6 +295,9 @@ class AgentLink:
             # Same session (an answer to our HELLO): everything below base is settled.
             old.cumulative = max(old.cumulative, base - 1)
             old.highest_seen = max(old.highest_seen, old.cumulative)
+            # Selective ACKs the new cumulative covers are settled too: left in place,
+            # the next ACK would carry a range below its own cumulative (found by fuzzing).
+            old.durable_above = {n for n in old.durable_above if n > old.cumulative}
             self._advance(old)
         else:
             if old is not None:

@@ -28,7 +28,7 @@ from typing import Any
 import msgpack
 import pytest
 
-from agent.cli import cli, open_readonly
+from agent.cli import cli, main, open_readonly
 from agent.store import EventStore
 
 from simharness import AgentProcess, Broker, Sim, TruthReader
@@ -126,6 +126,33 @@ def test_missing_database_is_one_line_and_a_failure(tmp_path: Path) -> None:
     checks = {c["name"]: c for c in json.loads(doctor.stdout)["checks"]}
     assert checks["config"]["status"] == "fail"
     assert checks["database"]["status"] == "fail"
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["query", "SELECT '\udcff'"],  # the byte 0xff, as Python receives it from argv
+        ["events", "--stream", "\udce9"],
+        ["events", "--limit", str(2**63)],
+        ["gaps", "--limit", "1000001"],
+        ["--timeout", "nan", "status"],
+        ["--timeout", "inf", "status"],
+        ["--timeout", "1e308", "status"],
+    ],
+)
+def test_hostile_arguments_are_usage_errors_not_tracebacks(
+    tmp_path: Path, args: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Found by fuzzing (tests/chaos/fuzz_cli.py): each of these was a traceback."""
+    db = fresh_store(tmp_path)
+    try:
+        code = main(["--db", str(db), *args])
+    except SystemExit as exc:  # click's usage errors
+        code = exc.code  # type: ignore[assignment]
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    assert "not valid UTF-8" in err or "Invalid value" in err, err
 
 
 def test_the_cli_connection_cannot_write(tmp_path: Path) -> None:

@@ -91,15 +91,10 @@ class KnownBug:
 
 # While a bug is open its crasher stays in the corpus (crash-<name>, an xfail(strict=True)
 # regression test); the fuzz run counts further hits instead of stopping at the first.
-KNOWN_BUGS: tuple[KnownBug, ...] = (
-    KnownBug(
-        "link-ack-below-cumulative",
-        "AgentLink raises FrameCorrupt (schema: ack.r must start above ack.c + 1) when a "
-        "controller HELLO of the current session moves the cumulative ACK past a link_seq "
-        "already ACKed selectively: the stale entry stays in durable_above",
-        lambda exc: isinstance(exc, FrameCorrupt) and "ack.r must start above" in str(exc),
-    ),
-)
+# Open bugs the fuzzer may run into (none: crash-link-ack-below-cumulative, a same-session
+# HELLO passing a selective ACK, was fixed in firmware_bridge/link.py and is a regression
+# input now).
+KNOWN_BUGS: tuple[KnownBug, ...] = ()
 
 
 @dataclass

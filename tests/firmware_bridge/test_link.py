@@ -170,6 +170,20 @@ def test_same_session_hello_after_agent_hello_keeps_state() -> None:
     assert agent.receive(wire_event(2), 1.6) == []  # re-ACKed, not stored twice
 
 
+def test_same_session_hello_past_a_selective_ack_settles_it() -> None:
+    """A HELLO whose base passes a selectively ACKed frame: the next ACK is still valid
+    (the selective entry used to stay, and every later ACK was refused by the encoder)."""
+    agent = up_agent()
+    got = agent.receive(wire_event(1) + wire_event(3), 1.0)
+    agent.durable([r.token for r in got if r.token[1] == 3], 1.1)
+    agent.outgoing()
+    agent.receive(hello(base=5), 1.2)  # the controller settled 1..4 (e.g. lost its ring)
+    assert acks(agent) == [Ack(EPOCH, 4)]
+    assert agent.receive(wire_event(5), 1.3) != []
+    agent.durable([(EPOCH, 5)], 1.4)
+    assert acks(agent) == [Ack(EPOCH, 5)]
+
+
 def test_link_down_after_missed_heartbeats_and_back_up() -> None:
     agent = AgentLink(session=1, heartbeat_interval=1.0, missed_heartbeats=3)
     agent.receive(hello(), 0.0)
