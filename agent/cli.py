@@ -202,13 +202,27 @@ def _age(ts: float | None, now: float) -> float | None:
     return None if ts is None or ts <= 0 else round(now - ts, 3)
 
 
+def pid_alive(pid: int) -> bool:
+    """True if a process with this pid exists (it may belong to another user)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def daemon_view(state: dict[str, tuple[str, float]], now: float) -> Row:
     """Who published the live values and how long ago (`live` if within HEARTBEAT_STALE)."""
     beat = _number(state, "daemon.heartbeat")
     age = _age(beat, now)
     stopped = _number(state, "daemon.stopped_at")  # set by a clean stop, empty while running
+    pid = _int(state, "daemon.pid")
     return {
-        "pid": _int(state, "daemon.pid"),
+        "pid": pid,
+        # The process is there but its heartbeat is not: it cannot write its database.
+        "process_alive": pid is not None and pid > 0 and not stopped and pid_alive(pid),
         "heartbeat": beat,
         "heartbeat_age_s": age,
         "stopped_at": stopped,
@@ -736,6 +750,10 @@ def check_daemon(daemon: Row) -> Check:
     if daemon.get("stopped_at"):
         return Check("daemon", "fail", f"stopped cleanly (pid {pid}); `systemctl status "
                      "ironfleet-agent`")  # fmt: skip
+    if not daemon["live"] and daemon.get("process_alive"):
+        return Check("daemon", "fail", f"pid {pid} runs but has not written its database for "
+                     f"{span(age or 0.0)}: disk full or read-only? `systemctl status "
+                     "ironfleet-agent` shows its alarm")  # fmt: skip
     if not daemon["live"]:
         return Check("daemon", "fail", f"last heartbeat {span(age)} ago (pid {pid}): stopped or "
                      "stuck; `systemctl status ironfleet-agent`")  # fmt: skip
@@ -935,6 +953,12 @@ def daemon_line(d: Row) -> str:
         return "never published: has the agent run on this database?"
     if d["live"]:
         return f"running, pid {d['pid']}, heartbeat {ago(d['heartbeat_age_s'])}"
+    if d.get("process_alive"):
+        return (
+            f"running, pid {d['pid']}, but NOT PUBLISHING for {span(d['heartbeat_age_s'] or 0.0)}: "
+            "it cannot write its database (disk full or read-only?); live values below are "
+            "from then: see its log (journalctl -u ironfleet-agent)"
+        )
     return (
         f"NOT PUBLISHING: last heartbeat {ago(d['heartbeat_age_s'])} (pid {d['pid'] or '?'}); "
         "live values below are from then"

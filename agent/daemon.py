@@ -628,10 +628,13 @@ class Daemon:
         stats = json.loads(snap.get("store.stats", "{}") or "{}")
         backlog = max(0, int(stats.get("top_rowid", 0)) - int(stats.get("cursor", 1)) + 1)
         breaker = snap.get("breaker.state", "disabled" if self.uplink is None else "-")
-        return (
+        text = (
             f"link={link.state} controller={link.controller_id or '-'} "
             f"events={self.store.event_count} backlog={backlog} breaker={breaker}"
         )
+        # The alarm also goes here: while the disk is full the database cannot show it.
+        alarm = self.shared.alarm
+        return f"{text} ALARM: {alarm}" if alarm else text
 
 
 def setup_logging(level: str) -> None:

@@ -40,6 +40,9 @@ from agent.resilience import Event
 log = logging.getLogger(__name__)
 
 PAGE_SIZE: Final = 4096
+# SQLite checkpoints the WAL every 1000 pages (its default wal_autocheckpoint); the WAL
+# file grows to about that before it is reused. A quarter more for the batch that tips it.
+WAL_RESERVE_BYTES: Final = 1000 * PAGE_SIZE * 5 // 4
 # Open gap pieces tracked per (stream, boot epoch). Each late fill can split a piece in
 # two; past this a hostile or broken controller could grow memory without bound.
 MAX_GAP_PIECES: Final = 10_000
@@ -690,11 +693,15 @@ class EventStore:
         free = st.f_bavail * st.f_frsize
         # Our own file counts as usable whole (free pages included): SQLite reuses them
         # but never returns them to the disk, so counting only pages in use would lower
-        # the cap by every eviction and shed the whole backlog for nothing.
-        pages = self.conn.execute("PRAGMA page_count").fetchone()[0] * PAGE_SIZE
+        # the cap by every eviction and shed the whole backlog for nothing. Its size on
+        # disk, not page_count: pages still in the WAL take free space when checkpointed.
+        own = self.path.stat().st_size
+        # The WAL is not room for the database: it grows to about one checkpoint before
+        # it is reused, and that growth must come out of free space too. (Counting the
+        # WAL as ours let a small file system fill to 0 under a 1 MiB floor: measured.)
         wal = Path(f"{self.path}-wal")
-        own = int(pages) + (wal.stat().st_size if wal.exists() else 0)
-        allowed = own + free - c.min_free_bytes
+        wal_room = max(0, WAL_RESERVE_BYTES - (wal.stat().st_size if wal.exists() else 0))
+        allowed = own + free - c.min_free_bytes - wal_room
         return max(0, min(c.max_buffer_bytes, allowed))
 
     def needs_room(self) -> bool:
