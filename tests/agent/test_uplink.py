@@ -5,57 +5,25 @@ from __future__ import annotations
 import json
 import signal
 import sqlite3
-import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from agent.collector import Collector, CollectorStore
-from agent.fleet import Batch
-from agent.resilience import Event, replay
-from agent.store import read_latest
-from agent.uplink import FleetSubscriber
-
+from fleetharness import (
+    VEHICLE,
+    CollectorHarness,
+    StartAgent,
+    StartSim,
+    check_zero_loss,
+    cursor_history,
+    uplink,
+    wait_drained,
+)
 from netproxy import TcpProxy
-from simharness import AgentProcess, Broker, Sim, TruthReader, agent_state
+from simharness import Broker, TruthReader, agent_state
 from support import wait_for
-
-StartSim = Callable[..., Sim]
-StartAgent = Callable[..., AgentProcess]
-VEHICLE = "test-vehicle"
-
-
-class CollectorHarness:
-    """The reference collector in-process, recording what arrived in which order."""
-
-    def __init__(self, db: Path, port: int) -> None:
-        self.store = CollectorStore(db)
-        self.collector = Collector(self.store)
-        self.arrivals: list[tuple[str, bool, int]] = []  # (kind, historical, events)
-        self.snapshots: list[dict[str, tuple[int, int]]] = []
-        self.lock = threading.Lock()
-        self.sub = FleetSubscriber("127.0.0.1", port, self._handle, client_id="test-collector")
-        self.collector.transport = self.sub
-        self.sub.start()
-
-    def _handle(self, topic: str, payload: bytes) -> None:
-        if topic.endswith(("/events", "/state")):
-            batch = Batch.decode(payload)
-            with self.lock:
-                if batch.kind == "events" and batch.historical:
-                    # What the fleet shows at the moment the first backlog event arrives.
-                    state = self.store.state(VEHICLE)
-                    self.snapshots.append({s: (e, q) for s, (e, q, _) in state.items()})
-                self.arrivals.append((batch.kind, batch.historical, len(batch.events)))
-        self.collector.handle(topic, payload)
-
-    def keys(self) -> set[tuple[str, int, int]]:
-        return self.store.keys(VEHICLE)
-
-    def stop(self) -> None:
-        self.sub.stop()
 
 
 @pytest.fixture
@@ -64,59 +32,6 @@ def collector(tmp_path: Path, broker: Broker) -> Iterator[CollectorHarness]:
     wait_for(lambda: harness.sub.connected, 10, "the collector to connect")
     yield harness
     harness.stop()
-
-
-def uplink(port: int, **extra: object) -> dict[str, object]:
-    fast = {"keepalive": 5, "ack_timeout": 5.0, "breaker_failure_threshold": 3,
-            "breaker_recovery_timeout": 1.0, "reconnect_min": 0.1, "reconnect_max": 1.0,
-            "batch_max_delay_ms": 20.0}  # fmt: skip
-    return {"enabled": True, "port": port, **fast, **extra}
-
-
-def check_zero_loss(truth: TruthReader, harness: CollectorHarness, agent: AgentProcess) -> None:
-    """O4: every ACKed event reached the collector once, and the fleet's converged state
-    equals the vehicle's own replay (run after the agent stopped and the backlog drained).
-    """
-    truth.poll()
-    keys = harness.keys()
-    missing = [k for k in truth.acked if k not in keys]
-    assert not missing, f"{len(missing)} ACKed events never reached the collector: {missing[:3]}"
-    conn = sqlite3.connect(agent.db.absolute().as_uri() + "?mode=ro", uri=True)
-    local = {e.stream: (e.boot_epoch, e.seq, e.payload) for _, e, _, _ in read_latest(conn)}
-    conn.close()
-    assert harness.store.state(VEHICLE) == local
-    acked = [
-        Event(s, q, boot_epoch=e, payload=bytes.fromhex(p)) for (s, e, q), p in truth.acked.items()
-    ]
-    for event in replay(acked):  # and never behind what the controller saw ACKed
-        assert local[event.stream][:2] >= (event.boot_epoch, event.seq)
-
-
-def wait_drained(agent: AgentProcess, timeout: float) -> None:
-    """Wait until the fleet has acknowledged every event the agent stored."""
-
-    def drained() -> bool:
-        conn = sqlite3.connect(agent.db.absolute().as_uri() + "?mode=ro", uri=True)
-        try:
-            top = conn.execute("SELECT coalesce(max(id), 0) FROM events").fetchone()[0]
-            row = conn.execute(
-                "SELECT value FROM agent_state WHERE key = 'uplink.cursor'"
-            ).fetchone()
-        finally:
-            conn.close()
-        return row is not None and int(row[0]) > top
-
-    wait_for(drained, timeout, "the backlog to drain")
-
-
-def cursor_history(agent: AgentProcess, samples: list[int]) -> None:
-    if agent.db.exists():
-        try:
-            value = agent_state(agent.db).get("uplink.cursor")
-        except sqlite3.Error:
-            return
-        if value is not None:
-            samples.append(int(value))
 
 
 def test_steady_state_zero_loss(
