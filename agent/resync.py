@@ -330,6 +330,8 @@ class Transport(Protocol):
 
     def publish_status(self, state: str, **fields: object) -> None: ...
 
+    def drop(self) -> None: ...
+
 
 class FleetSync:
     """The uplink control loop: connection, breaker, resync, acks and commands."""
@@ -349,7 +351,8 @@ class FleetSync:
         self.backoff = backoff
         self.ack_mode = ack_mode
         self._next_attempt = 0.0
-        self._mids: dict[int, int] = {}  # MQTT message id -> batch id
+        # MQTT message id -> (batch id, sent at), oldest first: the broker's PUBACKs.
+        self._mids: dict[int, tuple[int, float]] = {}
         self._failure_streak = 0
         self._connecting_until: float | None = None
         self.last_error = ""
@@ -365,6 +368,8 @@ class FleetSync:
         if not self.transport.connected:
             self._maybe_connect(now)
             return
+        if self._puback_overdue(now):
+            return
         if not self.breaker.allow():
             return  # open: nothing is sent; the store keeps buffering
         for out in self.resync.run_once(now):
@@ -373,10 +378,26 @@ class FleetSync:
                 self.breaker.record_failure()
                 self.resync.on_disconnected()
                 return
-            self._mids[mid] = out.batch_id
+            self._mids[mid] = (out.batch_id, now)
         if self.resync.timed_out:
             self.breaker.record_failure()
             log.warning("uplink_ack_timeout resend_from=%d", self.resync.delivered + 1)
+
+    def _puback_overdue(self, now: float) -> bool:
+        """The broker left a publish unacknowledged past ack_timeout: replace the
+        connection (resends happen only on a new one; found by swallowing PUBACKs)."""
+        if not self._mids:
+            return False
+        _batch, sent_at = next(iter(self._mids.values()))
+        if now - sent_at <= self.resync.config.ack_timeout:
+            return False
+        log.warning("uplink_puback_overdue after=%.1fs in_flight=%d; reconnecting",
+                    now - sent_at, len(self._mids))  # fmt: skip
+        self._mids.clear()
+        self.transport.drop()
+        for kind, value in self.transport.poll(0.0):  # its "disconnected", handled now
+            self._on_event(kind, value, now)
+        return True
 
     def _maybe_connect(self, now: float) -> None:
         if self._connecting_until is not None:
@@ -437,9 +458,9 @@ class FleetSync:
             self._failed(now, f"disconnected: {value}")
         elif kind == "puback":
             self.breaker.record_success()
-            batch_id = self._mids.pop(int(value), None)  # type: ignore[call-overload]
-            if batch_id is not None and self.ack_mode == "broker":
-                self.resync.on_ack(batch_id, now)
+            sent = self._mids.pop(int(value), None)  # type: ignore[call-overload]
+            if sent is not None and self.ack_mode == "broker":
+                self.resync.on_ack(sent[0], now)
         elif kind == "ack":
             self._on_ack(value, now)
         elif kind == "cmd":

@@ -32,6 +32,7 @@ class FakeTransport:
 
     connack_after: int = 1
     refuse: bool = False
+    pubacks: bool = True  # the broker acknowledges every publish (False: they get lost)
     connected: bool = False
     connects: int = 0
     published: list[tuple[str, bytes]] = field(default_factory=list)
@@ -59,6 +60,8 @@ class FakeTransport:
     def publish(self, kind: str, payload: bytes) -> int | None:
         self._mid += 1
         self.published.append((kind, payload))
+        if self.pubacks:
+            self.pending.append(("puback", self._mid))
         return self._mid
 
     def publish_status(self, state: str, **fields: object) -> None:
@@ -193,6 +196,27 @@ def test_ack_timeout_resends_from_the_acknowledged_point(store: EventStore) -> N
     assert next(e.seq for e, _ in again[0].events) == 11  # from the first unacknowledged
     assert resync.counters.ack_timeouts >= 1
     assert breaker.snapshot().failures >= 1
+
+
+def test_missing_pubacks_replace_the_connection(store: EventStore) -> None:
+    """PUBACKs lost on a live connection: paho resends only on a new connection, so one
+    whose PUBACKs are overdue past ack_timeout is dropped, and the batches go out again."""
+    fill(store, streams=1, per_stream=20)
+    transport = FakeTransport(pubacks=False)
+    sync, _, breaker, _ = make(store, transport, ack_timeout=2.0)
+    step(sync, 2)
+    assert transport.connects == 1
+    sent = len(transport.published)
+    step(sync, 1, dt=1.0)
+    assert transport.connected, "dropped before the PUBACKs were overdue"
+    transport.pubacks = True
+    step(sync, 1, dt=1.5)  # now 2.5 s since the first publish
+    assert not transport.connected
+    assert breaker.snapshot().failures >= 1
+    assert sync.last_error.startswith("disconnected: ")
+    step(sync, 10, dt=0.5)
+    assert transport.connects == 2
+    assert len(transport.published) > sent  # sent again on the new connection
 
 
 def test_nothing_is_sent_while_the_breaker_is_open(store: EventStore) -> None:

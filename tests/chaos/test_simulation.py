@@ -97,6 +97,10 @@ class LoopTransport:
     def publish_status(self, state: str, **fields: object) -> None:
         pass
 
+    def drop(self) -> None:
+        self.connected = False
+        self._events.append(("disconnected", "dropped"))
+
 
 class AckSink:
     """What the collector answers through: acks go back into the simulated broker."""
