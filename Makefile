@@ -14,7 +14,8 @@ $(STAMP): pyproject.toml
 	@touch $@
 
 # Tests run a real broker (mosquitto), check the unit with systemd-analyze, inject faults
-# at system calls with strace and cut the power under a FUSE file system. Installed
+# at system calls with strace, cut the power under a FUSE file system and fill or break
+# real tmpfs and ext4 mounts (those need root, as CI has). Installed
 # with apt-get when we are root; otherwise a clear message (tests never skip for a
 # missing dependency).
 system-deps:
@@ -23,6 +24,7 @@ system-deps:
 	command -v systemd-analyze >/dev/null 2>&1 || missing="$$missing systemd"; \
 	command -v strace >/dev/null 2>&1 || missing="$$missing strace"; \
 	{ command -v fusermount >/dev/null 2>&1 && ldconfig -p | grep -q libfuse.so.2; } || missing="$$missing fuse libfuse2"; \
+	{ command -v mkfs.ext4 >/dev/null 2>&1 && command -v e2fsck >/dev/null 2>&1; } || missing="$$missing e2fsprogs"; \
 	if [ -n "$$missing" ]; then \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
 	    echo "installing$$missing (apt-get)"; \
@@ -53,7 +55,7 @@ bench: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/python -m agent.demo
 
-# The long tier of the fault tests (SIGKILL x500, thousands of simulated fault runs).
+# The long tier of the chaos suite, about an hour (docs/chaos.md).
 chaos: $(STAMP) system-deps
 	IRONFLEET_LONG=1 $(BIN)/pytest --timeout 3600 tests/chaos tests/agent/test_daemon.py
 
