@@ -93,12 +93,33 @@ class CliError(click.ClickException):
 # -- reading the store ---------------------------------------------------------------------
 
 
+# PRAGMAs `query` may run: those that only read. Anything else is refused, because mode=ro
+# and query_only do not stop all of them: `PRAGMA wal_checkpoint(TRUNCATE)` from a
+# read-only connection checkpointed and truncated the daemon's WAL (found by fuzzing).
+READ_PRAGMAS: Final = frozenset({
+    "application_id", "auto_vacuum", "cache_size", "collation_list", "compile_options",
+    "data_version", "database_list", "encoding", "freelist_count", "function_list",
+    "journal_mode", "journal_size_limit", "max_page_count", "module_list", "page_count",
+    "page_size", "pragma_list", "query_only", "schema_version", "synchronous",
+    "user_version", "wal_autocheckpoint",
+})  # fmt: skip
+# Those that read something named by their argument.
+READ_PRAGMAS_WITH_ARGUMENT: Final = frozenset({
+    "foreign_key_list", "index_info", "index_list", "index_xinfo", "integrity_check",
+    "quick_check", "table_info", "table_list", "table_xinfo",
+})  # fmt: skip
+
+
 def _authorize(action: int, arg1: str | None, arg2: str | None, *_: str | None) -> int:
-    # mode=ro already protects agent.db; this keeps `query` from creating other files
-    # (ATTACH of a new name, VACUUM INTO) or switching query_only off.
+    # mode=ro already protects agent.db's rows; this keeps `query` from creating other
+    # files (ATTACH of a new name, VACUUM INTO), switching query_only off, or running a
+    # PRAGMA that acts (a checkpoint, an optimize) or sets anything.
     if action in (sqlite3.SQLITE_ATTACH, sqlite3.SQLITE_DETACH):
         return sqlite3.SQLITE_DENY
-    if action == sqlite3.SQLITE_PRAGMA and arg1 == "query_only" and arg2 is not None:
+    if action == sqlite3.SQLITE_PRAGMA:
+        name = (arg1 or "").lower()
+        if name in READ_PRAGMAS_WITH_ARGUMENT or (arg2 is None and name in READ_PRAGMAS):
+            return sqlite3.SQLITE_OK
         return sqlite3.SQLITE_DENY
     return sqlite3.SQLITE_OK
 

@@ -155,6 +155,30 @@ def test_hostile_arguments_are_usage_errors_not_tracebacks(
     assert "not valid UTF-8" in err or "Invalid value" in err, err
 
 
+@pytest.mark.parametrize(
+    "pragma",
+    ["PRAGMA wal_checkpoint(TRUNCATE)", "PRAGMA wal_checkpoint", "PRAGMA optimize",
+     "PRAGMA user_version = 7", "PRAGMA journal_mode = DELETE", "PRAGMA query_only = 0",
+     "PRAGMA incremental_vacuum"],
+)  # fmt: skip
+def test_query_refuses_pragmas_that_act(tmp_path: Path, pragma: str) -> None:
+    """`PRAGMA wal_checkpoint(TRUNCATE)` on the read-only connection used to checkpoint
+    and truncate the daemon's WAL (found by fuzzing): only reading PRAGMAs may run."""
+    db = fresh_store(tmp_path)
+    writer = sqlite3.connect(db)  # a live WAL, as under a running daemon
+    writer.execute("INSERT INTO agent_state (key, value, updated_at) VALUES ('k', 'v', 0)")
+    writer.commit()
+    wal = db.with_name(db.name + "-wal")
+    size = wal.stat().st_size
+    result = run("--db", str(db), "query", pragma)
+    assert result.returncode == 1, result.stdout
+    assert "refused" in result.stderr, result.stderr
+    assert wal.stat().st_size == size > 0
+    writer.close()
+    for read in ("PRAGMA page_count", "PRAGMA table_info(events)", "PRAGMA quick_check"):
+        assert run("--db", str(db), "query", read).returncode == 0, read
+
+
 def test_the_cli_connection_cannot_write(tmp_path: Path) -> None:
     db = fresh_store(tmp_path)
     conn = open_readonly(db, timeout=2.0)
