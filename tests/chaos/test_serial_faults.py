@@ -163,7 +163,8 @@ def test_unplug_replug_under_new_names_and_reboots(
     record(chaos_report, "serial unplug/replug renamed + reboots", run,
            run.summary["unplugs"] + run.summary["reboots"])  # fmt: skip
     assert run.verdict.ok, run.verdict.describe()
-    assert run.link["controller_reboots"] >= run.summary["reboots"]
+    # A reboot while the cable is out is seen as one session change with the next one.
+    assert 1 <= run.link["controller_reboots"] <= run.summary["reboots"]
     # Events the controller lost in its own RAM at a reboot were never ACKed; the rest are.
     assert run.verdict.acked + run.summary["lost_at_reboot"] >= 5000 * SCALE
 
