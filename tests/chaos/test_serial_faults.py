@@ -172,7 +172,9 @@ def test_unplug_replug_under_new_names_and_reboots(
 def test_truncation_then_silence_brings_the_link_down_and_the_agent_stays(
     start_sim: StartSim, start_agent: StartAgent, chaos_report: Any
 ) -> None:
-    sim = start_sim("--rate", "500", "--silence-after", "300", "--truncate-rate", "0.05")
+    # 3 s of traffic, then nothing: how much of it the agent saw depends on how fast it
+    # started (on a loaded machine, possibly none), so no lower bound is asserted.
+    sim = start_sim("--rate", "100", "--silence-after", "300", "--truncate-rate", "0.05")
     agent = start_agent(sim.devices["ecu0"]).start()
     truth = TruthReader(sim.truth_path)
     wait_for(lambda: agent.started() and agent_state(agent.db).get("link.state") == "down",
@@ -187,7 +189,8 @@ def test_truncation_then_silence_brings_the_link_down_and_the_agent_stays(
                         lost=len(v.lost), duplicates=len(v.duplicates))  # fmt: skip
     assert v.ok, v.describe()
     assert counters["link_downs"] >= 1
-    assert 0 < v.acked <= 300
+    assert v.acked <= 300
+    print(f"silence: {v.acked} of 300 events ACKed before the line went quiet")
 
 
 def test_flood_of_10_mb_random_bytes_keeps_memory_bounded(
