@@ -387,8 +387,9 @@ def test_tmpfs_filled_by_another_process(
     strict=True,
     reason="product: the daemon publishes its alarm and heartbeat into the database that "
     "cannot be written (Writer._publish_state -> EventStore.publish, agent/daemon.py), so "
-    "while the disk is full `ironfleet status` shows 'alarm none' and 'NOT PUBLISHING' "
-    "(doctor: 'stopped or stuck') although the daemon is up and refusing commits",
+    "while the disk is full `ironfleet status --json` shows alarm '' and live false (the "
+    "text now says 'running, pid N, but NOT PUBLISHING ... disk full or read-only?', and "
+    "the alarm is in systemd's STATUS=; the alarm itself needs a state file in /run)",
 )
 def test_status_shows_the_alarm_while_the_disk_is_full(
     start_sim: StartSim, start_agent: StartAgent, disks: Disks, tmp_path: Path
