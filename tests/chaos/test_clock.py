@@ -32,6 +32,7 @@ from agent.collector import CollectorStore
 from agent.resilience import Event, replay
 from agent.store import read_latest
 
+from fleetharness import cursor_history, top_rowid, wait_caught_up
 from simharness import AgentProcess, Broker, Sim, TruthReader, agent_state, assert_zero_loss
 from support import wait_for
 
@@ -109,14 +110,6 @@ def collector_keys(db: Path) -> set[tuple[str, int, int]]:
         return set()  # the collector has not created its tables yet
 
 
-def cursor(agent: AgentProcess) -> int | None:
-    try:
-        value = agent_state(agent.db).get("uplink.cursor")
-    except sqlite3.Error:
-        return None
-    return int(value) if value is not None else None
-
-
 def uplink_up(agent: AgentProcess) -> bool:
     state = agent_state(agent.db)
     return state.get("uplink.state") == "connected" and state.get("breaker.state") == "closed"
@@ -176,19 +169,16 @@ def test_wall_clock_jumps_change_no_timer_and_lose_nothing(
             clock.jump(jump)
         target = len(collector_keys(collector_db)) + 100
         wait_for(lambda: len(collector_keys(collector_db)) > target, 30, "delivery")  # noqa: B023
-        if (c := cursor(agent)) is not None:
-            cursors.append(c)
+        cursor_history(agent, cursors)
         recoveries.append(outage_with_jump(broker, agent, [sim_clock, agent_clock], jump))
-        if (c := cursor(agent)) is not None:
-            cursors.append(c)
+        cursor_history(agent, cursors)
         print(f"jump {jump}: agent clock offset {agent_clock.offset:+.3f} s, "
               f"reconnected {recoveries[-1]:.2f} s after the broker came back")  # fmt: skip
     sim.signal(signal.SIGTERM)
     assert sim.wait(timeout=20) == 0
     truth.poll()
-    top = max_id(agent)
-    wait_for(lambda: (cursor(agent) or 0) > top, 90, "the backlog to drain")
-    cursors.append(cursor(agent) or 0)
+    wait_caught_up(agent, top_rowid(agent.db), 90)
+    cursor_history(agent, cursors)
     assert agent.alive()
     assert agent.terminate() == 0
     found = assert_zero_loss(truth, agent.db, complete=True)
@@ -199,14 +189,6 @@ def test_wall_clock_jumps_change_no_timer_and_lose_nothing(
                         acked=found.acked, lost=len(found.lost),
                         duplicates=len(found.duplicates))  # fmt: skip
     print(f"jumps={len(JUMPS)} recoveries max {max(recoveries):.2f} s, {found.describe()}")
-
-
-def max_id(agent: AgentProcess) -> int:
-    conn = sqlite3.connect(agent.db.absolute().as_uri() + "?mode=ro", uri=True)
-    try:
-        return int(conn.execute("SELECT coalesce(max(id), 0) FROM events").fetchone()[0])
-    finally:
-        conn.close()
 
 
 def check_fleet(truth: TruthReader, agent: AgentProcess, collector_db: Path) -> None:

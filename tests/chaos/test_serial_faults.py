@@ -20,7 +20,7 @@ import random
 import signal
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -44,10 +44,9 @@ class Run:
     verdict: Verdict
     summary: dict[str, Any]
     link: dict[str, Any]
-    rss_start: int = 0
-    rss_peak: int = 0
-    kills: int = 0
-    notes: list[str] = field(default_factory=list)
+    rss_start: int
+    rss_peak: int
+    kills: int
 
 
 def rss(agent: AgentProcess) -> int:
@@ -77,32 +76,33 @@ def run_scenario(
     agent = start_agent(device or sim.devices["ecu0"]).start(broken=broken)
     truth = TruthReader(sim.truth_path)
     wait_for(agent.started, 30, "the agent to start")
-    run = Run(verdict=verdict(truth, agent.db), summary={}, link={}, rss_start=rss(agent))
+    rss_start = rss_peak = rss(agent)
+    done_kills = 0
     rng = random.Random(seed)
     next_kill = time.monotonic() + rng.uniform(0.3, 1.5) if kills else float("inf")
     deadline = time.monotonic() + timeout
     while sim.proc.poll() is None:
         assert time.monotonic() < deadline, f"the simulator did not finish in {timeout:.0f} s"
-        run.rss_peak = max(run.rss_peak, rss(agent))
+        rss_peak = max(rss_peak, rss(agent))
         if time.monotonic() >= next_kill:
             agent.kill()
-            run.kills += 1
+            done_kills += 1
             agent.start(broken=broken)
             next_kill = (
-                time.monotonic() + rng.uniform(0.3, 1.5) if run.kills < kills else float("inf")
+                time.monotonic() + rng.uniform(0.3, 1.5) if done_kills < kills else float("inf")
             )
         time.sleep(0.05)  # sampling period for RSS and kill instants, not a wait for a result
     assert sim.proc.returncode == 0
     # A restart may be in its first milliseconds: let it install its handlers (and so
     # run recovery to the end) before the SIGTERM.
     wait_for(agent.started, 30, "the last restart to come up")
-    run.link = json.loads(agent_state(agent.db)["link.counters"])
-    run.link["rejects"] = json.loads(agent_state(agent.db)["link.rejects"])
+    state = agent_state(agent.db)
+    link = json.loads(state["link.counters"])
+    link["rejects"] = json.loads(state["link.rejects"])
     assert agent.alive(), "the agent died under serial faults"
     assert agent.terminate() == 0
-    run.summary = sim.summary()
-    run.verdict = verdict(truth, agent.db, complete=True)
-    return run
+    return Run(verdict(truth, agent.db, complete=True), sim.summary(), link, rss_start,
+               rss_peak, done_kills)  # fmt: skip
 
 
 def record(chaos_report: Any, fault: str, run: Run, injected: int) -> None:

@@ -25,8 +25,7 @@ from simharness import (
     Sim,
     TruthReader,
     agent_state,
-    integrity,
-    stored_events,
+    assert_zero_loss,
     verdict,
 )
 from support import wait_for
@@ -41,17 +40,6 @@ DURABLE_CALLS = "fsync,fdatasync,pwrite64"
 def strace(inject: str) -> list[str]:
     return [STRACE, "-f", "-qq", "-o", "/dev/null", "-e", f"trace={DURABLE_CALLS}",
             "-e", f"inject={inject}"]  # fmt: skip
-
-
-def check(truth: TruthReader, db: Path) -> int:
-    truth.poll()
-    stored = stored_events(db)
-    missing = [k for k in truth.acked if k not in stored]
-    assert not missing, f"{len(missing)} ACKed events lost, e.g. {missing[:3]}"
-    assert all(len(v) == 1 for v in stored.values()), "an event is stored twice"
-    assert all(stored[k][0] == v for k, v in truth.acked.items()), "payload differs"
-    assert integrity(db) == "ok"
-    return len(stored)
 
 
 def test_sigkill_at_syscall_boundaries(
@@ -74,14 +62,14 @@ def test_sigkill_at_syscall_boundaries(
             injected += 1
         except subprocess.TimeoutExpired:
             agent.kill()  # the N-th call never came: a plain SIGKILL then
-        check(truth, agent.db)
+        assert_zero_loss(truth, agent.db)
     agent.start()
     wait_for(agent.started, 30, "a clean start after the kills")
     truth.poll()
     target = len(truth.acked) + 1000
     wait_for(lambda: truth.poll() or len(truth.acked) > target, 60, "ingest to resume")
     assert agent.terminate() == 0
-    stored = check(truth, agent.db)
+    stored = assert_zero_loss(truth, agent.db).stored
     chaos_report.record("SIGKILL at fsync/pwrite64 (strace)", injected=injected,
                         acked=len(truth.acked))  # fmt: skip
     assert injected >= len(points) // 2, f"only {injected} kills landed on a system call"
@@ -106,7 +94,7 @@ def run_with_errors(
     assert sim.wait(timeout=20) == 0
     assert agent.terminate() == 0
     if broken is None:
-        check(truth, agent.db)
+        assert_zero_loss(truth, agent.db)
     return truth, agent, counters
 
 
