@@ -28,7 +28,7 @@ import os
 import shutil
 import sqlite3
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Final, Protocol
@@ -214,6 +214,12 @@ def connect(
     return conn
 
 
+def disk_free_bytes(directory: Path) -> int:
+    """Bytes an unprivileged writer may still use on the file system holding `directory`."""
+    st = os.statvfs(directory)
+    return st.f_bavail * st.f_frsize
+
+
 def check_integrity(conn: sqlite3.Connection, *, full: bool = False) -> list[str]:
     """Problems found by `quick_check` (or `integrity_check`); empty when healthy."""
     pragma = "integrity_check" if full else "quick_check"
@@ -224,9 +230,21 @@ def check_integrity(conn: sqlite3.Connection, *, full: bool = False) -> list[str
 class EventStore:
     """The single writer's handle on the event store. Not thread-safe: one owner."""
 
-    def __init__(self, path: str | os.PathLike[str], config: StoreConfig | None = None) -> None:
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        config: StoreConfig | None = None,
+        *,
+        free_bytes: Callable[[Path], int] = disk_free_bytes,
+    ) -> None:
+        """Open (or create, migrate, recover) the store at `path`.
+
+        `free_bytes(directory)` is where the free-space floor reads the disk; tests give
+        it a model of a disk, since a shared file system's free space moves under them.
+        """
         self.path = Path(path)
         self.config = config or StoreConfig()
+        self._free_bytes = free_bytes
         self.quarantined: Path | None = None
         self.salvaged = 0
         self.conn = self._open_or_recover()
@@ -689,8 +707,7 @@ class EventStore:
     def capacity(self) -> int:
         """The effective cap: max_buffer_bytes, lowered to keep min_free_bytes on disk."""
         c = self.config
-        st = os.statvfs(self.path.parent)
-        free = st.f_bavail * st.f_frsize
+        free = self._free_bytes(self.path.parent)
         # Our own file counts as usable whole (free pages included): SQLite reuses them
         # but never returns them to the disk, so counting only pages in use would lower
         # the cap by every eviction and shed the whole backlog for nothing. Its size on
