@@ -291,8 +291,8 @@ def build_parser() -> argparse.ArgumentParser:
         description=(
             "Emulate onboard controllers on pseudo-terminals, speaking the IronFleet serial "
             "protocol, with fault injection. Prints 'DEVICE <controller> <path>' for each "
-            "controller, then runs until --events are all ACKed, --duration passes, or "
-            "SIGTERM. SIGUSR1 reboots the controllers, SIGUSR2 unplugs them."
+            "controller, then runs until --events are all ACKed (and any flood sent), --duration "
+            "passes, or SIGTERM. SIGUSR1 reboots the controllers, SIGUSR2 unplugs them."
         ),
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
@@ -508,12 +508,15 @@ class Simulation:
                 device.send_raw(self.noise.garbage(args.garbage_bytes))
 
     def finished(self, now: float) -> bool:
-        """True when the run is over: duration reached, or every event ACKed (or timed out)."""
+        """True when the run is over: duration reached, or every event ACKed and every flood
+        sent (or the drain timed out)."""
         if self.args.duration and now - self.start >= self.args.duration:
             return True
         if not self.args.events or any(d.sent < self.args.events for d in self.devices):
             return False
-        if all(not d.link.ring for d in self.devices):
+        # A flood still being fed counts as unfinished: the run promised all its bytes (a
+        # slow reader, under load, ACKed every event before the flood was through).
+        if all(not d.link.ring and not d.flood_left for d in self.devices):
             return True
         if self.drain_deadline is None:
             self.drain_deadline = now + self.args.drain_timeout

@@ -64,7 +64,7 @@ from diskharness import (
     wait_acked,
 )
 from simharness import AgentProcess, Sim, TruthReader, Verdict, verdict
-from support import wait_for
+from support import scaled, wait_for
 
 StartSim = Callable[..., Sim]
 StartAgent = Callable[..., AgentProcess]
@@ -161,7 +161,7 @@ def wait_ingest(rig: Rig, events: int, timeout: float, what: str) -> None:
 def settled_acked(rig: Rig, quiet: float = 0.5, timeout: float = 10.0) -> int:
     """The ACK count once it has not moved for `quiet` s (ACKs of the commits that
     succeeded before the fault have arrived); fails if ACKs never stop."""
-    deadline = time.monotonic() + timeout
+    deadline = time.monotonic() + scaled(timeout)
     last, since = rig.acked(), time.monotonic()
     while time.monotonic() < deadline:
         time.sleep(0.05)

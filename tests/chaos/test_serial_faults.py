@@ -28,7 +28,7 @@ import psutil
 import pytest
 
 from simharness import AgentProcess, Sim, TruthReader, Verdict, agent_state, verdict
-from support import wait_for
+from support import scaled, wait_for
 
 StartSim = Callable[..., Sim]
 StartAgent = Callable[..., AgentProcess]
@@ -80,7 +80,7 @@ def run_scenario(
     done_kills = 0
     rng = random.Random(seed)
     next_kill = time.monotonic() + rng.uniform(0.3, 1.5) if kills else float("inf")
-    deadline = time.monotonic() + timeout
+    deadline = time.monotonic() + scaled(timeout)
     while sim.proc.poll() is None:
         assert time.monotonic() < deadline, f"the simulator did not finish in {timeout:.0f} s"
         rss_peak = max(rss_peak, rss(agent))

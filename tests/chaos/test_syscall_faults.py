@@ -76,6 +76,12 @@ def test_sigkill_at_syscall_boundaries(
     print(f"syscall SIGKILLs={injected}/{len(points)} acked={len(truth.acked)} stored={stored}")
 
 
+def published_counters(agent: AgentProcess) -> dict[str, int]:
+    """The daemon's counters as last published to its database (about once a second)."""
+    raw = agent_state(agent.db).get("daemon.counters")
+    return json.loads(raw) if raw else {}
+
+
 def run_with_errors(
     start_sim: StartSim, start_agent: StartAgent, inject: str, broken: str | None = None
 ) -> tuple[TruthReader, AgentProcess, dict[str, int]]:
@@ -84,12 +90,16 @@ def run_with_errors(
     truth = TruthReader(sim.truth_path)
     agent.start(wrapper=strace(inject), broken=broken)
     wait_for(agent.started, 30, "start under strace")
+    # The N-th call comes after a number of commits, not of seconds (a loaded machine
+    # groups more events per commit): wait until a failed commit has been published.
+    wait_for(lambda: published_counters(agent).get("commit_failures", 0) > 0, 120,
+             f"the injected fault ({inject}) to fail a commit")  # fmt: skip
     # Past the error window, ingest resumes on the same process (it stayed up).
     truth.poll()
     target = len(truth.sent) + 3000
     wait_for(lambda: truth.poll() or len(truth.acked) > target, 90, "ingest after the errors")
     assert agent.alive(), "the agent died on an I/O error"
-    counters = json.loads(agent_state(agent.db)["daemon.counters"])
+    counters = published_counters(agent)
     sim.signal(signal.SIGTERM)
     assert sim.wait(timeout=20) == 0
     assert agent.terminate() == 0
