@@ -74,8 +74,45 @@ def _m001_initial(db: sqlite_utils.Database) -> None:
     )
 
 
+def _m002_open_gaps_index(db: sqlite_utils.Database) -> None:
+    # The writer loads a stream's open gaps on demand (its cache is bounded), so it needs
+    # them by (stream, epoch). Partial: closed gaps, the bulk of the table, stay out.
+    db.execute("CREATE INDEX gaps_open ON gaps (stream_id, boot_epoch) WHERE closed_at IS NULL")
+
+
+def _m003_controller_epochs(db: sqlite_utils.Database) -> None:
+    db.execute(
+        """CREATE TABLE controller_epochs (
+            controller TEXT NOT NULL,
+            boot_epoch INTEGER NOT NULL,
+            epoch INTEGER NOT NULL,
+            first_seen REAL NOT NULL,
+            PRIMARY KEY (controller, boot_epoch)
+        ) WITHOUT ROWID"""
+    )
+    db.execute("CREATE INDEX controller_epochs_top ON controller_epochs (controller, epoch)")
+    seed_controller_epochs(db.conn)
+
+
+def seed_controller_epochs(conn: sqlite3.Connection) -> None:
+    """Record every stored (controller, boot epoch) not yet mapped as its own epoch.
+
+    Run when the table is created and after a salvage, so that a session announcing an
+    epoch at or below one already stored is seen as a rollback (docs/protocol.md).
+    """
+    conn.execute(
+        """INSERT OR IGNORE INTO controller_epochs (controller, boot_epoch, epoch, first_seen)
+           SELECT s.controller, se.boot_epoch, se.boot_epoch, coalesce(min(s.first_seen), 0)
+           FROM stream_epochs AS se JOIN streams AS s ON s.id = se.stream_id
+           WHERE s.controller IS NOT NULL
+           GROUP BY s.controller, se.boot_epoch"""
+    )
+
+
 MIGRATIONS: list[tuple[str, Callable[[sqlite_utils.Database], None]]] = [
     ("001_initial", _m001_initial),
+    ("002_open_gaps_index", _m002_open_gaps_index),
+    ("003_controller_epochs", _m003_controller_epochs),
 ]
 
 

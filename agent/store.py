@@ -6,13 +6,22 @@ uplink cursor, oldest first, streamed), `mark_delivered` (cursor and checkpoints
 backwards),
 `make_room` (the eviction ladder), `stats`, and `publish` for the daemon's live state.
 
+Split by responsibility: agent/storedb.py (connect, PRAGMAs, readers any connection can
+use; re-exported here), agent/streamcache.py (bounded per-stream cache, dedup planning,
+the boot-epoch rule), agent/eviction.py (capacity and the eviction ladder).
+
 Design notes (measurements in docs/decisions.md):
 - `events` has no secondary index. Uniqueness of (stream, boot_epoch, seq) is kept by
   `stream_epochs`, one row per stream and boot epoch holding the highest committed seq
   and the rowid of its latest event, updated in the same transaction. An event is a
   duplicate iff its seq is at or below that high-water mark and not inside an open gap.
-  The single writer keeps that table and the open gaps cached in memory; the cache only
-  changes after a commit succeeded.
+- The single writer caches that state for active streams only (agent/streamcache.py:
+  LRU, `max_cached_streams`); a miss is a point read, and a failed append drops the
+  streams it touched from the cache (their next use reads the committed state). Memory
+  does not grow with the number of streams a controller invents.
+- Stored boot epochs follow the arrival order of each controller's sessions
+  (`controller_epochs`): an announced epoch at or below one already stored is a
+  rollback, alarmed and stored as the next epoch, so it can never pin replay.
 - rowid is arrival order; the fleet backlog and eviction work on rowid ranges.
 - After any SQLite error the transaction is rolled back (if SQLite has not done so
   already) and the caller gets `CommitFailed`: nothing of that batch may be ACKed.
@@ -29,85 +38,57 @@ import shutil
 import sqlite3
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Final, Protocol
+from typing import Final
 
-from agent.config import StoreSection
 from agent.errors import CommitFailed, StoreError, StoreFull
+from agent.eviction import EvictionLadder
 from agent.resilience import Event
+from agent.storedb import (
+    PAGE_SIZE,
+    SYNCHRONOUS_MODES,
+    WAL_RESERVE_BYTES,
+    StoreConfig,
+    check_integrity,
+    connect,
+    disk_free_bytes,
+    read_cursor,
+    read_latest,
+    set_state,
+)
+from agent.streamcache import Arrival, Batch, StreamState
+
+__all__ = [
+    "PAGE_SIZE",
+    "ROLLBACK_ALARM",
+    "SYNCHRONOUS_MODES",
+    "WAL_RESERVE_BYTES",
+    "AppendResult",
+    "Arrival",
+    "CommitFailed",
+    "EventStore",
+    "ShedRecord",
+    "StoreConfig",
+    "StoreError",
+    "StoreFull",
+    "StoredEvent",
+    "check_integrity",
+    "connect",
+    "disk_free_bytes",
+    "read_cursor",
+    "read_latest",
+]
 
 log = logging.getLogger(__name__)
 
-PAGE_SIZE: Final = 4096
-# SQLite checkpoints the WAL every 1000 pages (its default wal_autocheckpoint); the WAL
-# file grows to about that before it is reused. A quarter more for the batch that tips it.
-WAL_RESERVE_BYTES: Final = 1000 * PAGE_SIZE * 5 // 4
-# Open gap pieces tracked per (stream, boot epoch). Each late fill can split a piece in
-# two; past this a hostile or broken controller could grow memory without bound.
-MAX_GAP_PIECES: Final = 10_000
-SYNCHRONOUS_MODES: Final = ("OFF", "NORMAL", "FULL", "EXTRA")
+ROLLBACK_LOG_INTERVAL: Final = 60.0  # seconds: later boot-epoch rollbacks log at DEBUG
+ROLLBACK_ALARM: Final = "alarm.boot_epoch_rollback"
 
-
-_EVENT_COLUMNS: Final = (
-    "id, stream_id, boot_epoch, seq, ts, ts_quality, kind, priority, payload, received_at"
+_EVENTS_WITH_NAMES: Final = (
+    "SELECT e.id, s.name, e.boot_epoch, e.seq, e.ts, e.ts_quality, e.kind, e.priority, "
+    "e.payload, e.received_at FROM events AS e JOIN streams AS s ON s.id = e.stream_id"
 )
-
-
-def read_cursor(conn: sqlite3.Connection) -> int:
-    """The persisted uplink cursor: lowest rowid the fleet has not acknowledged."""
-    row = conn.execute("SELECT value FROM agent_state WHERE key = 'uplink.cursor'").fetchone()
-    return int(row[0]) if row else 1
-
-
-def read_latest(conn: sqlite3.Connection) -> list[tuple[int, Event, int, float]]:
-    """Latest event of every stream as (rowid, event, ts_quality, received_at), by stream.
-
-    Point reads through `stream_epochs.latest_rowid` (one per stream), so any connection,
-    the read-only CLI's included, answers in milliseconds on a million-event buffer.
-    """
-    rows = conn.execute(
-        """SELECT e.id, s.name, e.boot_epoch, e.seq, e.ts, e.ts_quality, e.kind, e.priority,
-                  e.payload, e.received_at
-           FROM stream_epochs AS se
-           JOIN (SELECT stream_id, max(boot_epoch) AS epoch FROM stream_epochs
-                 GROUP BY stream_id) AS top
-             ON top.stream_id = se.stream_id AND top.epoch = se.boot_epoch
-           JOIN events AS e ON e.id = se.latest_rowid
-           JOIN streams AS s ON s.id = se.stream_id
-           ORDER BY s.name"""
-    ).fetchall()
-    return [
-        (rowid, Event.trusted(name, seq, epoch, ts, kind, priority, bytes(payload)), tq, at)
-        for rowid, name, epoch, seq, ts, tq, kind, priority, payload, at in rows
-    ]
-
-
-class Arrival(Protocol):
-    """What `append` needs of an incoming event (the link's `Received` fits)."""
-
-    @property
-    def event(self) -> Event: ...
-
-    @property
-    def time_quality(self) -> int: ...
-
-    @property
-    def controller_id(self) -> str: ...
-
-
-@dataclass(frozen=True, slots=True)
-class StoreConfig:
-    """Store knobs. Defaults come from the [store] section: one place (agent/config.py)."""
-
-    synchronous: str = StoreSection.synchronous
-    max_buffer_bytes: int = StoreSection.max_buffer_bytes
-    min_free_bytes: int = StoreSection.min_free_bytes
-    high_water: float = StoreSection.high_water  # run the eviction ladder above this
-    low_water: float = StoreSection.low_water  # ... until usage is back under this
-    low_priority_max: int = StoreSection.low_priority_max  # compacted first (ladder step 2)
-    busy_timeout_ms: int = 5000
-    journal_size_limit: int = 64 * 2**20
 
 
 @dataclass(frozen=True, slots=True)
@@ -142,92 +123,7 @@ class ShedRecord:
     count: int
 
 
-@dataclass(slots=True)
-class _Batch:
-    """One append, planned against staged copies of the cache before it is written."""
-
-    received_at: float
-    next_id: int
-    next_gap: int
-    rows: list[tuple[object, ...]] = field(default_factory=list)
-    new_ids: dict[str, int] = field(default_factory=dict)
-    new_streams: list[tuple[int, str, str, int, float]] = field(default_factory=list)
-    staged: dict[tuple[int, int], _EpochState] = field(default_factory=dict)
-    staged_gaps: dict[tuple[int, int], list[_Gap]] = field(default_factory=dict)
-    gap_inserts: list[tuple[object, ...]] = field(default_factory=list)
-    gap_updates: dict[int, _Gap] = field(default_factory=dict)
-    gap_dropped: list[int] = field(default_factory=list)
-    duplicates: int = 0
-    opened: int = 0
-    filled: int = 0
-
-
-@dataclass(slots=True)
-class _EpochState:
-    low_seq: int
-    high_seq: int
-    latest_rowid: int
-    events: int
-
-
-@dataclass(slots=True)
-class _Gap:
-    gap_id: int
-    pieces: list[list[int]] = field(default_factory=list)  # [lo, hi] still missing
-
-    @property
-    def missing(self) -> int:
-        return sum(hi - lo + 1 for lo, hi in self.pieces)
-
-
-def connect(
-    path: str | os.PathLike[str],
-    *,
-    readonly: bool = False,
-    synchronous: str = "FULL",
-    busy_timeout_ms: int = 5000,
-    journal_size_limit: int = 64 * 2**20,
-) -> sqlite3.Connection:
-    """Open the database with every PRAGMA the agent relies on, in one place.
-
-    Read-only connections (technician CLI) use `mode=ro` and `query_only`, so they can
-    neither write nor take the write lock, whatever the SQL.
-    """
-    if synchronous not in SYNCHRONOUS_MODES:
-        raise StoreError(f"synchronous must be one of {SYNCHRONOUS_MODES}, got {synchronous!r}")
-    if readonly:
-        uri = Path(path).absolute().as_uri() + "?mode=ro"
-        conn = sqlite3.connect(uri, uri=True, isolation_level=None, check_same_thread=False)
-        conn.execute(f"PRAGMA busy_timeout = {int(busy_timeout_ms)}")
-        conn.execute("PRAGMA query_only = 1")
-        return conn
-    conn = sqlite3.connect(os.fspath(path), isolation_level=None, check_same_thread=False)
-    conn.execute(f"PRAGMA busy_timeout = {int(busy_timeout_ms)}")
-    conn.execute(f"PRAGMA page_size = {PAGE_SIZE}")  # only takes effect on a new file
-    mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
-    if mode.lower() != "wal":
-        raise StoreError(f"could not switch {path} to WAL (journal_mode={mode})")
-    conn.execute(f"PRAGMA synchronous = {synchronous}")
-    conn.execute(f"PRAGMA journal_size_limit = {int(journal_size_limit)}")
-    conn.execute("PRAGMA temp_store = MEMORY")
-    conn.execute("PRAGMA foreign_keys = OFF")  # integrity is kept by the single writer
-    return conn
-
-
-def disk_free_bytes(directory: Path) -> int:
-    """Bytes an unprivileged writer may still use on the file system holding `directory`."""
-    st = os.statvfs(directory)
-    return st.f_bavail * st.f_frsize
-
-
-def check_integrity(conn: sqlite3.Connection, *, full: bool = False) -> list[str]:
-    """Problems found by `quick_check` (or `integrity_check`); empty when healthy."""
-    pragma = "integrity_check" if full else "quick_check"
-    rows = [r[0] for r in conn.execute(f"PRAGMA {pragma}(20)")]
-    return [] if rows == ["ok"] else rows
-
-
-class EventStore:
+class EventStore(EvictionLadder):
     """The single writer's handle on the event store. Not thread-safe: one owner."""
 
     def __init__(
@@ -248,20 +144,19 @@ class EventStore:
         self.quarantined: Path | None = None
         self.salvaged = 0
         self.conn = self._open_or_recover()
-        self._stream_ids: dict[str, int] = {}
-        self._stream_names: dict[int, str] = {}
-        self._stream_priority: dict[int, int] = {}
-        self._epochs: dict[tuple[int, int], _EpochState] = {}
-        self._gaps: dict[tuple[int, int], list[_Gap]] = {}
-        self._checkpoints: dict[int, tuple[int, int]] = {}
+        # Committed state of active streams only (LRU); misses are point reads.
+        self._state = StreamState(self.conn, self.config.max_cached_streams)
+        self._last_rollback_log = -math.inf
+        self._rollbacks_unlogged = 0
         # streams.last_seen is written with the published state (about once a second),
-        # not per commit: per commit it cost 2.4 µs per event at 1,000 streams.
+        # not per commit: per commit it cost 2.4 µs per event at 1,000 streams. Past
+        # max_cached_streams entries it is written with the next append instead.
         self._last_seen: dict[int, float] = {}
         self._load()
         self.counters: dict[str, int] = dict.fromkeys(
             ("stored", "duplicates", "gaps_opened", "gaps_filled", "commit_failures",
              "acks_applied", "acks_stale", "pruned_acked", "shed_compact_low_priority",
-             "shed_drop_oldest"),
+             "shed_drop_oldest", "epoch_rollbacks"),
             0,
         )  # fmt: skip
 
@@ -284,7 +179,8 @@ class EventStore:
         """Open, check, migrate; quarantine and salvage a corrupt file instead of dying."""
         # Imported here: sqlite-utils costs ~0.1 s of import time, and only the writer
         # migrates; the technician CLI imports this module on every call.
-        from agent.migrations import migrate  # noqa: PLC0415
+        from agent.migrations import migrate, seed_controller_epochs  # noqa: PLC0415
+        from agent.salvage import salvage  # noqa: PLC0415
 
         problems: list[str]
         try:
@@ -299,7 +195,8 @@ class EventStore:
         self.quarantined = self._quarantine(problems)
         conn = self._connect()
         migrate(conn)
-        self.salvaged = self._salvage(conn, self.quarantined)
+        self.salvaged = salvage(self.quarantined, conn).events
+        seed_controller_epochs(conn)  # salvaged sessions count for rollback detection
         self._set_state(conn, "alarm.store_quarantined", f"{self.quarantined} {problems[0]}")
         return conn
 
@@ -313,88 +210,13 @@ class EventStore:
                 shutil.move(src, f"{target}{suffix}")
         return target
 
-    def _salvage(self, conn: sqlite3.Connection, source: Path) -> int:
-        """Copy what can still be read from a quarantined file; return events saved."""
-        try:
-            old = sqlite3.connect(source.absolute().as_uri() + "?mode=ro", uri=True)
-        except sqlite3.DatabaseError:
-            return 0
-        saved = 0
-        with contextlib.closing(old):
-            try:
-                for row in old.execute("SELECT id, name, controller, priority FROM streams"):
-                    conn.execute(
-                        "INSERT OR IGNORE INTO streams (id, name, controller, priority) "
-                        "VALUES (?, ?, ?, ?)",
-                        row,
-                    )
-            except sqlite3.DatabaseError as exc:
-                log.warning("salvage_streams_failed error=%r", str(exc))
-            try:
-                top = old.execute("SELECT max(id) FROM events").fetchone()[0] or 0
-            except sqlite3.DatabaseError:
-                top = 0  # the table's root is unreadable: nothing to walk
-            last = 0
-            while last < top:  # chunk by rowid: one bad page loses one chunk, not the rest
-                try:
-                    rows = old.execute(
-                        "SELECT id, stream_id, boot_epoch, seq, ts, ts_quality, kind, "
-                        "priority, payload, received_at FROM events WHERE id > ? "
-                        "ORDER BY id LIMIT 1000",
-                        (last,),
-                    ).fetchall()
-                except sqlite3.DatabaseError:
-                    last += 1000
-                    continue
-                if not rows:
-                    break
-                conn.execute("BEGIN IMMEDIATE")
-                conn.executemany("INSERT OR IGNORE INTO events VALUES (?,?,?,?,?,?,?,?,?,?)", rows)
-                conn.execute("COMMIT")
-                saved += len(rows)
-                last = rows[-1][0]
-        self._rebuild_stream_epochs(conn)
-        log.warning("store_salvaged events=%d from=%s", saved, source)
-        return saved
-
-    @staticmethod
-    def _rebuild_stream_epochs(conn: sqlite3.Connection) -> None:
-        conn.execute("BEGIN IMMEDIATE")
-        conn.execute("DELETE FROM stream_epochs")
-        conn.execute(
-            """INSERT INTO stream_epochs (stream_id, boot_epoch, low_seq, high_seq, latest_rowid,
-                                          events)
-               SELECT stream_id, boot_epoch, min(seq), max(seq), 0, count(*) FROM events
-               GROUP BY stream_id, boot_epoch"""
-        )
-        conn.execute(
-            """UPDATE stream_epochs SET latest_rowid = (
-                 SELECT max(e.id) FROM events e
-                 WHERE e.stream_id = stream_epochs.stream_id
-                   AND e.boot_epoch = stream_epochs.boot_epoch
-                   AND e.seq = stream_epochs.high_seq)"""
-        )
-        conn.execute("COMMIT")
-
     def _load(self) -> None:
+        # Counters only: per-stream state is read on demand (memory flat in streams).
         conn = self.conn
-        for sid, name, priority in conn.execute("SELECT id, name, priority FROM streams"):
-            self._stream_ids[name] = sid
-            self._stream_names[sid] = name
-            self._stream_priority[sid] = priority
-        for sid, epoch, low, high, latest, count in conn.execute(
-            "SELECT stream_id, boot_epoch, low_seq, high_seq, latest_rowid, events "
-            "FROM stream_epochs"
-        ):
-            self._epochs[(sid, epoch)] = _EpochState(low, high, latest, count)
-        # Open gaps come back exactly as last committed (their remaining pieces are
-        # persisted with every fill): no scan of events, whatever was pruned since.
-        for gid, sid, epoch, pieces in conn.execute(
-            "SELECT id, stream_id, boot_epoch, pieces FROM gaps WHERE closed_at IS NULL ORDER BY id"
-        ):
-            self._gaps.setdefault((sid, epoch), []).append(_Gap(gid, json.loads(pieces)))
-        for sid, epoch, seq in conn.execute("SELECT stream_id, boot_epoch, seq FROM checkpoints"):
-            self._checkpoints[sid] = (epoch, seq)
+        self._stream_count: int = conn.execute("SELECT count(*) FROM streams").fetchone()[0]
+        self._open_gaps: int = conn.execute(
+            "SELECT count(*) FROM gaps WHERE closed_at IS NULL"
+        ).fetchone()[0]
         # Rowids are never reused: after eviction the highest rows may be gone, and a reused
         # rowid at or below the uplink cursor would count as delivered without being sent.
         top = conn.execute("SELECT max(id) FROM events").fetchone()[0] or 0
@@ -419,90 +241,26 @@ class EventStore:
         the caller may ACK all of them. Raises `CommitFailed` (nothing durable) or
         `StoreFull` (the database is at its cap; nothing durable).
         """
-        batch = self._plan(arrivals, time.time() if now is None else now)
+        at = time.time() if now is None else now
         try:
-            self._write(batch)
+            # Planning reads the state of streams missing from the cache: it can fail too
+            # (and then forgets what it touched itself).
+            batch = self._state.plan(arrivals, at, self._next_id, self._next_gap, self._next_stream)
+            try:
+                self._write(batch)
+            except BaseException:
+                self._state.forget(batch)  # their cached state was planned, not committed
+                raise
         except sqlite3.Error as exc:
             self._rollback()
             self.counters["commit_failures"] += 1
             if isinstance(exc, sqlite3.OperationalError) and "full" in str(exc).lower():
                 raise StoreFull(f"database or disk is full: {exc}") from exc
-            raise CommitFailed(f"append of {len(batch.rows)} events failed: {exc}") from exc
-        self._apply(batch)  # committed: only now does the cached state move
+            raise CommitFailed(f"append of {len(arrivals)} events failed: {exc}") from exc
+        self._apply(batch)  # committed: the planned state is now the cache's
         return AppendResult(len(batch.rows), batch.duplicates, batch.opened, batch.filled)
 
-    def _plan(self, arrivals: Sequence[Arrival], received_at: float) -> _Batch:
-        """Decide row by row what to insert, against a staged copy of the cached state."""
-        b = _Batch(received_at, self._next_id, self._next_gap)
-        for arrival in arrivals:
-            event = arrival.event
-            sid = self._stream_ids.get(event.stream) or b.new_ids.get(event.stream)
-            if sid is None:
-                sid = self._next_stream + len(b.new_ids)
-                b.new_ids[event.stream] = sid
-                b.new_streams.append(
-                    (sid, event.stream, arrival.controller_id, event.priority, received_at)
-                )
-            key = (sid, event.boot_epoch)
-            seq = event.seq
-            state = b.staged.get(key)
-            if state is None:
-                base = self._epochs.get(key)
-                if base is not None:
-                    state = _EpochState(base.low_seq, base.high_seq, base.latest_rowid, base.events)
-                elif seq > 1 and self._knew_stream(sid):
-                    # A new boot epoch first seen past seq 1: its first events were lost.
-                    self._open_gap(b, key, 1, seq - 1)
-                    state = _EpochState(1, seq - 1, 0, 0)
-                else:
-                    # First sight of this stream: nothing is known below `seq`, so nothing
-                    # below it can be a duplicate (low_seq, not 0, bounds the dedup range).
-                    state = _EpochState(seq, seq - 1, 0, 0)
-                b.staged[key] = state
-            if state.low_seq <= seq <= state.high_seq:
-                gap = _find_gap(self._staged_gaps(b, key), seq)
-                if gap is None:
-                    b.duplicates += 1
-                    continue
-                _remove_from_pieces(gap.pieces, seq)
-                b.gap_updates[gap.gap_id] = gap
-                b.filled += 1
-            elif seq > state.high_seq + 1:
-                self._open_gap(b, key, state.high_seq + 1, seq - 1)
-            elif seq < state.low_seq - 1:
-                self._open_gap(b, key, seq + 1, state.low_seq - 1)  # a late, older event
-            state.low_seq = min(state.low_seq, seq)
-            b.rows.append(
-                (b.next_id, sid, event.boot_epoch, seq, event.ts, int(arrival.time_quality),
-                 event.kind, event.priority, event.payload, received_at)
-            )  # fmt: skip
-            if seq > state.high_seq:
-                state.high_seq = seq
-                state.latest_rowid = b.next_id
-            state.events += 1
-            b.next_id += 1
-        return b
-
-    def _staged_gaps(self, b: _Batch, key: tuple[int, int]) -> list[_Gap]:
-        gaps = b.staged_gaps.get(key)
-        if gaps is None:
-            gaps = b.staged_gaps[key] = _copy_gaps(self._gaps.get(key, ()))
-        return gaps
-
-    def _open_gap(self, b: _Batch, key: tuple[int, int], lo: int, hi: int) -> None:
-        gaps = self._staged_gaps(b, key)
-        gap = _Gap(b.next_gap, [[lo, hi]])
-        b.next_gap += 1
-        gaps.append(gap)
-        for dropped in _bound_gaps(gaps):
-            b.gap_dropped.append(dropped.gap_id)
-        b.gap_inserts.append(
-            (gap.gap_id, key[0], key[1], lo, hi, hi - lo + 1, json.dumps([[lo, hi]]),
-             b.received_at)
-        )  # fmt: skip
-        b.opened += 1
-
-    def _write(self, b: _Batch) -> None:
+    def _write(self, b: Batch) -> None:
         conn = self.conn
         conn.execute("BEGIN IMMEDIATE")
         if b.new_streams:
@@ -510,6 +268,19 @@ class EventStore:
                 "INSERT INTO streams (id, name, controller, priority, first_seen, last_seen) "
                 "VALUES (?, ?, ?, ?, ?, ?)",
                 [(*s, s[4]) for s in b.new_streams],
+            )
+        if b.new_epochs:
+            conn.executemany(
+                "INSERT INTO controller_epochs (controller, boot_epoch, epoch, first_seen) "
+                "VALUES (?, ?, ?, ?)",
+                [(c, e, stored, b.received_at) for (c, e), stored in b.new_epochs.items()],
+            )
+        for controller, announced, top, stored in b.rollbacks:
+            set_state(
+                conn,
+                ROLLBACK_ALARM,
+                f"controller={controller} announced={announced} highest={top} stored={stored}",
+                b.received_at,
             )
         if b.rows:
             conn.executemany(
@@ -540,6 +311,7 @@ class EventStore:
                 "UPDATE gaps SET closed_at = ? WHERE id = ?",
                 [(b.received_at, gid) for gid in b.gap_dropped],
             )
+        dropped = set(b.gap_dropped)
         if b.gap_updates:
             conn.executemany(
                 "UPDATE gaps SET missing = ?, pieces = ?, closed_at = ? WHERE id = ?",
@@ -551,32 +323,60 @@ class EventStore:
                         g.gap_id,
                     )
                     for g in b.gap_updates.values()
+                    if g.gap_id not in dropped  # a dropped gap stays closed
                 ],
             )
+        if len(self._last_seen) >= self.config.max_cached_streams:
+            self._write_last_seen(self._last_seen)  # bounded: flushed here, not kept
+            b.flush_last_seen = True
         conn.execute("COMMIT")
 
-    def _apply(self, b: _Batch) -> None:
-        for name, sid in b.new_ids.items():
-            self._stream_ids[name] = sid
-            self._stream_names[sid] = name
-        for sid, _name, _controller, priority, _at in b.new_streams:
-            self._stream_priority[sid] = priority
-        self._epochs.update(b.staged)
-        for sid, _epoch in b.staged:
-            self._last_seen[sid] = b.received_at
-        for key, gaps in b.staged_gaps.items():
-            self._gaps[key] = [g for g in gaps if g.pieces]
+    def _apply(self, b: Batch) -> None:
+        self._state.apply(b)
+        if b.flush_last_seen:
+            self._last_seen = {}
+        seen = self._last_seen
+        seen.update(dict.fromkeys(b.by_sid, b.received_at))
+        for sid, *_ in b.new_streams:  # their rows were just written with last_seen
+            del seen[sid]
+        for controller, announced, top, stored in b.rollbacks:
+            self._log_rollback(controller, announced, top, stored, b.received_at)
+        closed = set(b.gap_dropped)
+        closed.update(g.gap_id for g in b.gap_updates.values() if not g.pieces)
+        self._open_gaps += len(b.gap_inserts) - len(closed)
         self._next_id, self._next_gap = b.next_id, b.next_gap
-        self._next_stream += len(b.new_ids)
+        self._next_stream += len(b.new_streams)
+        self._stream_count += len(b.new_streams)
         self._rows += len(b.rows)
         self.counters["stored"] += len(b.rows)
         self.counters["duplicates"] += b.duplicates
         self.counters["gaps_opened"] += b.opened
         self.counters["gaps_filled"] += b.filled
+        self.counters["epoch_rollbacks"] += len(b.rollbacks)
 
-    def _knew_stream(self, sid: int) -> bool:
-        """True if another boot epoch of this stream was seen (a reboot lost events)."""
-        return sid in self._stream_names and any(k[0] == sid for k in self._epochs)
+    def _log_rollback(
+        self, controller: str, announced: int, top: int, stored: int, at: float
+    ) -> None:
+        # First of a streak at WARNING; repeats within ROLLBACK_LOG_INTERVAL at DEBUG.
+        if at - self._last_rollback_log >= ROLLBACK_LOG_INTERVAL:
+            log.warning(
+                "boot_epoch_rollback controller=%s announced=%d highest=%d stored=%d "
+                "more_since_last=%d",
+                controller, announced, top, stored, self._rollbacks_unlogged,
+            )  # fmt: skip
+            self._last_rollback_log = at
+            self._rollbacks_unlogged = 0
+        else:
+            self._rollbacks_unlogged += 1
+            log.debug(
+                "boot_epoch_rollback controller=%s announced=%d highest=%d stored=%d",
+                controller, announced, top, stored,
+            )  # fmt: skip
+
+    def _write_last_seen(self, seen: Mapping[int, float]) -> None:
+        self.conn.executemany(
+            "UPDATE streams SET last_seen = ? WHERE id = ?", [(t, sid) for sid, t in seen.items()]
+        )
 
     def _rollback(self) -> None:
         # SQLite may already have rolled back by itself (disk full, I/O error): check.
@@ -590,10 +390,11 @@ class EventStore:
         """The latest stored event of every stream: replay's answer (one join, ~ms)."""
         return [event for _, event, _, _ in read_latest(self.conn)]
 
-    def _row_to_event(self, row: tuple[object, ...]) -> StoredEvent:
-        rowid, sid, epoch, seq, ts, tq, kind, priority, payload, received_at = row
+    @staticmethod
+    def _row_to_event(row: tuple[object, ...]) -> StoredEvent:
+        rowid, name, epoch, seq, ts, tq, kind, priority, payload, received_at = row
         event = Event.trusted(
-            self._stream_names[sid],  # type: ignore[index]
+            name,  # type: ignore[arg-type]
             seq,  # type: ignore[arg-type]
             epoch,  # type: ignore[arg-type]
             ts,  # type: ignore[arg-type]
@@ -607,8 +408,7 @@ class EventStore:
         """Up to `limit` events the fleet has not acknowledged, oldest first."""
         start = max(after_rowid, self._cursor() - 1)
         rows = self.conn.execute(
-            f"SELECT {_EVENT_COLUMNS} FROM events WHERE id > ? ORDER BY id LIMIT ?",
-            (start, limit),
+            f"{_EVENTS_WITH_NAMES} WHERE e.id > ? ORDER BY e.id LIMIT ?", (start, limit)
         ).fetchall()
         return [self._row_to_event(row) for row in rows]
 
@@ -617,9 +417,7 @@ class EventStore:
         last = 0
         while True:
             rows = self.conn.execute(
-                "SELECT id, stream_id, boot_epoch, seq, ts, ts_quality, kind, priority, payload, "
-                "received_at FROM events WHERE id > ? ORDER BY id LIMIT ?",
-                (last, batch),
+                f"{_EVENTS_WITH_NAMES} WHERE e.id > ? ORDER BY e.id LIMIT ?", (last, batch)
             ).fetchall()
             if not rows:
                 return
@@ -631,12 +429,18 @@ class EventStore:
 
     def checkpoint(self, stream: str) -> tuple[int, int] | None:
         """(boot_epoch, seq) the fleet has acknowledged for `stream`, or None."""
-        sid = self._stream_ids.get(stream)
-        return self._checkpoints.get(sid) if sid is not None else None
+        entry = self._state.entry(stream)
+        return entry.checkpoint if entry is not None else None
 
     def checkpoints(self) -> dict[str, tuple[int, int]]:
-        """Every stream's checkpoint."""
-        return {self._stream_names[sid]: pos for sid, pos in self._checkpoints.items()}
+        """Every stream's checkpoint (read from the database: one row per stream)."""
+        return {
+            name: (epoch, seq)
+            for name, epoch, seq in self.conn.execute(
+                "SELECT s.name, c.boot_epoch, c.seq FROM checkpoints AS c "
+                "JOIN streams AS s ON s.id = c.stream_id"
+            )
+        }
 
     def mark_delivered(
         self,
@@ -657,14 +461,15 @@ class EventStore:
             self.counters["acks_stale"] += 1
             return False
         moves: dict[int, tuple[int, int]] = {}
+        names: dict[int, str] = {}
         for stream, position in positions.items():
-            sid = self._stream_ids.get(stream)
+            entry = self._state.entry(stream)
             pos = (int(position[0]), int(position[1]))
-            if sid is None:
+            if entry is None:
                 continue
-            current = self._checkpoints.get(sid)
-            if current is None or pos > current:
-                moves[sid] = pos
+            if entry.checkpoint is None or pos > entry.checkpoint:
+                moves[entry.sid] = pos
+                names[entry.sid] = stream
         try:
             self.conn.execute("BEGIN IMMEDIATE")
             self.conn.executemany(
@@ -678,7 +483,8 @@ class EventStore:
         except sqlite3.Error as exc:
             self._rollback()
             raise CommitFailed(f"checkpoint update failed: {exc}") from exc
-        self._checkpoints.update(moves)
+        for sid, pos in moves.items():
+            self._state.set_checkpoint(names[sid], pos)
         self._cursor_value = cursor
         self.counters["acks_applied"] += 1
         return True
@@ -696,139 +502,6 @@ class EventStore:
         """Lowest rowid the fleet has not acknowledged."""
         return self._cursor()
 
-    # -- space -------------------------------------------------------------------------------
-
-    def used_bytes(self) -> int:
-        """Bytes of database pages in use (free pages are reused before the file grows)."""
-        pages = self.conn.execute("PRAGMA page_count").fetchone()[0]
-        free = self.conn.execute("PRAGMA freelist_count").fetchone()[0]
-        return int((pages - free) * PAGE_SIZE)
-
-    def capacity(self) -> int:
-        """The effective cap: max_buffer_bytes, lowered to keep min_free_bytes on disk."""
-        c = self.config
-        free = self._free_bytes(self.path.parent)
-        # Our own file counts as usable whole (free pages included): SQLite reuses them
-        # but never returns them to the disk, so counting only pages in use would lower
-        # the cap by every eviction and shed the whole backlog for nothing. Its size on
-        # disk, not page_count: pages still in the WAL take free space when checkpointed.
-        own = self.path.stat().st_size
-        # The WAL is not room for the database: it grows to about one checkpoint before
-        # it is reused, and that growth must come out of free space too. (Counting the
-        # WAL as ours let a small file system fill to 0 under a 1 MiB floor: measured.)
-        wal = Path(f"{self.path}-wal")
-        wal_room = max(0, WAL_RESERVE_BYTES - (wal.stat().st_size if wal.exists() else 0))
-        allowed = own + free - c.min_free_bytes - wal_room
-        return max(0, min(c.max_buffer_bytes, allowed))
-
-    def needs_room(self) -> bool:
-        """True when usage is above the high-water mark of the effective cap.
-
-        Also lowers SQLite's hard page cap to the effective cap, so the free-space floor
-        holds even if the ladder cannot keep up (SQLite never shrinks below the file).
-        """
-        cap = self.capacity()
-        self.conn.execute(f"PRAGMA max_page_count = {max(1, math.ceil(cap / PAGE_SIZE))}")
-        return self.used_bytes() >= self.config.high_water * cap
-
-    def make_room(self, now: float | None = None) -> bool:
-        """Run the eviction ladder until usage is under the low-water mark.
-
-        1. delete events the fleet acknowledged (keeping each stream's latest);
-        2. compact low-priority streams to their latest event;
-        3. drop the oldest events of the lowest priority present.
-        Steps 2 and 3 lose data the fleet has not seen: each is recorded in `shed`.
-        Returns False if still above the mark (the caller then stops ACKing).
-        """
-        at = time.time() if now is None else now
-        target = self.config.low_water * self.capacity()
-        keep = self._latest_rowids()
-        steps = [
-            ("acked", self._prune_acked),
-            ("compact_low_priority", self._compact_low_priority),
-            ("drop_oldest", self._drop_oldest),
-        ]
-        for name, step in steps:
-            if self.used_bytes() <= target:
-                return True
-            try:
-                step(keep, target, at)
-            except sqlite3.Error as exc:
-                self._rollback()
-                log.error("evict_failed step=%s error=%r", name, str(exc))
-                return False
-        return self.used_bytes() <= target
-
-    def _latest_rowids(self) -> str:
-        """Rowids eviction must keep: each stream's latest event (its newest boot epoch)."""
-        best: dict[int, tuple[int, int]] = {}
-        for (sid, epoch), state in self._epochs.items():
-            if state.latest_rowid and (sid not in best or epoch > best[sid][0]):
-                best[sid] = (epoch, state.latest_rowid)
-        return ",".join(str(rowid) for _, rowid in best.values()) or "0"
-
-    def _remember_max_id(self, at: float) -> None:
-        # Inside the deleting transaction: the highest rowid ever used survives deletion.
-        self._set_state(self.conn, "events.max_id", str(self._next_id - 1), at)
-
-    def _prune_acked(self, keep: str, _target: float, at: float) -> None:
-        self.conn.execute("BEGIN IMMEDIATE")
-        self._remember_max_id(at)
-        cur = self.conn.execute(
-            f"DELETE FROM events WHERE id < ? AND id NOT IN ({keep})", (self._cursor(),)
-        )
-        self.conn.execute("COMMIT")
-        self._rows -= cur.rowcount
-        self.counters["pruned_acked"] += cur.rowcount
-        log.info("evict step=acked deleted=%d", cur.rowcount)
-
-    def _shed(self, where: str, params: tuple[object, ...], reason: str, at: float) -> int:
-        """Record then delete the unacknowledged events matching `where`, one transaction."""
-        unacked = f"id >= {int(self._cursor())}"
-        self.conn.execute("BEGIN IMMEDIATE")
-        self._remember_max_id(at)
-        self.conn.execute(
-            f"""INSERT INTO shed (at, reason, stream_id, boot_epoch, first_seq, last_seq, count,
-                                  first_rowid, last_rowid)
-                SELECT ?, ?, stream_id, boot_epoch, min(seq), max(seq), count(*), min(id), max(id)
-                FROM events WHERE {where} AND {unacked} GROUP BY stream_id, boot_epoch""",
-            (at, reason, *params),
-        )
-        cur = self.conn.execute(f"DELETE FROM events WHERE {where} AND {unacked}", params)
-        self.conn.execute("COMMIT")
-        self._rows -= cur.rowcount
-        self.counters[f"shed_{reason}"] = self.counters.get(f"shed_{reason}", 0) + cur.rowcount
-        if cur.rowcount:
-            log.warning("evict step=%s shed=%d", reason, cur.rowcount)
-        return int(cur.rowcount)
-
-    def _compact_low_priority(self, keep: str, _target: float, at: float) -> None:
-        self._shed(
-            f"priority <= ? AND id NOT IN ({keep})",
-            (self.config.low_priority_max,),
-            "compact_low_priority",
-            at,
-        )
-
-    def _drop_oldest(self, keep: str, target: float, at: float) -> None:
-        while self.used_bytes() > target:
-            row = self.conn.execute(
-                f"SELECT min(priority) FROM events WHERE id NOT IN ({keep})"
-            ).fetchone()
-            if row is None or row[0] is None:
-                return
-            # Oldest first, in chunks; rowid order needs no index.
-            chunk = max(1000, self._rows // 20)
-            dropped = self._shed(
-                f"id IN (SELECT id FROM events WHERE priority = ? AND id NOT IN ({keep}) "
-                f"ORDER BY id LIMIT {chunk})",
-                (row[0],),
-                "drop_oldest",
-                at,
-            )
-            if not dropped:
-                return
-
     # -- state and stats ---------------------------------------------------------------------
 
     def publish(self, values: Mapping[str, str], now: float | None = None) -> None:
@@ -839,10 +512,7 @@ class EventStore:
             self.conn.execute("BEGIN IMMEDIATE")
             for key, value in values.items():
                 self._set_state(self.conn, key, value, at)
-            self.conn.executemany(
-                "UPDATE streams SET last_seen = ? WHERE id = ?",
-                [(t, sid) for sid, t in seen.items()],
-            )
+            self._write_last_seen(seen)
             self.conn.execute("COMMIT")
         except sqlite3.Error as exc:
             self._rollback()
@@ -853,30 +523,28 @@ class EventStore:
     def _set_state(
         conn: sqlite3.Connection, key: str, value: str, now: float | None = None
     ) -> None:
-        conn.execute(
-            "INSERT INTO agent_state (key, value, updated_at) VALUES (?, ?, ?) "
-            "ON CONFLICT (key) DO UPDATE SET value = excluded.value, "
-            "updated_at = excluded.updated_at",
-            (key, value, time.time() if now is None else now),
-        )
+        set_state(conn, key, value, now)
 
     def shed_records(self) -> list[ShedRecord]:
         """Every shed record, oldest first."""
         return [
-            ShedRecord(reason, self._stream_names.get(sid, "?"), epoch, lo, hi, count)
-            for reason, sid, epoch, lo, hi, count in self.conn.execute(
-                "SELECT reason, stream_id, boot_epoch, first_seq, last_seq, count FROM shed "
-                "ORDER BY id"
+            ShedRecord(reason, name, epoch, lo, hi, count)
+            for reason, name, epoch, lo, hi, count in self.conn.execute(
+                "SELECT sh.reason, coalesce(s.name, '?'), sh.boot_epoch, sh.first_seq, "
+                "sh.last_seq, sh.count FROM shed AS sh LEFT JOIN streams AS s "
+                "ON s.id = sh.stream_id ORDER BY sh.id"
             )
         ]
 
     def open_gaps(self) -> dict[tuple[str, int], list[tuple[int, int]]]:
-        """Missing (lo, hi) ranges per (stream, boot_epoch), from the writer's cache."""
-        return {
-            (self._stream_names[sid], epoch): [(lo, hi) for g in gaps for lo, hi in g.pieces]
-            for (sid, epoch), gaps in self._gaps.items()
-            if gaps
-        }
+        """Missing (lo, hi) ranges per (stream, boot_epoch), as committed."""
+        out: dict[tuple[str, int], list[tuple[int, int]]] = {}
+        for name, epoch, pieces in self.conn.execute(
+            "SELECT s.name, g.boot_epoch, g.pieces FROM gaps AS g "
+            "JOIN streams AS s ON s.id = g.stream_id WHERE g.closed_at IS NULL ORDER BY g.id"
+        ):
+            out.setdefault((name, epoch), []).extend((lo, hi) for lo, hi in json.loads(pieces))
+        return out
 
     @property
     def event_count(self) -> int:
@@ -890,43 +558,14 @@ class EventStore:
         ).fetchone()
         return {
             "events": self._rows,
-            "streams": len(self._stream_ids),
+            "streams": self._stream_count,
             "used_bytes": self.used_bytes(),
-            "open_gaps": sum(len(g) for g in self._gaps.values()),
+            "open_gaps": self._open_gaps,
             "oldest_unacked_received_at": float(oldest[0]) if oldest else 0.0,
             "cursor": self._cursor(),
             "top_rowid": self._next_id - 1,
+            "cached_streams": len(self._state.streams),
+            # Evictions per second near the commit rate: the cap is below the active set.
+            "cache_evictions": self._state.streams.evictions,
             **self.counters,
         }
-
-
-def _copy_gaps(gaps: Sequence[_Gap]) -> list[_Gap]:
-    return [_Gap(g.gap_id, [p[:] for p in g.pieces]) for g in gaps]
-
-
-def _find_gap(gaps: list[_Gap], seq: int) -> _Gap | None:
-    for gap in gaps:
-        for lo, hi in gap.pieces:
-            if lo <= seq <= hi:
-                return gap
-    return None
-
-
-def _remove_from_pieces(pieces: list[list[int]], seq: int) -> None:
-    for i, (lo, hi) in enumerate(pieces):
-        if lo <= seq <= hi:
-            replacement = [r for r in ([lo, seq - 1], [seq + 1, hi]) if r[0] <= r[1]]
-            pieces[i : i + 1] = replacement
-            return
-
-
-def _bound_gaps(gaps: list[_Gap]) -> list[_Gap]:
-    """Forget the oldest gaps past MAX_GAP_PIECES (their late fills become dups)."""
-    dropped = []
-    total = sum(len(g.pieces) for g in gaps)
-    while total > MAX_GAP_PIECES and gaps:
-        oldest = gaps.pop(0)
-        total -= len(oldest.pieces)
-        dropped.append(oldest)
-        log.warning("gap_tracking_dropped gap_id=%d pieces=%d", oldest.gap_id, len(oldest.pieces))
-    return dropped

@@ -683,7 +683,8 @@ def start_real_agent(
         f'[serial]\ndevice = "{device}"\n'
         "[store]\nmin_free_bytes = 0\n"
         # No broker listens on this port: the uplink retries with backoff, as after link loss.
-        f"[uplink]\nenabled = {'true' if uplink else 'false'}\nport = {UNREACHABLE_PORT}\n",
+        f"[uplink]\nenabled = {'true' if uplink else 'false'}\nport = {UNREACHABLE_PORT}\n"
+        "allow_unsigned = true\n",  # nothing answers on that port anyway
         encoding="utf-8",
     )
     log = work / "agent.log"

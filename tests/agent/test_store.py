@@ -47,7 +47,9 @@ def test_pragmas_and_schema(db: Path) -> None:
     conn = store.conn
     assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     assert conn.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL
-    assert conn.execute("SELECT name FROM _migrations").fetchall() == [("001_initial",)]
+    assert conn.execute("SELECT name FROM _migrations").fetchall() == [
+        ("001_initial",), ("002_open_gaps_index",), ("003_controller_epochs",)
+    ]  # fmt: skip
     indexes = conn.execute(
         "SELECT name FROM sqlite_master WHERE type = 'index' AND tbl_name = 'events'"
     ).fetchall()
@@ -138,9 +140,14 @@ def test_latest_matches_replay_and_dedup_is_exact(tmp_path: Path, plan: list) ->
     path = Path(tempfile.mkdtemp(dir=tmp_path)) / "h.db"  # a fresh file per example
     store = EventStore(path)
     seen: set[tuple[str, int, int]] = set()
+    stored_epoch: dict[int, int] = {}  # the rollback rule (docs/protocol.md), one controller
     for batch in plan:
         store.append([ev(s, q, epoch=e) for s, q, e in batch])
-        seen |= {(s, e, q) for s, q, e in batch}
+        for _, _, e in batch:
+            if e not in stored_epoch:
+                top = max(stored_epoch.values(), default=-1)
+                stored_epoch[e] = e if e > top else top + 1
+        seen |= {(s, stored_epoch[e], q) for s, q, e in batch}
     stored = keys(store)
     assert sorted(stored) == sorted(seen)  # every distinct key once
     assert store.latest() == replay(s.event for s in store.iter_events())

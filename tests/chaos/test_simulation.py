@@ -39,12 +39,15 @@ from hypothesis.stateful import (
 from agent.collector import Collector, CollectorStore
 from agent.config import UplinkSection
 from agent.errors import StoreError
+from agent.fleet_auth import FleetAuth
 from agent.resilience import Backoff, CircuitBreaker, replay
 from agent.resync import FleetSync, Resync
 from agent.store import EventStore, connect, read_latest
 from firmware_bridge.controller import ControllerLink
 from firmware_bridge.link import AgentLink, Received
 from firmware_bridge.protocol import EventBody, TimeQuality
+
+from support import fleet_signer
 
 Key = tuple[str, int, int]
 VEHICLE = "sim-vehicle"
@@ -154,7 +157,8 @@ class CoreSimulation(RuleBasedStateMachine):
         self.failed_commits = 0
         self.unsaved_checkpoint: tuple[int, dict[str, tuple[int, int]]] | None = None
         self.broker = Broker()
-        self.collector = Collector(CollectorStore(":memory:"), AckSink(self.broker))
+        self.signer = fleet_signer()  # acks signed as in production
+        self.collector = Collector(CollectorStore(":memory:"), AckSink(self.broker), self.signer)
         self.ctl = self._controller()
         self._start_agent()
 
@@ -181,7 +185,8 @@ class CoreSimulation(RuleBasedStateMachine):
         self.breaker = CircuitBreaker(3, 1.0, clock=lambda: self.now)
         self.transport = LoopTransport(self.broker)
         self.sync = FleetSync(self.transport, self.resync, self.breaker,
-                              Backoff(0.05, 0.5, rng=random.Random(1)))  # fmt: skip
+                              Backoff(0.05, 0.5, rng=random.Random(1)),
+                              auth=FleetAuth(VEHICLE, self.signer.key.public_key()))  # fmt: skip
 
     def _deliver(self, upto: int, positions: dict[str, tuple[int, int]]) -> None:
         # As the daemon's writer: a checkpoint that cannot be saved is retried later.

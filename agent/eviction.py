@@ -1,0 +1,173 @@
+"""The store's space policy: capacity against the disk, and the eviction ladder.
+
+Mixed into `EventStore` (the single writer); the ladder's steps run in their own
+transactions and work on rowid ranges and a subquery of each stream's latest rowid
+(`stream_epochs`), so no step builds anything in memory per stream or per event.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import sqlite3
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Final
+
+from agent.storedb import PAGE_SIZE, WAL_RESERVE_BYTES, StoreConfig, set_state
+
+log = logging.getLogger("agent.store")
+
+# Rowids eviction keeps: each stream's latest event (its newest stored boot epoch). A
+# subquery SQLite materializes once per statement, never a list built in Python.
+KEEP_LATEST: Final = (
+    "SELECT latest_rowid FROM stream_epochs AS k WHERE k.boot_epoch = "
+    "(SELECT max(boot_epoch) FROM stream_epochs WHERE stream_id = k.stream_id)"
+)
+
+
+class EvictionLadder:
+    """Space figures and the eviction ladder of `EventStore` (which provides the state)."""
+
+    conn: sqlite3.Connection
+    config: StoreConfig
+    path: Path
+    counters: dict[str, int]
+    _free_bytes: Callable[[Path], int]
+    _rows: int
+    _next_id: int
+
+    def _cursor(self) -> int:
+        raise NotImplementedError
+
+    def _rollback(self) -> None:
+        raise NotImplementedError
+
+    def used_bytes(self) -> int:
+        """Bytes of database pages in use (free pages are reused before the file grows)."""
+        pages = self.conn.execute("PRAGMA page_count").fetchone()[0]
+        free = self.conn.execute("PRAGMA freelist_count").fetchone()[0]
+        return int((pages - free) * PAGE_SIZE)
+
+    def capacity(self) -> int:
+        """The effective cap: max_buffer_bytes, lowered to keep min_free_bytes on disk."""
+        c = self.config
+        free = self._free_bytes(self.path.parent)
+        # Our own file counts as usable whole (free pages included): SQLite reuses them
+        # but never returns them to the disk, so counting only pages in use would lower
+        # the cap by every eviction and shed the whole backlog for nothing. Its size on
+        # disk, not page_count: pages still in the WAL take free space when checkpointed.
+        own = self.path.stat().st_size
+        # The WAL is not room for the database: it grows to about one checkpoint before
+        # it is reused, and that growth must come out of free space too. (Counting the
+        # WAL as ours let a small file system fill to 0 under a 1 MiB floor: measured.)
+        wal = Path(f"{self.path}-wal")
+        wal_room = max(0, WAL_RESERVE_BYTES - (wal.stat().st_size if wal.exists() else 0))
+        allowed = own + free - c.min_free_bytes - wal_room
+        return max(0, min(c.max_buffer_bytes, allowed))
+
+    def needs_room(self) -> bool:
+        """True when usage is above the high-water mark of the effective cap.
+
+        Also lowers SQLite's hard page cap to the effective cap, so the free-space floor
+        holds even if the ladder cannot keep up (SQLite never shrinks below the file).
+        """
+        cap = self.capacity()
+        self.conn.execute(f"PRAGMA max_page_count = {max(1, math.ceil(cap / PAGE_SIZE))}")
+        return self.used_bytes() >= self.config.high_water * cap
+
+    def make_room(self, now: float | None = None) -> bool:
+        """Run the eviction ladder until usage is under the low-water mark.
+
+        1. delete events the fleet acknowledged (keeping each stream's latest);
+        2. compact low-priority streams to their latest event;
+        3. drop the oldest events of the lowest priority present.
+        Steps 2 and 3 lose data the fleet has not seen: each is recorded in `shed`.
+        Returns False if still above the mark (the caller then stops ACKing).
+        """
+        at = time.time() if now is None else now
+        target = self.config.low_water * self.capacity()
+        keep = self._latest_rowids()
+        steps = [
+            ("acked", self._prune_acked),
+            ("compact_low_priority", self._compact_low_priority),
+            ("drop_oldest", self._drop_oldest),
+        ]
+        for name, step in steps:
+            if self.used_bytes() <= target:
+                return True
+            try:
+                step(keep, target, at)
+            except sqlite3.Error as exc:
+                self._rollback()
+                log.error("evict_failed step=%s error=%r", name, str(exc))
+                return False
+        return self.used_bytes() <= target
+
+    @staticmethod
+    def _latest_rowids() -> str:
+        """SQL for the rowids eviction must keep: each stream's latest event."""
+        return KEEP_LATEST
+
+    def _remember_max_id(self, at: float) -> None:
+        # Inside the deleting transaction: the highest rowid ever used survives deletion.
+        set_state(self.conn, "events.max_id", str(self._next_id - 1), at)
+
+    def _prune_acked(self, keep: str, _target: float, at: float) -> None:
+        self.conn.execute("BEGIN IMMEDIATE")
+        self._remember_max_id(at)
+        cur = self.conn.execute(
+            f"DELETE FROM events WHERE id < ? AND id NOT IN ({keep})", (self._cursor(),)
+        )
+        self.conn.execute("COMMIT")
+        self._rows -= cur.rowcount
+        self.counters["pruned_acked"] += cur.rowcount
+        log.info("evict step=acked deleted=%d", cur.rowcount)
+
+    def _shed(self, where: str, params: tuple[object, ...], reason: str, at: float) -> int:
+        """Record then delete the unacknowledged events matching `where`, one transaction."""
+        unacked = f"id >= {int(self._cursor())}"
+        self.conn.execute("BEGIN IMMEDIATE")
+        self._remember_max_id(at)
+        self.conn.execute(
+            f"""INSERT INTO shed (at, reason, stream_id, boot_epoch, first_seq, last_seq, count,
+                                  first_rowid, last_rowid)
+                SELECT ?, ?, stream_id, boot_epoch, min(seq), max(seq), count(*), min(id), max(id)
+                FROM events WHERE {where} AND {unacked} GROUP BY stream_id, boot_epoch""",
+            (at, reason, *params),
+        )
+        cur = self.conn.execute(f"DELETE FROM events WHERE {where} AND {unacked}", params)
+        self.conn.execute("COMMIT")
+        self._rows -= cur.rowcount
+        self.counters[f"shed_{reason}"] = self.counters.get(f"shed_{reason}", 0) + cur.rowcount
+        if cur.rowcount:
+            log.warning("evict step=%s shed=%d", reason, cur.rowcount)
+        return int(cur.rowcount)
+
+    def _compact_low_priority(self, keep: str, _target: float, at: float) -> None:
+        self._shed(
+            f"priority <= ? AND id NOT IN ({keep})",
+            (self.config.low_priority_max,),
+            "compact_low_priority",
+            at,
+        )
+
+    def _drop_oldest(self, keep: str, target: float, at: float) -> None:
+        while self.used_bytes() > target:
+            row = self.conn.execute(
+                f"SELECT min(priority) FROM events WHERE id NOT IN ({keep})"
+            ).fetchone()
+            if row is None or row[0] is None:
+                return
+            # Oldest first, in chunks; rowid order needs no index.
+            chunk = max(1000, self._rows // 20)
+            dropped = self._shed(
+                f"id IN (SELECT id FROM events WHERE priority = ? AND id NOT IN ({keep}) "
+                f"ORDER BY id LIMIT {chunk})",
+                (row[0],),
+                "drop_oldest",
+                at,
+            )
+            if not dropped:
+                return

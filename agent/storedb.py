@@ -1,0 +1,143 @@
+"""The store's database file: PRAGMAs in one connect function, checks, and readers.
+
+Everything here works on any connection, the read-only CLI's included: `connect` (every
+PRAGMA the agent relies on), `check_integrity`, `disk_free_bytes`, and the readers that
+need no writer state, `read_cursor` and `read_latest` (point reads, paginated on demand).
+`agent.store` re-exports them.
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Final
+
+from agent.config import StoreSection
+from agent.errors import StoreError
+from agent.resilience import Event
+
+PAGE_SIZE: Final = 4096
+# SQLite checkpoints the WAL every 1000 pages (its default wal_autocheckpoint); the WAL
+# file grows to about that before it is reused. A quarter more for the batch that tips it.
+WAL_RESERVE_BYTES: Final = 1000 * PAGE_SIZE * 5 // 4
+SYNCHRONOUS_MODES: Final = ("OFF", "NORMAL", "FULL", "EXTRA")
+
+
+@dataclass(frozen=True, slots=True)
+class StoreConfig:
+    """Store knobs. Defaults come from the [store] section: one place (agent/config.py)."""
+
+    synchronous: str = StoreSection.synchronous
+    max_buffer_bytes: int = StoreSection.max_buffer_bytes
+    min_free_bytes: int = StoreSection.min_free_bytes
+    high_water: float = StoreSection.high_water  # run the eviction ladder above this
+    low_water: float = StoreSection.low_water  # ... until usage is back under this
+    low_priority_max: int = StoreSection.low_priority_max  # compacted first (ladder step 2)
+    max_cached_streams: int = StoreSection.max_cached_streams  # LRU cap of per-stream state
+    busy_timeout_ms: int = 5000
+    journal_size_limit: int = 64 * 2**20
+
+
+def read_cursor(conn: sqlite3.Connection) -> int:
+    """The persisted uplink cursor: lowest rowid the fleet has not acknowledged."""
+    row = conn.execute("SELECT value FROM agent_state WHERE key = 'uplink.cursor'").fetchone()
+    return int(row[0]) if row else 1
+
+
+def read_latest(
+    conn: sqlite3.Connection, *, after: str | None = None, limit: int | None = None
+) -> list[tuple[int, Event, int, float]]:
+    """Latest event of every stream as (rowid, event, ts_quality, received_at), by stream.
+
+    Point reads through `stream_epochs.latest_rowid` (one per stream), so any connection,
+    the read-only CLI's included, answers in milliseconds on a million-event buffer.
+    With `after` and/or `limit`: one page, streams named above `after`, at most `limit`
+    (memory bounded by the page, whatever the number of streams).
+    """
+    if after is None and limit is None:
+        rows = conn.execute(
+            """SELECT e.id, s.name, e.boot_epoch, e.seq, e.ts, e.ts_quality, e.kind,
+                      e.priority, e.payload, e.received_at
+               FROM stream_epochs AS se
+               JOIN (SELECT stream_id, max(boot_epoch) AS epoch FROM stream_epochs
+                     GROUP BY stream_id) AS top
+                 ON top.stream_id = se.stream_id AND top.epoch = se.boot_epoch
+               JOIN events AS e ON e.id = se.latest_rowid
+               JOIN streams AS s ON s.id = se.stream_id
+               ORDER BY s.name"""
+        ).fetchall()
+    else:
+        rows = conn.execute(
+            """SELECT e.id, s.name, e.boot_epoch, e.seq, e.ts, e.ts_quality, e.kind,
+                      e.priority, e.payload, e.received_at
+               FROM streams AS s
+               JOIN stream_epochs AS se ON se.stream_id = s.id AND se.boot_epoch =
+                    (SELECT max(boot_epoch) FROM stream_epochs WHERE stream_id = s.id)
+               JOIN events AS e ON e.id = se.latest_rowid
+               WHERE s.name > ? ORDER BY s.name LIMIT ?""",
+            ("" if after is None else after, -1 if limit is None else limit),
+        ).fetchall()
+    return [
+        (rowid, Event.trusted(name, seq, epoch, ts, kind, priority, bytes(payload)), tq, at)
+        for rowid, name, epoch, seq, ts, tq, kind, priority, payload, at in rows
+    ]
+
+
+def connect(
+    path: str | os.PathLike[str],
+    *,
+    readonly: bool = False,
+    synchronous: str = "FULL",
+    busy_timeout_ms: int = 5000,
+    journal_size_limit: int = 64 * 2**20,
+) -> sqlite3.Connection:
+    """Open the database with every PRAGMA the agent relies on, in one place.
+
+    Read-only connections (technician CLI) use `mode=ro` and `query_only`, so they can
+    neither write nor take the write lock, whatever the SQL.
+    """
+    if synchronous not in SYNCHRONOUS_MODES:
+        raise StoreError(f"synchronous must be one of {SYNCHRONOUS_MODES}, got {synchronous!r}")
+    if readonly:
+        uri = Path(path).absolute().as_uri() + "?mode=ro"
+        conn = sqlite3.connect(uri, uri=True, isolation_level=None, check_same_thread=False)
+        conn.execute(f"PRAGMA busy_timeout = {int(busy_timeout_ms)}")
+        conn.execute("PRAGMA query_only = 1")
+        return conn
+    conn = sqlite3.connect(os.fspath(path), isolation_level=None, check_same_thread=False)
+    conn.execute(f"PRAGMA busy_timeout = {int(busy_timeout_ms)}")
+    conn.execute(f"PRAGMA page_size = {PAGE_SIZE}")  # only takes effect on a new file
+    mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+    if mode.lower() != "wal":
+        raise StoreError(f"could not switch {path} to WAL (journal_mode={mode})")
+    conn.execute(f"PRAGMA synchronous = {synchronous}")
+    conn.execute(f"PRAGMA journal_size_limit = {int(journal_size_limit)}")
+    conn.execute("PRAGMA temp_store = MEMORY")
+    conn.execute("PRAGMA foreign_keys = OFF")  # integrity is kept by the single writer
+    return conn
+
+
+def disk_free_bytes(directory: Path) -> int:
+    """Bytes an unprivileged writer may still use on the file system holding `directory`."""
+    st = os.statvfs(directory)
+    return st.f_bavail * st.f_frsize
+
+
+def check_integrity(conn: sqlite3.Connection, *, full: bool = False) -> list[str]:
+    """Problems found by `quick_check` (or `integrity_check`); empty when healthy."""
+    pragma = "integrity_check" if full else "quick_check"
+    rows = [r[0] for r in conn.execute(f"PRAGMA {pragma}(20)")]
+    return [] if rows == ["ok"] else rows
+
+
+def set_state(conn: sqlite3.Connection, key: str, value: str, now: float | None = None) -> None:
+    """Upsert one `agent_state` key (inside the caller's transaction, if any)."""
+    conn.execute(
+        "INSERT INTO agent_state (key, value, updated_at) VALUES (?, ?, ?) "
+        "ON CONFLICT (key) DO UPDATE SET value = excluded.value, "
+        "updated_at = excluded.updated_at",
+        (key, value, time.time() if now is None else now),
+    )
