@@ -47,6 +47,11 @@ log = logging.getLogger(__name__)
 # A controller window is at most MAX_WINDOW (256) frames, so this never bites a correct one.
 RX_WINDOW: Final = 1024
 
+# A controller rebooting in a loop (or a peer sending HELLOs with fresh session ids) must
+# cost bounded log lines: one `controller_session_changed` line per this many seconds,
+# the others counted and reported with the next line ("N more in the last 60 s").
+SESSION_LOG_INTERVAL: Final = 60.0
+
 Token = tuple[int, int]  # (session, link_seq): what the caller hands back to `durable`
 
 
@@ -139,6 +144,8 @@ class AgentLink:
         self._last_event_rx = float("-inf")
         self._ack_repeated = True
         self._next_cmd = 1
+        self._session_log_at = float("-inf")  # when a session change was last logged
+        self._session_changes_held = 0  # changes since then, not logged yet
 
     # -- public --------------------------------------------------------------------------
 
@@ -231,6 +238,8 @@ class AgentLink:
             self.counters["heartbeats_sent"] += 1
         if self._session and now - self._last_nack >= self.nack_retry and self.missing():
             self._nack_due = True
+        if self._session_changes_held and not self._within_session_log_interval(now):
+            self._log_session_changes(now, "")
         if (
             not self._ack_repeated
             and self._last_ack is not None
@@ -302,12 +311,13 @@ class AgentLink:
         else:
             if old is not None:
                 self.counters["controller_reboots"] += 1
-                log.info(
-                    "controller_session_changed controller=%s old_epoch=%d new_epoch=%d",
-                    hello.controller_id,
-                    old.boot_epoch,
-                    frame.session,
-                )
+                self._session_changes_held += 1
+                if not self._within_session_log_interval(now):
+                    self._log_session_changes(
+                        now,
+                        f" controller={hello.controller_id!r} old_epoch={old.boot_epoch} "
+                        f"new_epoch={frame.session}",
+                    )
             self._session = _Session(
                 boot_epoch=frame.session,
                 controller_id=hello.controller_id,
@@ -319,6 +329,18 @@ class AgentLink:
             )
         self._heard(now)
         self._ack_due = True  # confirms the session and tells it where we stand
+
+    def _within_session_log_interval(self, now: float) -> bool:
+        # A clock that steps back ends the interval: never silence the log for good.
+        return self._session_log_at <= now < self._session_log_at + SESSION_LOG_INTERVAL
+
+    def _log_session_changes(self, now: float, detail: str) -> None:
+        """One line for the session changes held since the last (the newest's `detail`)."""
+        held = self._session_changes_held - (1 if detail else 0)
+        more = f" ({held} more in the last {SESSION_LOG_INTERVAL:.0f} s)" if held else ""
+        log.info("controller_session_changed%s changes=%d%s", detail, held + bool(detail), more)
+        self._session_changes_held = 0
+        self._session_log_at = now
 
     def _on_event(self, s: _Session, link_seq: int, body: EventBody, out: list[Received]) -> None:
         self._last_event_rx = self._last_rx if self._last_rx is not None else float("-inf")

@@ -2,14 +2,28 @@
 
 from __future__ import annotations
 
+import contextlib
+import logging
+import os
 import random
+import re
+import select
+import time
+import tracemalloc
+from pathlib import Path
 
 import pytest
 
 from firmware_bridge.controller import ControllerLink
 from firmware_bridge.faults import LineNoise
 from firmware_bridge.frames import FrameDecoder, encode
-from firmware_bridge.link import RX_WINDOW, AgentLink, LinkState, Received
+from firmware_bridge.link import (
+    RX_WINDOW,
+    SESSION_LOG_INTERVAL,
+    AgentLink,
+    LinkState,
+    Received,
+)
 from firmware_bridge.protocol import (
     MAX_WINDOW,
     Ack,
@@ -20,6 +34,10 @@ from firmware_bridge.protocol import (
     Nack,
     TimeQuality,
 )
+from firmware_bridge.serial_port import PortState, SerialPort
+
+from simharness import AgentProcess
+from support import wait_for
 
 EPOCH = 4
 
@@ -294,3 +312,184 @@ def test_controller_window_is_capped() -> None:
     ControllerLink("ecu0", "fw", 1, window=MAX_WINDOW)
     with pytest.raises(ValueError, match="window"):
         ControllerLink("ecu0", "fw", 1, window=MAX_WINDOW + 1)
+
+
+# -- HELLO floods (issue 12, finding 6) ----------------------------------------------------
+
+FLOOD = 20_000
+LINK_LOGGER = "firmware_bridge.link"
+
+
+def session_lines(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [
+        r.getMessage()
+        for r in caplog.records
+        if r.name == LINK_LOGGER and "controller_session_changed" in r.getMessage()
+    ]
+
+
+def changes_reported(lines: list[str]) -> int:
+    return sum(int(re.search(r"changes=(\d+)", line).group(1)) for line in lines)  # type: ignore[union-attr]
+
+
+def test_hello_flood_costs_bounded_log_lines_and_memory(caplog: pytest.LogCaptureFixture) -> None:
+    """20k controller reboots in 100 s (fake clock): one line per minute, every change
+    counted, the link's memory flat, and it still ACKs after the flood."""
+    caplog.set_level(logging.DEBUG, LINK_LOGGER)
+    agent = up_agent()
+    now = 0.0
+
+    def flood(epochs: range) -> None:
+        nonlocal now
+        for epoch in epochs:
+            now += 0.005
+            agent.receive(hello(epoch=epoch), now)
+            agent.poll(now)
+            agent.outgoing()
+
+    flood(range(EPOCH + 1, EPOCH + 1 + FLOOD - 2000))
+    # Only what the link's own code holds (log records kept by caplog are not the link's).
+    mine = [tracemalloc.Filter(True, "*/firmware_bridge/*")]
+    tracemalloc.start()  # (slow: only over the last 2,000 sessions)
+    try:
+        before = tracemalloc.take_snapshot().filter_traces(mine)
+        flood(range(EPOCH + 1 + FLOOD - 2000, EPOCH + 1 + FLOOD))
+        after = tracemalloc.take_snapshot().filter_traces(mine)
+    finally:
+        tracemalloc.stop()
+    grown = sum(stat.size_diff for stat in after.compare_to(before, "filename"))
+    assert grown < 16 * 1024, f"the link grew by {grown} bytes over 2,000 sessions"
+    agent.poll(now + SESSION_LOG_INTERVAL)  # the held count is reported after the interval
+    lines = session_lines(caplog)
+    assert 1 <= len(lines) <= 2 + now // SESSION_LOG_INTERVAL
+    assert changes_reported(lines) == FLOOD == agent.counters["controller_reboots"]
+    assert "more in the last 60 s" in lines[-1]
+    last = EPOCH + FLOOD
+    got = agent.receive(wire_event(1, epoch=last), now + 61)
+    agent.durable([r.token for r in got], now + 61)
+    assert acks(agent) == [Ack(last, 1)]
+
+
+def test_session_change_after_a_quiet_interval_logs_at_once(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO, LINK_LOGGER)
+    agent = up_agent()
+    agent.receive(hello(epoch=EPOCH + 1), 1.0)
+    agent.receive(hello(epoch=EPOCH + 2), 1.0 + SESSION_LOG_INTERVAL)
+    lines = session_lines(caplog)
+    assert len(lines) == 2
+    assert "more in the last" not in lines[1]
+    assert f"new_epoch={EPOCH + 2}" in lines[1]
+
+
+def pump(master: int, port: SerialPort, agent: AgentLink, now: float) -> list[Received]:
+    """One step of the agent's serial loop; the controller side drains what we sent."""
+    got = agent.receive(port.read(0.01), now)
+    agent.poll(now)
+    out = agent.outgoing()
+    if out:
+        assert port.write(out)
+    while select.select([master], [], [], 0)[0]:
+        os.read(master, 65536)
+    return got
+
+
+def test_hello_flood_through_a_pty_then_events_are_acked(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A real pty: 20k HELLOs with fresh sessions, then events; bounded log lines, and the
+    events after the flood are ACKed (the old link logged 20k INFO lines)."""
+    caplog.set_level(logging.DEBUG, LINK_LOGGER)
+    master, slave = os.openpty()
+    device = tmp_path / "ttyFlood"
+    device.symlink_to(os.ttyname(slave))
+    os.close(slave)
+    os.set_blocking(master, False)
+    port = SerialPort(str(device))
+    agent = AgentLink(session=77)
+    try:
+        now = 0.0
+        assert port.open(now)
+        assert port.state is PortState.OPEN
+        agent.start(now)
+        wire = b"".join(hello(epoch=e) for e in range(1, FLOOD + 1))
+        deadline = time.monotonic() + 60
+        while (wire or agent.boot_epoch != FLOOD) and time.monotonic() < deadline:
+            if wire:
+                with contextlib.suppress(BlockingIOError):
+                    wire = wire[os.write(master, wire[:4096]) :]
+            now += 0.001
+            pump(master, port, agent, now)
+        assert agent.boot_epoch == FLOOD
+        decoder = FrameDecoder()
+        os.write(master, b"".join(wire_event(n, epoch=FLOOD) for n in range(1, 11)))
+        acked = 0
+        while acked < 10 and time.monotonic() < deadline:
+            now += 0.001
+            got = agent.receive(port.read(0.01), now)
+            agent.durable([r.token for r in got], now)
+            out = agent.outgoing()
+            assert not out or port.write(out)
+            while select.select([master], [], [], 0)[0]:
+                for frame in decoder.feed(os.read(master, 65536)):
+                    if isinstance(frame.body, Ack) and frame.body.epoch == FLOOD:
+                        acked = max(acked, frame.body.cumulative)
+        assert acked == 10
+    finally:
+        port.close()
+        os.close(master)
+    agent.poll(now + SESSION_LOG_INTERVAL)
+    lines = session_lines(caplog)
+    assert 1 <= len(lines) <= 2 + now // SESSION_LOG_INTERVAL
+    assert changes_reported(lines) == agent.counters["controller_reboots"] == FLOOD - 1
+
+
+def test_hello_flood_against_the_real_daemon_logs_bounded_lines(tmp_path: Path) -> None:
+    """`ironfleet-agent run` on a pty fed 20k HELLOs with fresh sessions: its log holds a
+    bounded number of session lines and events after the flood are ACKed after commit."""
+    master, slave = os.openpty()
+    device = tmp_path / "ttyFlood"
+    device.symlink_to(os.ttyname(slave))
+    os.close(slave)
+    os.set_blocking(master, False)
+    agent = AgentProcess(tmp_path / "agent", str(device))
+    decoder = FrameDecoder()
+    acked: dict[int, int] = {}
+
+    def drain() -> None:
+        while select.select([master], [], [], 0)[0]:
+            try:
+                data = os.read(master, 65536)
+            except OSError:  # EAGAIN, or EIO while the agent has the port closed
+                return
+            for frame in decoder.feed(data):
+                if isinstance(frame.body, Ack):
+                    acked[frame.body.epoch] = max(
+                        acked.get(frame.body.epoch, 0), frame.body.cumulative
+                    )
+
+    try:
+        agent.start()
+        wait_for(lambda: b"serial_port_opened" in agent.log.read_bytes(), 30, "the port open")
+        wire = b"".join(hello(epoch=e) for e in range(1, FLOOD + 1))
+        deadline = time.monotonic() + 90
+        while (wire or FLOOD not in acked) and time.monotonic() < deadline:
+            if wire:
+                with contextlib.suppress(BlockingIOError):
+                    wire = wire[os.write(master, wire[:4096]) :]
+            drain()
+            select.select([master], [], [], 0.001)
+        assert FLOOD in acked, "the agent never confirmed the last session"
+        os.write(master, b"".join(wire_event(n, epoch=FLOOD) for n in range(1, 11)))
+        while acked.get(FLOOD, 0) < 10 and time.monotonic() < deadline:
+            drain()
+            select.select([master], [], [], 0.01)
+        assert acked[FLOOD] == 10
+        assert agent.terminate() == 0
+    finally:
+        agent.stop_quietly()
+        os.close(master)
+    log = agent.log.read_text()
+    lines = [line for line in log.splitlines() if "controller_session_changed" in line]
+    assert 1 <= len(lines) <= 3, f"{len(lines)} session lines for {FLOOD} HELLOs"
