@@ -24,32 +24,73 @@ import math
 import os
 import pwd
 import re
+import signal
 import sqlite3
 import stat
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
-from datetime import datetime, timedelta
+from datetime import datetime
 from pathlib import Path
 from typing import IO, Any, Final, TypeVar
 
 import click
-import msgpack
 from click.core import ParameterSource
 
 from agent import config as config_mod
 from agent.config import Config
 from agent.errors import ConfigError
-from agent.store import check_integrity, connect, read_cursor, read_latest
+from agent.pages import PAGE_ROWS, Page, decode_signals, read_checkpoints, read_replay, read_streams
+from agent.readsafe import (
+    MAX_FETCH_BYTES,
+    MAX_VALUE_BYTES,
+    SQLITE_HEAP_BYTES,
+    WAL_CEILING_BYTES,
+    WAL_GROWTH_BYTES,
+    ReadGuard,
+    exact_sum,
+    exact_sum_sql,
+    fetch_bounded,
+    harden,
+    limit_process_heap,
+)
+from agent.render import (
+    CLOCK_BACK_TOLERANCE,
+    TIME_QUALITY,
+    ago,
+    cell,
+    clock_time,
+    controller_time,
+    echo_hint,
+    emit,
+    escape,
+    human_bytes,
+    json_text,
+    n,
+    pairs,
+    shell_arg,
+    signals_text,
+    span,
+    table,
+)
+from agent.render import age_of as _age
+from agent.store import check_integrity, connect, read_cursor
 
 DEFAULT_CONFIG: Final = "/etc/ironfleet/agent.toml"
 DB_ENV: Final = "IRONFLEET_DB"
 DEFAULT_TIMEOUT: Final = 2.0  # seconds; the design asks for answers well under one second
-# Bounds of numeric options: past them SQLite's 64-bit integers and the millisecond busy
-# timeout overflow (found by fuzzing: 2**63 rows or a timeout of 1e308 was a traceback).
-MAX_LIMIT: Final = 1_000_000
-MAX_TIMEOUT: Final = 3600.0
+# Rows one command reads and renders at most (--limit): 10,000 rows of the largest events
+# (512-byte frames, decoded and escaped) stay well under the CLI's 100 MiB budget. Longer
+# listings page with --after (streams, replay, checkpoints). Also keeps SQLite's 64-bit
+# LIMIT from overflowing (found by fuzzing: 2**63 rows was a traceback).
+MAX_LIMIT: Final = 10_000
+# Longest --timeout: a technician read is a glance (the design asks for answers well under
+# a second), and every second of it takes one of the vehicle's two cores from ingest. The
+# WAL is bounded separately (readsafe.wal_limit), so this caps CPU, not disk; it
+# also keeps the millisecond busy timeout finite (1e308 was a traceback, found by fuzzing).
+MAX_TIMEOUT: Final = 10.0
 
 
 class FiniteFloatRange(click.FloatRange):
@@ -64,20 +105,17 @@ class FiniteFloatRange(click.FloatRange):
 
 LIMIT: Final = click.IntRange(min=1, max=MAX_LIMIT)
 TIMEOUT: Final = FiniteFloatRange(min=0.001, max=MAX_TIMEOUT)
-PROGRESS_STEPS: Final = 1000  # SQLite VM instructions between two deadline checks
 FOLLOW_INTERVAL: Final = 0.5  # seconds between two polls of `events --follow`
 FOLLOW_BATCH: Final = 1000  # rows per poll; a longer backlog is read in several polls
 # The daemon publishes every second (agent.daemon.PUBLISH_INTERVAL); a few missed
 # publishes mean it is stopped or its writer thread is stuck.
 HEARTBEAT_STALE: Final = 5.0
-CLOCK_BACK_TOLERANCE: Final = 2.0  # a heartbeat this far in the future: the clock moved back
 MIN_SANE_YEAR: Final = 2020  # an earlier wall clock was never set (RTC without battery)
 CONTROLLER_SKEW_WARN: Final = 60.0  # seconds between a synced controller clock and ours
 RATE_WINDOW: Final = 10.0  # seconds over which `link` counts recent events
 RATE_SCAN_ROWS: Final = 100_000  # ... reading at most this many of the newest rows
 WAL_WARN_BYTES: Final = 128 * 2**20  # twice the store's journal_size_limit
-SIGNALS_WIDTH: Final = 60  # characters of decoded signals shown in a table cell
-TIME_QUALITY: Final = ("unknown", "monotonic", "rtc", "synced")  # events.ts_quality 0..3
+SKEW_SCAN_ROWS: Final = 1000  # newest events doctor reads to compare controller clocks
 
 Row = dict[str, Any]
 T = TypeVar("T")
@@ -87,7 +125,7 @@ class CliError(click.ClickException):
     """A problem for the technician: one line on stderr, exit status 1."""
 
     def show(self, file: IO[Any] | None = None) -> None:
-        click.echo(f"ironfleet: {self.format_message()}", err=True)
+        click.echo(f"ironfleet: {escape(self.format_message())}", err=True)
 
 
 # -- reading the store ---------------------------------------------------------------------
@@ -99,9 +137,9 @@ class CliError(click.ClickException):
 READ_PRAGMAS: Final = frozenset({
     "application_id", "auto_vacuum", "cache_size", "collation_list", "compile_options",
     "data_version", "database_list", "encoding", "freelist_count", "function_list",
-    "journal_mode", "journal_size_limit", "max_page_count", "module_list", "page_count",
-    "page_size", "pragma_list", "query_only", "schema_version", "synchronous",
-    "user_version", "wal_autocheckpoint",
+    "hard_heap_limit", "journal_mode", "journal_size_limit", "max_page_count", "module_list",
+    "page_count", "page_size", "pragma_list", "query_only", "schema_version", "soft_heap_limit",
+    "synchronous", "user_version", "wal_autocheckpoint",
 })  # fmt: skip
 # Those that read something named by their argument.
 READ_PRAGMAS_WITH_ARGUMENT: Final = frozenset({
@@ -124,18 +162,47 @@ def _authorize(action: int, arg1: str | None, arg2: str | None, *_: str | None) 
     return sqlite3.SQLITE_OK
 
 
-def open_readonly(path: str | os.PathLike[str], timeout: float) -> sqlite3.Connection:
-    """A read-only connection whose statements are interrupted `timeout` s after opening."""
+def open_guarded(
+    path: str | os.PathLike[str], timeout: float
+) -> tuple[sqlite3.Connection, ReadGuard]:
+    """A read-only, bounded connection and the guard that interrupts it (`readsafe`)."""
     conn = connect(path, readonly=True, busy_timeout_ms=max(1, int(timeout * 1000)))
     conn.set_authorizer(_authorize)
-    deadline = time.monotonic() + timeout
-    # A non-zero return makes SQLite abort the running statement with "interrupted".
-    conn.set_progress_handler(lambda: int(time.monotonic() > deadline), PROGRESS_STEPS)
-    return conn
+    return conn, harden(conn, Path(path), timeout)
 
 
-def explain(exc: sqlite3.Error, path: Path, timeout: float) -> str:
-    """One line saying what an SQLite error means for the technician."""
+def open_readonly(path: str | os.PathLike[str], timeout: float) -> sqlite3.Connection:
+    """A read-only connection whose statements are interrupted `timeout` s after opening."""
+    return open_guarded(path, timeout)[0]
+
+
+def _bound_hit(exc: sqlite3.Error | MemoryError, why: str) -> str:
+    """The message for a read stopped by one of `readsafe`'s bounds, or ''."""
+    if why == "wal":
+        return (
+            "read stopped: the agent's write-ahead log kept growing while this read held its "
+            f"snapshot (one read may add {human_bytes(WAL_GROWTH_BYTES)}, never past "
+            f"{human_bytes(WAL_CEILING_BYTES)}; a long read keeps the agent from checkpointing): "
+            "narrow the query, or query a copy (docs/operations.md, section 11)"
+        )
+    if isinstance(exc, MemoryError):
+        return (
+            f"query stopped: it needed more than {human_bytes(SQLITE_HEAP_BYTES)} of SQLite "
+            "memory (narrow it, or add LIMIT)"
+        )
+    if "too big" in str(exc).lower():
+        return (
+            f"query stopped: it built a value larger than {human_bytes(MAX_VALUE_BYTES)}, "
+            "the most one read may produce (narrow it)"
+        )
+    return ""
+
+
+def explain(exc: sqlite3.Error | MemoryError, path: Path, timeout: float, why: str = "") -> str:
+    """One line saying what an SQLite error means for the technician (`why`: guard reason)."""
+    bound = _bound_hit(exc, why)
+    if bound:
+        return bound
     text = str(exc)
     low = text.lower()
     if "unable to open" in low and not os.access(path, os.R_OK):
@@ -170,17 +237,18 @@ def explain(exc: sqlite3.Error, path: Path, timeout: float) -> str:
 
 @contextlib.contextmanager
 def reading(path: Path, timeout: float) -> Iterator[sqlite3.Connection]:
-    """One short read transaction on `path`; SQLite errors become one-line CliErrors."""
+    """One short, guarded read transaction on `path`; errors become one-line CliErrors."""
     try:
-        conn = open_readonly(path, timeout)
+        conn, guard = open_guarded(path, timeout)
     except sqlite3.Error as exc:
         raise CliError(explain(exc, path, timeout)) from None
     try:
         conn.execute("BEGIN")  # one snapshot for the whole command, ended below
         yield conn
-    except sqlite3.Error as exc:
-        raise CliError(explain(exc, path, timeout)) from None
+    except (sqlite3.Error, MemoryError) as exc:  # MemoryError: SQLite's heap limit
+        raise CliError(explain(exc, path, timeout, guard.reason)) from None
     finally:
+        guard.stop()
         with contextlib.suppress(sqlite3.Error):
             if conn.in_transaction:
                 conn.execute("COMMIT")
@@ -208,7 +276,7 @@ def _number(state: dict[str, tuple[str, float]], key: str) -> float | None:
 
 def _int(state: dict[str, tuple[str, float]], key: str) -> int | None:
     value = _number(state, key)
-    return None if value is None else int(value)
+    return None if value is None or not math.isfinite(value) else int(value)
 
 
 def _json(state: dict[str, tuple[str, float]], key: str) -> dict[str, Any]:
@@ -217,10 +285,6 @@ def _json(state: dict[str, tuple[str, float]], key: str) -> dict[str, Any]:
     except (KeyError, ValueError):
         return {}
     return value if isinstance(value, dict) else {}
-
-
-def _age(ts: float | None, now: float) -> float | None:
-    return None if ts is None or ts <= 0 else round(now - ts, 3)
 
 
 def pid_alive(pid: int) -> bool:
@@ -302,13 +366,12 @@ def read_status(conn: sqlite3.Connection, path: Path, now: float) -> Row:
     ).fetchone()
     newest = conn.execute("SELECT received_at FROM events ORDER BY id DESC LIMIT 1").fetchone()
     streams = conn.execute("SELECT count(*) FROM streams").fetchone()[0]
-    gaps_open, missing, gaps_total = conn.execute(
-        "SELECT count(*) FILTER (WHERE closed_at IS NULL), "
-        "coalesce(sum(missing) FILTER (WHERE closed_at IS NULL), 0), count(*) FROM gaps"
+    summary = read_gap_counts(conn)
+    gaps_open, missing, gaps_total = summary["open"], summary["missing"], summary["total"]
+    shed_records, high, low = conn.execute(
+        f"SELECT count(*), {exact_sum_sql('count')} FROM shed"
     ).fetchone()
-    shed_records, shed_events = conn.execute(
-        "SELECT count(*), coalesce(sum(count), 0) FROM shed"
-    ).fetchone()
+    shed_events = exact_sum(high, low)
     pages = conn.execute("PRAGMA page_count").fetchone()[0]
     free = conn.execute("PRAGMA freelist_count").fetchone()[0]
     page_size = conn.execute("PRAGMA page_size").fetchone()[0]
@@ -337,43 +400,6 @@ def read_status(conn: sqlite3.Connection, path: Path, now: float) -> Row:
         "gaps": {"open": gaps_open, "missing": missing, "total": gaps_total},
         "shed": {"records": shed_records, "events": shed_events},
     }  # fmt: skip
-
-
-def read_streams(conn: sqlite3.Connection, now: float) -> list[Row]:
-    """Every stream with its latest position, checkpoint and open gaps (small tables)."""
-    rows = conn.execute(
-        """SELECT s.name, s.controller, s.priority, se.boot_epoch, se.low_seq, se.high_seq,
-                  (SELECT sum(events) FROM stream_epochs WHERE stream_id = s.id),
-                  c.boot_epoch, c.seq, s.first_seen, s.last_seen, coalesce(g.open, 0)
-           FROM streams AS s
-           LEFT JOIN stream_epochs AS se
-             ON se.stream_id = s.id
-            AND se.boot_epoch = (SELECT max(boot_epoch) FROM stream_epochs
-                                 WHERE stream_id = s.id)
-           LEFT JOIN checkpoints AS c ON c.stream_id = s.id
-           LEFT JOIN (SELECT stream_id, count(*) AS open FROM gaps WHERE closed_at IS NULL
-                      GROUP BY stream_id) AS g ON g.stream_id = s.id
-           ORDER BY s.name"""
-    ).fetchall()
-    return [
-        {
-            "stream": name, "controller": controller, "priority": priority,
-            "boot_epoch": epoch, "low_seq": low, "high_seq": high, "received": received or 0,
-            "acked_boot_epoch": acked_epoch, "acked_seq": acked_seq,
-            "first_seen": first, "last_seen": last, "last_seen_age_s": _age(last, now),
-            "open_gaps": gaps,
-        }
-        for (name, controller, priority, epoch, low, high, received, acked_epoch, acked_seq,
-             first, last, gaps) in rows
-    ]  # fmt: skip
-
-
-def decode_signals(payload: bytes) -> Any:
-    """The msgpack signal map of an event; undecodable bytes come back as hex."""
-    try:
-        return msgpack.unpackb(payload, raw=False, strict_map_key=False)
-    except Exception:  # msgpack raises several unrelated types (ValueError, TypeError, ...)
-        return {"_undecodable_hex": payload.hex()}
 
 
 @dataclass(frozen=True)
@@ -472,51 +498,19 @@ def read_gaps(conn: sqlite3.Connection, open_only: bool, limit: int, now: float)
     ]  # fmt: skip
 
 
+def read_gap_counts(conn: sqlite3.Connection) -> Row:
+    """Open gaps, events they miss (an exact sum: one gap alone may miss 2**63 - 3), all gaps."""
+    opened, high, low = conn.execute(
+        f"SELECT count(*), {exact_sum_sql('missing')} FROM gaps WHERE closed_at IS NULL"
+    ).fetchone()
+    total = conn.execute("SELECT count(*) FROM gaps").fetchone()[0]
+    return {"open": opened, "missing": exact_sum(high, low), "total": total}
+
+
 def read_gap_summary(conn: sqlite3.Connection) -> Row:
     """Counts over every gap, plus the serial link's own frame gaps (NACKed, resent)."""
-    opened, missing, total = conn.execute(
-        "SELECT count(*) FILTER (WHERE closed_at IS NULL), "
-        "coalesce(sum(missing) FILTER (WHERE closed_at IS NULL), 0), count(*) FROM gaps"
-    ).fetchone()
     link = _json(read_state(conn), "link.counters")
-    return {"open": opened, "missing": missing, "total": total, "link_gaps": link.get("gaps")}
-
-
-def read_replay(conn: sqlite3.Connection, now: float) -> list[Row]:
-    """The latest event of every stream: the compacted state the fleet receives first."""
-    return [
-        {
-            "id": rowid, "stream": e.stream, "boot_epoch": e.boot_epoch, "seq": e.seq,
-            "ts": e.ts, "ts_quality": tq, "kind": e.kind, "priority": e.priority,
-            "received_at": at, "received_age_s": _age(at, now),
-            "signals": decode_signals(e.payload),
-        }
-        for rowid, e, tq, at in read_latest(conn)
-    ]  # fmt: skip
-
-
-def read_checkpoints(conn: sqlite3.Connection, now: float) -> list[Row]:
-    """Per stream: what the fleet acknowledged, what is stored, how far behind."""
-    rows = conn.execute(
-        """SELECT s.name, c.boot_epoch, c.seq, c.acked_at, se.boot_epoch, se.high_seq
-           FROM streams AS s
-           LEFT JOIN checkpoints AS c ON c.stream_id = s.id
-           LEFT JOIN stream_epochs AS se
-             ON se.stream_id = s.id
-            AND se.boot_epoch = (SELECT max(boot_epoch) FROM stream_epochs
-                                 WHERE stream_id = s.id)
-           ORDER BY s.name"""
-    ).fetchall()
-    out = []
-    for name, epoch, seq, acked_at, latest_epoch, high in rows:
-        # Counted in the latest boot epoch only: unknown when the ack is from an older one.
-        behind = high - seq if epoch is not None and epoch == latest_epoch else None
-        out.append({
-            "stream": name, "acked_boot_epoch": epoch, "acked_seq": seq, "acked_at": acked_at,
-            "acked_age_s": _age(acked_at, now), "latest_boot_epoch": latest_epoch,
-            "latest_seq": high, "behind": behind,
-        })  # fmt: skip
-    return out
+    return {**read_gap_counts(conn), "link_gaps": link.get("gaps")}
 
 
 def read_fleet(conn: sqlite3.Connection, now: float) -> Row:
@@ -546,9 +540,10 @@ def read_shed(conn: sqlite3.Connection, limit: int, now: float) -> list[Row]:
 def read_shed_totals(conn: sqlite3.Connection) -> list[tuple[str, int, int, float]]:
     """(reason, records, events, last at) over the whole shed table."""
     return [
-        (reason, records, events, at)
-        for reason, records, events, at in conn.execute(
-            "SELECT reason, count(*), sum(count), max(at) FROM shed GROUP BY reason ORDER BY 1"
+        (reason, records, exact_sum(high, low), at)
+        for reason, records, high, low, at in conn.execute(
+            f"SELECT reason, count(*), {exact_sum_sql('count')}, max(at) FROM shed "
+            "GROUP BY reason ORDER BY 1"
         )
     ]
 
@@ -631,14 +626,14 @@ def breaker_reasons(view: Row) -> list[str]:
     return why
 
 
-def run_query(conn: sqlite3.Connection, sql: str, limit: int) -> tuple[list[str], list[Row], bool]:
-    """Run one read-only SQL statement; return columns, up to `limit` rows, and truncation."""
+def run_query(conn: sqlite3.Connection, sql: str, limit: int) -> tuple[list[str], list[Row], str]:
+    """Run one read-only SQL statement; columns, up to `limit` rows (and MAX_FETCH_BYTES of
+    values), and why it stopped early: 'rows', 'bytes' or ''."""
     cur = conn.execute(sql)
     columns = [d[0] for d in cur.description or ()]
-    fetched = cur.fetchmany(limit + 1)
+    fetched, cut = fetch_bounded(cur, limit)
     cur.close()
-    rows = [dict(zip(columns, r, strict=True)) for r in fetched[:limit]]
-    return columns, rows, len(fetched) > limit
+    return columns, [dict(zip(columns, r, strict=True)) for r in fetched], cut
 
 
 # -- doctor ----------------------------------------------------------------------------------
@@ -787,7 +782,16 @@ def check_daemon(daemon: Row) -> Check:
 def read_doctor(conn: sqlite3.Connection, now: float) -> Row:
     """What doctor needs from the live state: heartbeat, opened device, clock skew."""
     state = read_state(conn)
-    skews = [at - e.ts for _, e, tq, at in read_latest(conn) if tq == TIME_QUALITY.index("synced")]
+    # The newest events only: bounded whatever the number of streams (1M streams' latest
+    # events took 900 MB when read all at once). Non-finite differences are not clocks.
+    skews = [
+        d for (d,) in conn.execute(
+            f"SELECT received_at - ts FROM (SELECT received_at, ts, ts_quality FROM events "
+            f"ORDER BY id DESC LIMIT {SKEW_SCAN_ROWS}) WHERE ts_quality = ?",
+            (TIME_QUALITY.index("synced"),),
+        )
+        if isinstance(d, float | int) and math.isfinite(d)
+    ]  # fmt: skip
     return {
         "daemon": daemon_view(state, now),
         "device": _text(state, "link.device"),
@@ -804,16 +808,36 @@ def check_database(db: Path, read: Reader) -> Check:
         problems = read(check_integrity)
     except CliError as exc:
         message = exc.format_message()
-        return Check("database", "warn" if "timed out" in message else "fail", message)
+        # A read cut by its deadline or by the WAL bound says nothing about the file.
+        cut = "timed out" in message or "read stopped" in message
+        return Check("database", "warn" if cut else "fail", message)
     if problems:
         return Check("database", "fail", f"quick_check: {'; '.join(problems[:3])}")
     return Check("database", "ok", f"quick_check ok ({human_bytes(sum(file_bytes(db)))})")
 
 
+def check_fleet_trust(config: Config | None) -> Check:
+    """Acks and commands from the broker are verified against the fleet's key."""
+    if config is None:
+        return Check("fleet trust", "skip", "configuration invalid")
+    if not config.uplink.enabled:
+        return Check("fleet trust", "skip", "[uplink] enabled = false")
+    # Imported here: `cryptography` costs import time every other command need not pay.
+    from agent.fleet_auth import trust_warnings  # noqa: PLC0415
+
+    warnings = trust_warnings(config.uplink)
+    if warnings:
+        return Check("fleet trust", "warn", "; ".join(warnings))
+    return Check(
+        "fleet trust", "ok", f"acks and commands verified with {config.uplink.fleet_key_file}"
+    )
+
+
 def doctor_checks(config_path: str, db: Path, read: Reader, now: float) -> list[Check]:
     """Every doctor check, in the order a technician fixes things."""
     config_check, config = check_config(config_path)
-    checks = [config_check, check_permissions(db), check_database(db, read)]
+    checks = [config_check, check_fleet_trust(config), check_permissions(db),
+              check_database(db, read)]  # fmt: skip
     _, wal = file_bytes(db)
     if wal > WAL_WARN_BYTES:
         checks.append(Check("wal", "warn", f"{human_bytes(wal)} of WAL: a reader holding a "
@@ -859,113 +883,7 @@ def parse_when(text: str, now: float) -> float:
     return when.timestamp()  # naive times are local times
 
 
-def span(seconds: float) -> str:
-    """A duration for people: 0.4 s, 12 s, 5 min, 3.0 h, 2.0 d."""
-    if seconds < 10:
-        return f"{seconds:.1f} s"
-    if seconds < 120:
-        return f"{seconds:.0f} s"
-    if seconds < 7200:
-        return f"{seconds / 60:.0f} min"
-    if seconds < 172_800:
-        return f"{seconds / 3600:.1f} h"
-    return f"{seconds / 86400:.1f} d"
-
-
-def ago(age: float | None) -> str:
-    """An age for people: '12 s ago', 'never', or 'in 5 s' for a time in the future."""
-    if age is None:
-        return "never"
-    if age < -CLOCK_BACK_TOLERANCE:
-        return f"in {span(-age)} (clock moved back?)"
-    return f"{span(age if age > 0 else 0.0)} ago"
-
-
-def human_bytes(n: float) -> str:
-    """Bytes in binary units: 512 B, 3.2 MiB."""
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if abs(n) < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    raise AssertionError("unreachable")
-
-
-def clock_time(ts: float | None, now: float) -> str:
-    """Local time of day (with milliseconds) today, date and time otherwise."""
-    if ts is None:
-        return "-"
-    when = datetime.fromtimestamp(ts)
-    if abs(now - ts) < 43_200 and when.date() == datetime.fromtimestamp(now).date():
-        return when.strftime("%H:%M:%S.%f")[:-3]
-    return when.strftime("%Y-%m-%d %H:%M:%S")
-
-
-def controller_time(ts: float, quality: int) -> str:
-    """An event's controller timestamp as its time quality allows it to be read."""
-    if quality >= TIME_QUALITY.index("rtc"):
-        text = datetime.fromtimestamp(ts).strftime("%Y-%m-%d %H:%M:%S")
-        return text if quality == TIME_QUALITY.index("synced") else f"{text} (rtc)"
-    if quality == TIME_QUALITY.index("monotonic"):
-        return f"+{timedelta(seconds=round(ts))} since boot"
-    return "-"
-
-
 # -- formatting ------------------------------------------------------------------------------
-
-_NUMERIC = re.compile(r"[-+]?[\d,]+(\.\d+)?")
-
-
-def table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
-    """A plain-text table: numeric columns right-aligned, '-' for missing values."""
-    cells = [["-" if c is None else str(c) for c in row] for row in rows]
-    widths = [max([len(h)] + [len(r[i]) for r in cells]) for i, h in enumerate(headers)]
-    right = [
-        any(r[i] != "-" for r in cells)
-        and all(_NUMERIC.fullmatch(r[i]) or r[i] == "-" for r in cells)
-        for i in range(len(headers))
-    ]
-
-    def line(values: Sequence[str]) -> str:
-        return "  ".join(
-            v.rjust(w) if r else v.ljust(w) for v, w, r in zip(values, widths, right, strict=True)
-        ).rstrip()
-
-    return "\n".join([line(headers), line(["-" * w for w in widths]), *map(line, cells)])
-
-
-def pairs(items: Sequence[tuple[str, str]]) -> str:
-    """Label/value lines, labels aligned."""
-    width = max(len(k) for k, _ in items)
-    return "\n".join(f"{k:<{width}}  {v}" for k, v in items)
-
-
-def signals_text(value: Any, width: int = SIGNALS_WIDTH) -> str:
-    """Decoded signals as `name=value ...`, cut to `width` characters."""
-    if isinstance(value, dict):
-        text = " ".join(f"{k}={v!r}" if isinstance(v, str) else f"{k}={v}"
-                        for k, v in value.items())  # fmt: skip
-    else:
-        text = repr(value)
-    return text if len(text) <= width else text[: width - 1] + "…"
-
-
-def _json_default(value: object) -> object:
-    if isinstance(value, bytes | bytearray | memoryview):
-        return bytes(value).hex()
-    raise TypeError(f"cannot encode {type(value).__name__} as JSON")
-
-
-def emit(data: object, as_json: bool, render: Callable[[], str]) -> None:
-    """Print `data` as JSON, or the text `render` makes of it."""
-    if as_json:
-        click.echo(json.dumps(data, indent=2, default=_json_default))
-    else:
-        click.echo(render())
-
-
-def n(value: Any) -> str:
-    """A count with thousands separators ('-' when unknown)."""
-    return "-" if value is None else f"{int(value):,}"
 
 
 def daemon_line(d: Row) -> str:
@@ -1062,10 +980,11 @@ FOLLOW_WIDTHS: Final = (8, 12, 14, 5, 7, 10, 4)
 
 def event_line(row: Row | None) -> str:
     """One event as a fixed-width line for `events --follow`; the header line for None."""
-    cells = list(EVENT_HEADERS) if row is None else events_rows([row], time.time())[0]
-    text = [f"{c!s:>{w}}" if i in (0, 3, 4, 6) else f"{c!s:<{w}}"
+    values = list(EVENT_HEADERS) if row is None else events_rows([row], time.time())[0]
+    cells = [cell(v) for v in values]  # escaped: a stream name may hold ESC, CR, BEL...
+    text = [f"{c:>{w}}" if i in (0, 3, 4, 6) else f"{c:<{w}}"
             for i, (c, w) in enumerate(zip(cells, FOLLOW_WIDTHS, strict=False))]  # fmt: skip
-    return "  ".join([*text, str(cells[-1])])
+    return "  ".join([*text, cells[-1]])
 
 
 def gaps_text(rows: list[Row], summary: Row) -> str:
@@ -1192,16 +1111,35 @@ def doctor_text(checks: list[Check]) -> str:
     return "\n".join(f"{c.status.upper():<4}  {c.name:<{width}}  {c.detail}" for c in checks)
 
 
-def query_text(columns: list[str], rows: list[Row], truncated: bool, limit: int) -> str:
+def query_text(columns: list[str], rows: list[Row], cut: str, limit: int) -> str:
     """Query results as a table; blobs shown by size."""
 
     def cell(value: object) -> object:
         return f"<{len(value)} bytes>" if isinstance(value, bytes) else value
 
     text = table(columns, [[cell(r[c]) for c in columns] for r in rows]) if columns else "done"
-    if truncated:
-        text += f"\n(first {limit} rows; raise --limit for more)"
+    if cut:
+        text += "\n" + cut_note(cut, len(rows), limit)
     return text
+
+
+def cut_note(cut: str, shown: int, limit: int) -> str:
+    """Why `query` showed only the first rows."""
+    if cut == "rows":
+        return f"(first {n(limit)} rows; raise --limit for more, up to {n(MAX_LIMIT)})"
+    return (
+        f"(first {n(shown)} rows: the next would pass {human_bytes(MAX_FETCH_BYTES)} of "
+        "results; select fewer columns or add LIMIT/OFFSET)"
+    )
+
+
+def more_note(command: str, page: Page, limit: int) -> str:
+    """The line after a full page: how to see the next one."""
+    extra = "" if limit == PAGE_ROWS else f" --limit {limit}"
+    return (
+        f"({n(limit)} streams shown, by name; next page: ironfleet {command}{extra} "
+        f"--after {shell_arg(page.next_after or '')})"
+    )
 
 
 # -- command line -------------------------------------------------------------------------
@@ -1305,14 +1243,34 @@ def status(opts: Options, as_json: bool) -> None:
     emit(data, as_json, lambda: status_text(data))
 
 
+def page_options(f: Callable[..., Any]) -> Callable[..., Any]:
+    """--after and --limit of the listings that have one row per stream."""
+    f = click.option("--limit", default=PAGE_ROWS, show_default=True, type=LIMIT,
+                     help="Streams shown (one page).")(f)  # fmt: skip
+    return click.option("--after", default="", metavar="NAME",
+                        help="Start after this stream name (the next page).")(f)  # fmt: skip
+
+
+def emit_page(command: str, page: Page, limit: int, as_json: bool, text: Callable[[], str]) -> None:
+    """A page as a table or a JSON array, then how to get the next page if there is one."""
+    emit(page.rows, as_json, text)
+    if page.next_after is not None:
+        echo_hint(more_note(command, page, limit), as_json)
+
+
 @cli.command()
+@page_options
 @json_option
 @click.pass_obj
-def streams(opts: Options, as_json: bool) -> None:
-    """Every stream: controller, priority, latest sequence, fleet checkpoint, gaps."""
+def streams(opts: Options, after: str, limit: int, as_json: bool) -> None:
+    """Streams by name (a page): controller, priority, latest sequence, checkpoint, gaps.
+
+    With --json: a JSON array; when more streams follow, a hint on stderr names the
+    --after value of the next page (the last stream shown).
+    """
     now = time.time()
-    rows = opts.read(lambda conn: read_streams(conn, now))
-    emit(rows, as_json, lambda: streams_text(rows))
+    page = opts.read(lambda conn: read_streams(conn, now, after, limit))
+    emit_page("streams", page, limit, as_json, lambda: streams_text(page.rows))
 
 
 def _when(_ctx: click.Context, param: click.Parameter, value: str | None) -> float | None:
@@ -1329,15 +1287,34 @@ def _events_after(conn: sqlite3.Connection, flt: EventFilter, after_id: int) -> 
     return read_events_after(conn, flt, after_id, time.time())
 
 
-def poll_events(opts: Options, flt: EventFilter, after_id: int) -> Iterator[list[Row]]:
-    """New matching events every FOLLOW_INTERVAL, each poll a fresh short read."""
-    while True:
+def poll_events(
+    opts: Options, flt: EventFilter, after_id: int, stop: threading.Event
+) -> Iterator[list[Row]]:
+    """New matching events every FOLLOW_INTERVAL, each poll a fresh short read, until
+    `stop` is set."""
+    while not stop.is_set():
         rows = opts.read(functools.partial(_events_after, flt=flt, after_id=after_id))
         if rows:
             after_id = rows[-1]["id"]
             yield rows
         if len(rows) < FOLLOW_BATCH:
-            time.sleep(FOLLOW_INTERVAL)
+            stop.wait(FOLLOW_INTERVAL)
+
+
+@contextlib.contextmanager
+def stop_on_interrupt() -> Iterator[threading.Event]:
+    """An event set by Ctrl-C (SIGINT): the handler only sets it, and the loop stops.
+
+    A KeyboardInterrupt raised inside one of SQLite's callbacks (the progress handler)
+    is swallowed by the sqlite3 module, and under load `events --follow` then ignored
+    Ctrl-C for good (seen twice in loaded CI runs); a flag cannot be lost that way.
+    """
+    stop = threading.Event()
+    previous = signal.signal(signal.SIGINT, lambda _signum, _frame: stop.set())
+    try:
+        yield stop
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 @cli.command()
@@ -1375,12 +1352,12 @@ def events(
         return
     if not as_json:
         click.echo(event_line(None))
-    try:
-        for batch in itertools.chain([rows], poll_events(opts, flt, top)):
+    with stop_on_interrupt() as stop:
+        for batch in itertools.chain([rows], poll_events(opts, flt, top, stop)):
             for row in batch:
-                click.echo(json.dumps(row, default=_json_default) if as_json else event_line(row))
-    except KeyboardInterrupt:
-        return
+                click.echo(json_text(row, indent=None) if as_json else event_line(row))
+            if stop.is_set():
+                return
 
 
 @cli.command()
@@ -1399,23 +1376,27 @@ def gaps(opts: Options, show_all: bool, limit: int, as_json: bool) -> None:
 
 
 @cli.command()
+@page_options
 @json_option
 @click.pass_obj
-def replay(opts: Options, as_json: bool) -> None:
-    """The latest event of every stream, as the fleet receives it first after a resync."""
+def replay(opts: Options, after: str, limit: int, as_json: bool) -> None:
+    """The latest event of each stream (a page, by name), as the fleet gets it after a resync."""
     now = time.time()
-    rows = opts.read(lambda conn: read_replay(conn, now))
-    emit(rows, as_json, lambda: replay_text(rows, now))
+    page = opts.read(lambda conn: read_replay(conn, now, after, limit))
+    emit_page("replay", page, limit, as_json, lambda: replay_text(page.rows, now))
 
 
 @cli.command()
+@page_options
 @json_option
 @click.pass_obj
-def checkpoints(opts: Options, as_json: bool) -> None:
-    """What the fleet has acknowledged per stream, and how far behind it is."""
+def checkpoints(opts: Options, after: str, limit: int, as_json: bool) -> None:
+    """What the fleet has acknowledged per stream (a page, by name), and how far behind."""
     now = time.time()
-    rows, fleet = opts.read(lambda conn: (read_checkpoints(conn, now), read_fleet(conn, now)))
-    emit(rows, as_json, lambda: checkpoints_text(rows, fleet))
+    page, fleet = opts.read(
+        lambda conn: (read_checkpoints(conn, now, after, limit), read_fleet(conn, now))
+    )
+    emit_page("checkpoints", page, limit, as_json, lambda: checkpoints_text(page.rows, fleet))
 
 
 @cli.command()
@@ -1471,13 +1452,23 @@ def doctor(opts: Options, as_json: bool) -> None:
 @json_option
 @click.pass_obj
 def query(opts: Options, sql: str, limit: int, as_json: bool) -> None:
-    """Run one read-only SQL statement (docs/schema.md), stopped after --timeout."""
-    columns, rows, truncated = opts.read(lambda conn: run_query(conn, sql, limit))
-    emit(rows, as_json, lambda: query_text(columns, rows, truncated, limit))
+    """Run one read-only SQL statement (docs/schema.md), stopped after --timeout.
+
+    Bounded like every read: values up to 1 MiB, 32 MiB of SQLite memory, 4 MiB of
+    results, and stopped early if the agent's WAL grows 3 MiB meanwhile.
+    """
+    columns, rows, cut = opts.read(lambda conn: run_query(conn, sql, limit))
+    emit(rows, as_json, lambda: query_text(columns, rows, cut, limit))
+    if cut and as_json:
+        echo_hint(cut_note(cut, len(rows), limit), as_json)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Console entry point of `ironfleet`."""
+    if argv is None:
+        # This process is `ironfleet` itself: cap SQLite's heap process-wide. In-process
+        # callers (tests, the fuzzer) pass argv and keep their own process's settings.
+        limit_process_heap()
     args = list(argv) if argv is not None else sys.argv[1:]
     for arg in args:
         # Bytes that are not UTF-8 reach Python as lone surrogates; SQLite cannot take

@@ -128,6 +128,17 @@ def test_missing_database_is_one_line_and_a_failure(tmp_path: Path) -> None:
     assert checks["database"]["status"] == "fail"
 
 
+def test_doctor_warns_loudly_about_unsigned_fleet_messages(tmp_path: Path) -> None:
+    db = fresh_store(tmp_path)
+    config = tmp_path / "agent.toml"
+    config.write_text(f'[agent]\nstate_dir = "{tmp_path}"\n[uplink]\nallow_unsigned = true\n')
+    doctor = run("--db", str(db), "--config", str(config), "doctor", "--json")
+    checks = {c["name"]: c for c in json.loads(doctor.stdout)["checks"]}
+    assert checks["fleet trust"]["status"] == "warn"
+    assert "allow_unsigned = true" in checks["fleet trust"]["detail"]
+    assert "WARN  fleet trust" in run("--db", str(db), "--config", str(config), "doctor").stdout
+
+
 @pytest.mark.parametrize(
     "args",
     [
@@ -344,6 +355,7 @@ def test_commands_on_a_live_daemon_database(
     assert checks["device"]["status"] == "ok"
     assert f"the agent has {sim.devices['ecu0']} open" in checks["device"]["detail"]
     assert checks["daemon"]["status"] == "ok"
+    assert checks["fleet trust"]["status"] == "ok", checks["fleet trust"]
     assert "closed" in ok(*cfg, "breaker")
 
     # events --follow: new rows keep coming; Ctrl-C stops it cleanly.
@@ -427,11 +439,11 @@ def test_commands_on_a_live_daemon_database(
     for name in names:
         assert re.search(rf"^{name}\s+{epoch}\s+{latest[name][1]}\s+telemetry", text, re.M)
 
-    gaps = as_json(*cfg, "gaps", "--limit", "100000")
+    gaps = as_json(*cfg, "gaps", "--limit", "10000")
     assert [g["id"] for g in gaps] == [r[0] for r in open_gaps(db)]
     assert all(g["open"] and g["missing"] > 0 for g in gaps)
     assert any(g["boot_epoch"] < epoch for g in gaps)  # lost in the controller's RAM
-    every = as_json(*cfg, "gaps", "--all", "--limit", "100000")
+    every = as_json(*cfg, "gaps", "--all", "--limit", "10000")
     assert [g["id"] for g in every] == [r[0] for r in sql(db, "SELECT id FROM gaps ORDER BY id")]
     text = ok(*cfg, "gaps")
     first = gaps[0]
@@ -486,7 +498,7 @@ def test_shed_lists_what_the_ladder_dropped(start_sim: StartSim, start_agent: St
     assert sim.wait(timeout=90) == 0
     assert agent.terminate() == 0
     db = str(agent.db)
-    rows = as_json("--db", db, "shed", "--limit", "100000")
+    rows = as_json("--db", db, "shed", "--limit", "10000")
     reference = sql(agent.db, "SELECT id, reason, count FROM shed ORDER BY id")
     assert reference, "a 1 MiB buffer must have shed"
     assert [(r["id"], r["reason"], r["count"]) for r in rows] == reference

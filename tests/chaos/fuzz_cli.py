@@ -40,6 +40,7 @@ import shlex
 import sqlite3
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -144,7 +145,7 @@ def make_world(root: Path) -> World:
     store = _populate(root / "agent.db")
     (root / "agent.toml").write_text(
         f'[agent]\nstate_dir = "{root}"\n[serial]\ndevice = "{root}/ttyIronFleet*"\n'
-        "[store]\nmin_free_bytes = 0\n"
+        "[store]\nmin_free_bytes = 0\n[uplink]\nenabled = false\n"
     )
     (root / "bad.toml").write_text("[agent\nstate_dir = \n")
     (root / "unknown-key.toml").write_text("[agent]\nstate_dirr = '/tmp'\n")
@@ -369,14 +370,17 @@ def _data_version(world: World) -> int:
 
 @contextlib.contextmanager
 def _inside_world(world: World) -> Iterator[None]:
-    """Working directory = the world; `events --follow` polls once, then gets Ctrl-C."""
+    """Working directory = the world; `events --follow` polls once, then gets Ctrl-C
+    (the flag its SIGINT handler sets)."""
     real_poll = cli.poll_events
 
-    def poll_once(opts: cli.Options, flt: cli.EventFilter, after_id: int) -> Iterator[list[Any]]:
+    def poll_once(
+        opts: cli.Options, flt: cli.EventFilter, after_id: int, stop: threading.Event
+    ) -> Iterator[list[Any]]:
         rows = opts.read(lambda conn: cli.read_events_after(conn, flt, after_id, time.time()))
+        stop.set()
         if rows:
             yield rows
-        raise KeyboardInterrupt
 
     before = os.getcwd()
     os.chdir(world.root)
