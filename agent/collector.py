@@ -3,9 +3,10 @@
 It subscribes for any number of vehicles, stores every event in its own SQLite
 (synchronous=FULL), deduplicates by (vehicle, stream, boot_epoch, seq), keeps the
 converged latest state per vehicle and stream (historical events never overwrite newer
-state), and publishes an ack for a batch only after that batch is committed. It is a
-reference for tests and the demo, not a fleet backend: at fleet scale the same topics
-feed an MQTT cluster and from there Kafka or a database.
+state), and publishes an ack for a batch only after that batch is committed. Acks and
+commands are signed with the fleet's Ed25519 key (`--signing-key`, made by `keygen`;
+docs/fleet-protocol.md). It is a reference for tests and the demo, not a fleet backend: at
+fleet scale the same topics feed an MQTT cluster and from there Kafka or a database.
 """
 
 from __future__ import annotations
@@ -23,7 +24,18 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from agent.fleet import Ack, Batch, Command, FleetMessageError, decode_status, parse_topic
+from agent.errors import ConfigError
+from agent.fleet import (
+    Ack,
+    Batch,
+    Command,
+    FleetMessageError,
+    batch_digest,
+    decode_status,
+    parse_topic,
+)
+from agent.fleet_auth import FleetSigner, keygen, load_private_key
+from agent.resilience.ratelimit import LogThrottle
 from agent.uplink import FleetSubscriber
 
 log = logging.getLogger(__name__)
@@ -174,13 +186,19 @@ class CollectorStore:
 
 
 class Collector:
-    """Wires the store to MQTT: decode, commit, then ack."""
+    """Wires the store to MQTT: decode, commit, then ack (signed when `signer` is given;
+    unsigned acks are only honoured by agents in lab mode, `allow_unsigned = true`)."""
 
-    def __init__(self, store: CollectorStore, transport: Any = None) -> None:
+    def __init__(
+        self, store: CollectorStore, transport: Any = None, signer: FleetSigner | None = None
+    ) -> None:
         self.store = store
         self.transport = transport
+        self.signer = signer
         self.bad_messages = 0
         self.acks_sent = 0
+        self._last_cmd_id = 0
+        self._throttle = LogThrottle(60.0, max_keys=8)  # a flood of junk: one line a minute
 
     def handle(self, topic_name: str, payload: bytes) -> None:
         """One MQTT message: store it (one transaction), then acknowledge it."""
@@ -192,21 +210,42 @@ class Collector:
                 return
             batch = Batch.decode(payload)
         except FleetMessageError as exc:
-            self.bad_messages += 1
-            log.warning("collector_bad_message topic=%s error=%r", topic_name, str(exc))
+            self._bad("collector_bad_message", topic_name, str(exc))
             return
         if batch.vehicle != vehicle:
-            self.bad_messages += 1
-            log.warning("collector_vehicle_mismatch topic=%s batch=%s", topic_name, batch.vehicle)
+            self._bad("collector_vehicle_mismatch", topic_name, f"batch vehicle {batch.vehicle}")
             return
         stored, dups = self.store.ingest(batch)
         if self.transport is not None:
-            self.transport.ack(vehicle, Ack(batch.batch_id, batch.kind, stored, dups).encode())
+            ack = Ack(batch.batch_id, batch.kind, stored, dups, batch_digest(payload),
+                      int(time.time() * 1000))  # fmt: skip
+            if self.signer is not None:
+                ack = self.signer.sign_ack(vehicle, ack)
+            self.transport.ack(vehicle, ack.encode())
             self.acks_sent += 1
 
-    def request_replay(self, vehicle: str, cmd_id: int = 1) -> None:
+    def _bad(self, what: str, topic_name: str, detail: str) -> None:
+        self.bad_messages += 1
+        verdict = self._throttle.check(what, time.monotonic())
+        if verdict.log:
+            log.warning("%s topic=%r error=%r more_in_last_interval=%d", what, topic_name[:120],
+                        detail[:160], verdict.suppressed)  # fmt: skip
+
+    def command(self, vehicle: str, op: str, cmd_id: int | None = None) -> Command:
+        """Publish command `op` to `vehicle`, signed if we can. Its id is the replay counter
+        the agent checks: by default the wall clock in ms, strictly increasing here."""
         assert self.transport is not None
-        self.transport.command(vehicle, Command("replay", cmd_id).encode())
+        if cmd_id is None:
+            cmd_id = max(int(time.time() * 1000), self._last_cmd_id + 1)
+        self._last_cmd_id = max(self._last_cmd_id, cmd_id)
+        cmd = Command(op, cmd_id)
+        if self.signer is not None:
+            cmd = self.signer.sign_command(vehicle, cmd)
+        self.transport.command(vehicle, cmd.encode())
+        return cmd
+
+    def request_replay(self, vehicle: str, cmd_id: int | None = None) -> None:
+        self.command(vehicle, "replay", cmd_id)
 
 
 def _broker(value: str) -> tuple[str, int]:
@@ -225,13 +264,33 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--db", required=True, help="the collector's SQLite file")
     run.add_argument("--vehicle", action="append", default=[], help="only these (repeatable)")
     run.add_argument("--client-id", default="ironfleet-collector", help="MQTT client id")
+    _signing_arguments(run)
     rep = sub.add_parser("report", help="print per-vehicle figures from the database")
     rep.add_argument("--db", required=True, help="the collector's SQLite file")
     rep.add_argument("--json", action="store_true", help="JSON instead of a table")
     rpl = sub.add_parser("replay", help="ask a vehicle to resend state and backlog")
     rpl.add_argument("--broker", default="127.0.0.1:1883", help="host:port of the broker")
     rpl.add_argument("--vehicle", required=True, help="vehicle id")
+    _signing_arguments(rpl)
+    key = sub.add_parser("keygen", help="create the fleet's Ed25519 signing key pair")
+    key.add_argument("--private", required=True, help="private key file to create (0600)")
+    key.add_argument("--public", required=True, help="public key file for the agents")
     return p
+
+
+def _signing_arguments(p: argparse.ArgumentParser) -> None:
+    how = p.add_mutually_exclusive_group(required=True)
+    how.add_argument("--signing-key", help="the fleet's Ed25519 private key (PEM; see keygen)")
+    how.add_argument("--unsigned", action="store_true",
+                     help="unsigned acks/commands (agents with allow_unsigned only)")  # fmt: skip
+
+
+def _signer(args: argparse.Namespace) -> FleetSigner | None:
+    if args.unsigned:
+        log.warning("collector_unsigned: acks and commands are not signed; agents with a "
+                    "fleet key drop them (lab brokers only)")  # fmt: skip
+        return None
+    return FleetSigner(load_private_key(args.signing_key))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -242,6 +301,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=logging.INFO,
         format="%(asctime)s level=%(levelname)s logger=%(name)s %(message)s",
     )
+    if args.command == "keygen":
+        try:
+            keygen(Path(args.private), Path(args.public))
+        except OSError as exc:
+            print(f"ironfleet-collector: {exc}", file=sys.stderr)
+            return 2
+        print(f"private key {args.private} (keep on the collector), public key {args.public} "
+              "(every agent's [uplink] fleet_key_file)")  # fmt: skip
+        return 0
     if args.command == "report":
         for row in CollectorStore(args.db).report():
             if args.json:
@@ -254,18 +322,23 @@ def main(argv: Sequence[str] | None = None) -> int:
                 )
         return 0
     host, port = _broker(args.broker)
+    try:
+        signer = _signer(args)
+    except ConfigError as exc:
+        print(f"ironfleet-collector: {exc}", file=sys.stderr)
+        return 2
     if args.command == "replay":
         sub = FleetSubscriber(host, port, lambda *_: None, client_id="ironfleet-replay")
         sub.start()
         deadline = time.monotonic() + 10
         while not sub.connected and time.monotonic() < deadline:
             time.sleep(0.05)
-        Collector(CollectorStore(":memory:"), sub).request_replay(args.vehicle, int(time.time()))
+        Collector(CollectorStore(":memory:"), sub, signer).request_replay(args.vehicle)
         time.sleep(0.5)
         sub.stop()
         return 0 if sub.connected else 1
     store = CollectorStore(args.db)
-    collector = Collector(store)
+    collector = Collector(store, signer=signer)
     sub = FleetSubscriber(
         host, port, collector.handle, client_id=args.client_id, vehicles=tuple(args.vehicle)
     )

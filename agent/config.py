@@ -77,9 +77,12 @@ class StoreSection:
     commit_max_events: int = 4096
     commit_delay_ms: float = 0.0
     queue_max_batches: int = 64
+    max_cached_streams: int = 10_000
 
     def validate(self) -> dict[str, str]:
         problems = {}
+        if not 16 <= self.max_cached_streams <= 1_000_000:
+            problems["max_cached_streams"] = "must be within [16, 1000000] streams"
         if self.synchronous.upper() not in ("NORMAL", "FULL", "EXTRA"):
             problems["synchronous"] = (
                 "must be FULL (default), EXTRA, or NORMAL (loses ACKed events on power cut)"
@@ -116,6 +119,11 @@ class UplinkSection:
     ca_file: str = ""
     cert_file: str = ""
     key_file: str = ""
+    # Broker -> agent trust (docs/fleet-protocol.md): the fleet's Ed25519 public key (PEM)
+    # that signs acks and commands, e.g. /run/credentials/ironfleet-agent.service/fleet-key.pub
+    fleet_key_file: str = ""
+    allow_unsigned: bool = False  # lab broker only: acks and commands taken unverified
+    allow_plaintext_password: bool = False  # lab only: username/password without TLS
     ack_mode: str = "fleet"  # "fleet": collector acks; "broker": PUBACK (weaker)
     batch_max_events: int = 500
     batch_max_bytes: int = 256 * 1024
@@ -163,6 +171,18 @@ class UplinkSection:
             "tls": (
                 self.tls or not (self.cert_file or self.key_file or self.ca_file),
                 "must be true when ca_file, cert_file or key_file is set",
+            ),
+            "fleet_key_file": (
+                not self.enabled or bool(self.fleet_key_file) != self.allow_unsigned,
+                "must name the fleet's Ed25519 public key (PEM file) that signs acks and "
+                "commands (or allow_unsigned = true, for a lab broker only)"
+                if not self.allow_unsigned
+                else "must be empty with allow_unsigned = true (choose one)",
+            ),
+            "username": (
+                not self.enabled or not self.username or self.tls or self.allow_plaintext_password,
+                "would send the MQTT password in clear: set tls = true, or "
+                "allow_plaintext_password = true (trusted lab network only)",
             ),
         }
         return {key: why for key, (ok, why) in checks.items() if not ok}

@@ -29,11 +29,14 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from types import FrameType
 
 from agent import config as config_mod
+from agent import filecheck
 from agent.config import Config
 from agent.errors import AgentError, CommitFailed, ConfigError, StoreFull
+from agent.fleet_auth import load_fleet_auth
 from agent.metrics import Metrics
 from agent.notify import Notifier
 from agent.resilience import Backoff, CircuitBreaker
@@ -60,6 +63,7 @@ def store_config(config: Config) -> StoreConfig:
         high_water=s.high_water,
         low_water=s.low_water,
         low_priority_max=s.low_priority_max,
+        max_cached_streams=s.max_cached_streams,
     )
 
 
@@ -388,6 +392,7 @@ class UplinkSide:
 
     def __init__(self, config: Config, channels: Channels) -> None:
         c = config.uplink
+        auth = load_fleet_auth(config)  # first: a bad key file names itself before any I/O
         self.tasks = channels.tasks
         self.reader = connect(config.database, readonly=True)
         self.breaker = CircuitBreaker(c.breaker_failure_threshold, c.breaker_recovery_timeout)
@@ -398,6 +403,7 @@ class UplinkSide:
             self.resync,
             self.breaker,
             Backoff(c.reconnect_min, c.reconnect_max),
+            auth=auth,
             ack_mode=c.ack_mode,
         )
 
@@ -418,6 +424,7 @@ class UplinkSide:
             "uplink.delivered": str(self.resync.delivered),
             "uplink.in_flight": str(self.resync.in_flight),
             "uplink.counters": json.dumps(counters, sort_keys=True),
+            "uplink.rejected": json.dumps(self.sync.inbox.rejected, sort_keys=True),
             "uplink.last_error": self.sync.last_error,
             "uplink.next_attempt_in": f"{self.sync.next_attempt_in(time.monotonic()):.1f}",
             "breaker.state": str(snap.state),
@@ -444,7 +451,12 @@ class Daemon:
         )
         self.channels = channels
         os.makedirs(config.agent.state_dir, exist_ok=True)
+        # SQLite follows symlinks: lstat right before the open, and check after it that
+        # the file this process holds is the one at the path (docs/operations.md).
+        before = filecheck.stat_before_open(config.database)
         self.store = EventStore(config.database, store_config(config))
+        # (A quarantine renamed the checked file away: the fresh one is new, not swapped.)
+        filecheck.verify_opened(config.database, None if self.store.quarantined else before)
         if self.store.quarantined:
             self.shared.alarm = f"database quarantined to {self.store.quarantined}"
         self.serial = SerialSide(config, channels)
@@ -661,6 +673,17 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def check_config(path: str, config: Config) -> int:
+    """`check-config` after the file loaded: every file problem on stderr, then ok (0) or 2."""
+    findings = filecheck.check_all(config)
+    for finding in findings:
+        print(f"ironfleet-agent: {finding}", file=sys.stderr)
+    if filecheck.refusals(findings):
+        return 2
+    print(f"{path}: ok (database {config.database}, device {config.serial.device})")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Console entry point of `ironfleet-agent`."""
     args = build_parser().parse_args(argv)
@@ -668,10 +691,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         config = config_mod.load(args.config)
     except ConfigError as exc:
         print(f"ironfleet-agent: {exc}", file=sys.stderr)
+        if args.command == "check-config":  # all problems in one run: the file's own too
+            for finding in filecheck.check_config_file(Path(args.config), euid=os.geteuid()):
+                print(f"ironfleet-agent: {finding}", file=sys.stderr)
         return 2
     if args.command == "check-config":
-        print(f"{args.config}: ok (database {config.database}, device {config.serial.device})")
-        return 0
+        return check_config(args.config, config)
     setup_logging(config.agent.log_level)
     flags = {"stop": False, "reload": False}
 
@@ -686,7 +711,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(sig, on_signal)
     try:
+        # Files first: a refused file is left untouched (nothing created or opened).
+        for finding in filecheck.refuse_unsafe(config):
+            log.warning("file_check %s", finding)
         daemon = Daemon(config, flags)
+    except filecheck.UnsafeFile as exc:
+        log.error("start_refused %s", exc)
+        return 2
     except AgentError as exc:
         log.error("start_failed error=%r", str(exc))
         return 1

@@ -27,6 +27,7 @@ from typing import Any
 
 from agent.collector import Collector, CollectorStore
 from agent.fleet import Batch
+from agent.fleet_auth import FleetSigner, keygen, load_private_key
 from agent.uplink import FleetSubscriber
 
 VEHICLE = "demo-truck-7"
@@ -84,9 +85,9 @@ class Broker:
 class DemoCollector:
     """The reference collector in-process, so the demo can time convergence."""
 
-    def __init__(self, db: Path, port: int) -> None:
+    def __init__(self, db: Path, port: int, signer: FleetSigner) -> None:
         self.store = CollectorStore(db)
-        self.collector = Collector(self.store)
+        self.collector = Collector(self.store, signer=signer)
         self.lock = threading.Lock()
         self.state_batches_at: list[float] = []
         self.sub = FleetSubscriber("127.0.0.1", port, self._handle, client_id="demo-collector")
@@ -157,6 +158,11 @@ class Demo:
         self.control.write_text("")
         self.truth = workdir / "truth.jsonl"
         self.agent_db = workdir / "state" / "agent.db"
+        # A throwaway fleet key pair: the collector signs acks and commands, the agent
+        # verifies them (docs/fleet-protocol.md), as in production.
+        self.fleet_key, self.fleet_pub = workdir / "fleet.key", workdir / "fleet.pub"
+        if not self.fleet_key.exists():
+            keygen(self.fleet_key, self.fleet_pub)
         self.collector: DemoCollector | None = None
         self.restored_at: float | None = None
         self.start = time.monotonic()
@@ -165,7 +171,8 @@ class Demo:
         try:
             say(f"demo: workdir {self.workdir}; broker {self.broker.name} on :{self.port}")
             self.broker.start()
-            self.collector = DemoCollector(self.workdir / "collector.db", self.port)
+            signer = FleetSigner(load_private_key(str(self.fleet_key)))
+            self.collector = DemoCollector(self.workdir / "collector.db", self.port, signer)
             sim = self._start_sim()
             agent = self._start_agent(sim)
             self.start = time.monotonic()
@@ -198,6 +205,7 @@ class Demo:
             f'[serial]\ndevice = "{device}"\nheartbeat_interval = 0.25\n'
             "[store]\nmin_free_bytes = 0\n"
             f"[uplink]\nport = {self.port}\nkeepalive = 5\nack_timeout = 5.0\n"
+            f'fleet_key_file = "{self.fleet_pub}"\n'
             "breaker_failure_threshold = 3\nbreaker_recovery_timeout = 2.0\n"
             "reconnect_min = 0.2\nreconnect_max = 2.0\nbatch_max_delay_ms = 50.0\n"
         )

@@ -176,11 +176,18 @@ class MqttTransport:
 
     def _on_message(self, _c: Any, _u: Any, msg: mqtt.MQTTMessage) -> None:
         try:
-            _vehicle, kind = parse_topic(msg.topic)
+            vehicle, kind = parse_topic(msg.topic)
         except FleetMessageError:
             return
-        if kind in ("ack", "cmd"):
-            self._events.append((kind, bytes(msg.payload)))
+        if vehicle != self.vehicle or kind not in ("ack", "cmd"):
+            return  # not subscribed to: a broker bug, never acted on
+        if msg.retain:
+            # The collector never retains acks or commands: a retained one was left by
+            # someone else and would be re-delivered on every (re)connect. Dropped unread,
+            # counted by FleetSync (docs/fleet-protocol.md 5).
+            self._events.append(("retained", kind))
+            return
+        self._events.append((kind, bytes(msg.payload)))
 
     def _on_publish(self, _c: Any, _u: Any, mid: int, _reason: Any, _props: Any) -> None:
         self._events.append(("puback", mid))
@@ -219,6 +226,7 @@ class FleetSubscriber:
         self.client.on_connect = self._on_connect
         self.client.on_message = self._on_message
         self.connected = False
+        self.handler_bugs = 0
 
     def start(self) -> None:
         """Connect (retrying in the background) and start paho's network thread."""
@@ -247,4 +255,9 @@ class FleetSubscriber:
         log.info("collector_connected broker=%s:%d", self.host, self.port)
 
     def _on_message(self, _c: Any, _u: Any, msg: mqtt.MQTTMessage) -> None:
-        self.on_message(msg.topic, bytes(msg.payload))
+        try:
+            self.on_message(msg.topic, bytes(msg.payload))
+        except Exception:  # last resort: an exception here would stop paho's thread
+            self.handler_bugs += 1
+            if self.handler_bugs == 1:
+                log.exception("collector_handler_bug topic=%r (first; counted after)", msg.topic)

@@ -65,6 +65,7 @@ from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode, MQTTProtocolVersi
 
 from agent.collector import Collector, CollectorStore
 from agent.config import UplinkSection
+from agent.fleet_auth import FleetAuth
 from agent.resilience import Backoff, CircuitBreaker, Event
 from agent.resync import FleetSync, Resync
 from agent.store import EventStore, StoreConfig, connect, read_latest
@@ -517,6 +518,7 @@ class AgentLoop:
             self.resync,
             self.breaker,
             Backoff(section.reconnect_min, section.reconnect_max),
+            auth=FleetAuth(vehicle, None),  # the bench's collector does not sign (lab mode)
             ack_mode=section.ack_mode,
         )
         self.checkpoints = 0
@@ -989,6 +991,7 @@ min_free_bytes = 0
 
 [uplink]
 port = {broker.port}
+allow_unsigned = true
 reconnect_min = 0.1
 reconnect_max = 1.0
 """

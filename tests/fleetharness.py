@@ -33,7 +33,7 @@ from agent.store import read_latest
 from agent.uplink import FleetSubscriber
 
 from simharness import AgentProcess, Key, Sim, TruthReader, agent_state, stored_events
-from support import wait_for
+from support import fleet_signer, wait_for
 
 StartSim = Callable[..., Sim]
 StartAgent = Callable[..., AgentProcess]
@@ -46,12 +46,14 @@ class CollectorHarness:
 
     `pause()` disconnects it cleanly (its persistent session stays in the broker, which
     queues the agent's batches for it); `resume()` connects again with the same client id.
+    It signs its acks and commands with the test fleet key (support.fleet_keys), which the
+    agents started by simharness verify.
     """
 
     def __init__(self, db: Path, port: int) -> None:
         self.port = port
         self.store = CollectorStore(db)
-        self.collector = Collector(self.store)
+        self.collector = Collector(self.store, signer=fleet_signer())
         self.arrivals: list[tuple[str, bool, int]] = []  # (kind, historical, events)
         self.snapshots: list[dict[str, tuple[int, int]]] = []
         self.lock = threading.Lock()

@@ -25,6 +25,8 @@ from agent.resilience import Backoff
 from firmware_bridge.link import AgentLink
 from firmware_bridge.serial_port import PortState, SerialPort
 
+from support import fleet_keys, scaled
+
 Key = tuple[str, int, int]
 
 
@@ -59,7 +61,7 @@ class Sim:
         self.proc.send_signal(sig)
 
     def wait(self, timeout: float) -> int:
-        return self.proc.wait(timeout=timeout)
+        return self.proc.wait(timeout=scaled(timeout))
 
 
 @dataclass
@@ -93,7 +95,7 @@ class AgentSide:
 
     def stop(self) -> None:
         self._stop.set()
-        self._thread.join(timeout=10)
+        self._thread.join(timeout=scaled(10))
         self.port.close()
 
     def _run(self) -> None:
@@ -225,6 +227,9 @@ class AgentProcess:
         }
         for name, values in self.overrides.items():
             sections.setdefault(name, {}).update(values)
+        up = sections["uplink"]
+        if up.get("enabled", True) and "fleet_key_file" not in up and not up.get("allow_unsigned"):
+            up["fleet_key_file"] = str(fleet_keys()[1])  # signed, as in production
         lines = []
         for name, values in sections.items():
             lines.append(f"[{name}]")
@@ -268,7 +273,7 @@ class AgentProcess:
     def kill(self) -> None:
         assert self.proc is not None
         self.proc.send_signal(signal.SIGKILL)
-        self.proc.wait(timeout=10)
+        self.proc.wait(timeout=scaled(10))
 
     def agent_pid(self) -> int:
         """The agent's own pid (under a wrapper such as strace, the wrapper's child)."""
@@ -282,7 +287,7 @@ class AgentProcess:
         """SIGTERM to the agent itself; its exit status (the wrapper passes it on)."""
         assert self.proc is not None
         os.kill(self.agent_pid(), signal.SIGTERM)
-        return self.proc.wait(timeout=timeout)
+        return self.proc.wait(timeout=scaled(timeout))
 
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
@@ -291,7 +296,7 @@ class AgentProcess:
         if self.alive():
             assert self.proc is not None
             self.proc.kill()
-            self.proc.wait(timeout=10)
+            self.proc.wait(timeout=scaled(10))
 
 
 MOSQUITTO = shutil.which("mosquitto") or (
@@ -342,7 +347,7 @@ class Broker:
             self.proc = subprocess.Popen(
                 [MOSQUITTO, "-c", str(self.conf)], stdout=log, stderr=subprocess.STDOUT
             )
-        deadline = time.monotonic() + 10
+        deadline = time.monotonic() + scaled(10)
         while time.monotonic() < deadline:
             with socket.socket() as s:
                 if s.connect_ex(("127.0.0.1", self.port)) == 0:
@@ -357,7 +362,7 @@ class Broker:
     def stop(self, sig: int = signal.SIGTERM) -> None:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.send_signal(sig)
-            self.proc.wait(timeout=10)
+            self.proc.wait(timeout=scaled(10))
 
 
 @dataclass

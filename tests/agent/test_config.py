@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from agent.config import Config, from_mapping, load
+from agent.config import Config, UplinkSection, from_mapping, load
 from agent.errors import ConfigError
 
 from simharness import AGENT
@@ -19,15 +19,26 @@ def write(tmp_path: Path, text: str) -> Path:
     return path
 
 
-def test_empty_file_gives_defaults(tmp_path: Path) -> None:
-    config = load(write(tmp_path, ""))
+def test_defaults_need_only_the_fleet_key(tmp_path: Path) -> None:
+    config = load(write(tmp_path, "[uplink]\nfleet_key_file = '/k.pub'\n"))
     assert config.store.synchronous == "FULL"
     assert config.database == Path("/var/lib/ironfleet/agent.db")
-    assert config == Config(source=str(tmp_path / "agent.toml"))
+    uplink = UplinkSection(fleet_key_file="/k.pub")
+    assert config == Config(uplink=uplink, source=str(tmp_path / "agent.toml"))
+
+
+def test_empty_file_is_refused_secure_by_default(tmp_path: Path) -> None:
+    """With the uplink on, acks and commands must be verifiable: no key, no start."""
+    path = write(tmp_path, "")
+    with pytest.raises(ConfigError) as info:
+        load(path)
+    assert f"{path}: [uplink] fleet_key_file" in str(info.value)
+    assert "allow_unsigned = true" in str(info.value)
 
 
 def test_values_are_read(tmp_path: Path) -> None:
-    config = load(write(tmp_path, '[agent]\nstate_dir = "/x"\n[serial]\nheartbeat_interval = 2\n'))
+    text = '[agent]\nstate_dir = "/x"\n[serial]\nheartbeat_interval = 2\n[uplink]\nenabled = false'
+    config = load(write(tmp_path, text))
     assert config.database == Path("/x/agent.db")
     assert config.serial.heartbeat_interval == 2.0
 
@@ -45,6 +56,8 @@ def test_values_are_read(tmp_path: Path) -> None:
         ("[agent]\nvehicle_id = 'a/b'\n", "[agent] vehicle_id"),
         ("[serial\n", "not valid TOML"),
         ("store = 3\n", "[store] must be a table"),
+        ("[uplink]\nfleet_key_file = '/k'\nusername = 'u'\n", "[uplink] username = 'u'"),
+        ("[uplink]\nfleet_key_file = '/k'\nallow_unsigned = true\n", "[uplink] fleet_key_file"),
     ],
 )
 def test_errors_name_file_section_and_key(tmp_path: Path, text: str, needle: str) -> None:
@@ -66,7 +79,7 @@ def test_from_mapping_names_its_source() -> None:
 
 
 def test_check_config_command(tmp_path: Path) -> None:
-    good = write(tmp_path, "[store]\nsynchronous = 'FULL'\n")
+    good = write(tmp_path, "[store]\nsynchronous = 'FULL'\n[uplink]\nfleet_key_file = '/k'\n")
     ok = subprocess.run(
         [AGENT, "check-config", "--config", str(good)], capture_output=True, check=False
     )

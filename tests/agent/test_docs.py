@@ -34,7 +34,7 @@ EXAMPLE = ROOT / "systemd" / "agent.toml.example"
 AGENT = str(Path(sys.executable).with_name("ironfleet-agent"))
 
 # The only keys the example sets to a value of its own (placeholders to replace).
-PLACEHOLDERS = {("agent", "vehicle_id"), ("serial", "device")}
+PLACEHOLDERS = {("agent", "vehicle_id"), ("serial", "device"), ("uplink", "fleet_key_file")}
 
 KEY_LINE = re.compile(r"^(#\s*)?([a-z_][a-z0-9_]*)\s*=\s*(.+)$")
 SECTION_LINE = re.compile(r"^\[([a-z_]+)\]\s*$")

@@ -2,18 +2,22 @@
 
 The transport is the one fake here (the real one is tested against mosquitto in
 test_uplink.py); the store is a real SQLite file read through a read-only connection.
+Acks and commands are signed with a real Ed25519 key, as the collector signs them.
 """
 
 from __future__ import annotations
 
 import random
+import tracemalloc
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from agent.config import UplinkSection
-from agent.fleet import Ack, Batch, Command
+from agent.fleet import Ack, Batch, Command, batch_digest
+from agent.fleet_auth import FleetAuth, FleetSigner
 from agent.resilience import Backoff, CircuitBreaker, Event
 from agent.resync import FleetSync, Phase, Resync
 from agent.store import EventStore, connect
@@ -37,6 +41,8 @@ class FakeTransport:
     connects: int = 0
     published: list[tuple[str, bytes]] = field(default_factory=list)
     pending: list[tuple[str, object]] = field(default_factory=list)
+    payloads: dict[int, bytes] = field(default_factory=dict)  # batch id -> as published
+    statuses: list[dict[str, object]] = field(default_factory=list)
     _countdown: int = -1
     _mid: int = 0
 
@@ -60,12 +66,13 @@ class FakeTransport:
     def publish(self, kind: str, payload: bytes) -> int | None:
         self._mid += 1
         self.published.append((kind, payload))
+        self.payloads[Batch.decode(payload).batch_id] = payload
         if self.pubacks:
             self.pending.append(("puback", self._mid))
         return self._mid
 
     def publish_status(self, state: str, **fields: object) -> None:
-        pass
+        self.statuses.append({"state": state, **fields})
 
     def drop(self) -> None:
         self.connected = False
@@ -100,8 +107,23 @@ def make(
     resync = Resync(connect(store.path, readonly=True), "v1", section, deliver, run_id=1)
     breaker = CircuitBreaker(section.breaker_failure_threshold, section.breaker_recovery_timeout,
                              clock=lambda: clock[0])  # fmt: skip
-    sync = FleetSync(transport, resync, breaker, Backoff(0.5, 4.0, rng=random.Random(1)))
+    sync = FleetSync(transport, resync, breaker, Backoff(0.5, 4.0, rng=random.Random(1)),
+                     auth=FleetAuth("v1", FLEET_KEY.public_key()))  # fmt: skip
     return sync, resync, breaker, delivered
+
+
+FLEET_KEY = Ed25519PrivateKey.generate()
+SIGNER = FleetSigner(FLEET_KEY)
+
+
+def signed_ack(transport: FakeTransport, b: Batch, vehicle: str = "v1") -> bytes:
+    """The collector's ack for `b`: digest of the bytes published, signed."""
+    ack = Ack(b.batch_id, b.kind, len(b.events), 0, batch_digest(transport.payloads[b.batch_id]))
+    return SIGNER.sign_ack(vehicle, ack).encode()
+
+
+def signed_command(op: str, cmd_id: int) -> bytes:
+    return SIGNER.sign_command("v1", Command(op, cmd_id)).encode()
 
 
 clock = [0.0]
@@ -120,7 +142,7 @@ def step(sync: FleetSync, n: int = 1, dt: float = 0.01) -> None:
 
 def ack_all(transport: FakeTransport, sync: FleetSync, batches: list[Batch]) -> None:
     for b in batches:
-        transport.pending.append(("ack", Ack(b.batch_id, b.kind, len(b.events), 0).encode()))
+        transport.pending.append(("ack", signed_ack(transport, b)))
     step(sync)
 
 
@@ -242,7 +264,7 @@ def test_replay_command_resends_state(store: EventStore) -> None:
     step(sync, 2)
     ack_all(transport, sync, transport.batches())
     transport.published.clear()
-    transport.pending.append(("cmd", Command("replay", 5).encode()))
+    transport.pending.append(("cmd", signed_command("replay", 5)))
     step(sync, 2)
     assert next(b.kind for b in transport.batches()) == "state"
     assert resync.counters.replays_requested == 1
@@ -285,3 +307,153 @@ def test_late_acks_after_a_timeout_still_advance_the_cursor(store: EventStore) -
     ack_all(transport, sync, first)  # the slow collector's acks for the originals arrive
     assert delivered[-1][0] == 30  # honoured, not thrown away as stale
     assert resync.counters.acks_stale == 0
+
+
+# -- the broker -> agent trust boundary (issue 12) ------------------------------------------
+
+
+def events_batches(transport: FakeTransport) -> list[Batch]:
+    return [b for b in transport.batches() if b.kind == "events"]
+
+
+def test_forged_acks_move_nothing_then_genuine_ones_do(store: EventStore) -> None:
+    fill(store, streams=1, per_stream=30)
+    transport = FakeTransport()
+    sync, resync, _, delivered = make(store, transport)
+    step(sync, 2)
+    sent = events_batches(transport)
+    other = FleetSigner(Ed25519PrivateKey.generate())
+    ping_sig = Command.decode(signed_command("ping", 1)).signature
+    for i, b in enumerate(sent):
+        digest = batch_digest(transport.payloads[b.batch_id])
+        plain = Ack(b.batch_id, b.kind, len(b.events), 0, digest)
+        # the real signature of another batch, moved onto this one (id and digest changed)
+        real = Ack.decode(signed_ack(transport, sent[(i + 1) % len(sent)]))
+        moved = Ack(b.batch_id, b.kind, real.stored, 0, digest, real.issued, real.signature)
+        wrong_digest = Ack(b.batch_id, b.kind, len(b.events), 0, bytes(32))
+        forged = [
+            plain.encode(),  # unsigned
+            other.sign_ack("v1", plain).encode(),  # someone else's key
+            signed_ack(transport, b, vehicle="v2"),  # the fleet's, for another vehicle
+            moved.encode(),
+            SIGNER.sign_ack("v1", wrong_digest).encode(),  # not the bytes we published
+            # a command's signature is never an ack's (domain separation)
+            Ack(b.batch_id, b.kind, len(b.events), 0, digest, 0, ping_sig).encode(),
+        ]
+        transport.pending += [("ack", f) for f in forged]
+    step(sync)
+    assert delivered == []
+    assert resync.counters.acks == 0
+    rejected = sync.inbox.rejected
+    n = len(sent)
+    assert n == 3
+    assert rejected["unsigned"] == n
+    assert rejected["digest_mismatch"] == n
+    assert rejected["bad_signature"] == 4 * n
+    ack_all(transport, sync, sent)
+    assert delivered[-1][0] == 30
+
+
+def test_commands_need_a_signature_and_a_fresh_counter(store: EventStore) -> None:
+    transport = FakeTransport()
+    sync, resync, _, _ = make(store, transport)
+    step(sync, 2)
+    other = FleetSigner(Ed25519PrivateKey.generate())
+    transport.pending += [
+        ("cmd", Command("ping", 10).encode()),  # unsigned
+        ("cmd", other.sign_command("v1", Command("ping", 11)).encode()),
+        ("cmd", SIGNER.sign_command("v2", Command("ping", 12)).encode()),  # other vehicle
+        ("cmd", signed_command("ping", 20)),  # genuine
+        ("cmd", signed_command("ping", 20)),  # the same again: a replay
+        ("cmd", signed_command("replay", 19)),  # older than the last accepted
+    ]
+    step(sync)
+    assert sync.inbox.rejected["unsigned"] == 1
+    assert sync.inbox.rejected["bad_signature"] == 2
+    assert sync.inbox.rejected["stale_counter"] == 2
+    assert [s.get("pong") for s in transport.statuses if "pong" in s] == [20]
+    assert resync.counters.replays_requested == 0
+
+
+def test_retained_messages_are_counted_and_dropped(store: EventStore) -> None:
+    transport = FakeTransport()
+    sync, _, _, _ = make(store, transport)
+    step(sync, 2)
+    transport.pending += [("retained", "cmd"), ("retained", "ack")]
+    step(sync)
+    assert sync.inbox.rejected["retained"] == 2
+    assert sync.bad_messages == 2
+
+
+def test_ping_flood_costs_bounded_publishes_and_flat_memory(store: EventStore) -> None:
+    transport = FakeTransport()
+    sync, _, _, _ = make(store, transport)
+    step(sync, 2)
+    # Signed pings with fresh counters (a compromised collector, say): signature checks
+    # and pongs are both rate-limited.
+    transport.pending += [("cmd", signed_command("ping", n)) for n in range(1, 2001)]
+    step(sync)
+    pongs = [s for s in transport.statuses if "pong" in s]
+    assert 1 <= len(pongs) <= 5  # PING_BURST
+    assert sync.inbox.rejected["rate_limited"] == 2000 - len(pongs)
+    unsigned = Command("ping", 1).encode()
+    tracemalloc.start()
+    try:
+        for _ in range(40):
+            transport.pending += [("cmd", unsigned)] * 5000
+            step(sync)
+            if _ == 1:
+                base = tracemalloc.get_traced_memory()[0]
+        grown = tracemalloc.get_traced_memory()[0] - base
+    finally:
+        tracemalloc.stop()
+    assert sync.inbox.rejected["unsigned"] == 200_000
+    assert len([s for s in transport.statuses if "pong" in s]) == len(pongs)
+    assert grown < 256 * 1024, f"memory grew by {grown} bytes over 190,000 commands"
+
+
+def test_replay_requests_coalesce(store: EventStore) -> None:
+    fill(store, streams=3, per_stream=2)
+    transport = FakeTransport()
+    sync, resync, _, _ = make(store, transport)
+    step(sync, 3)
+    for n in range(1, 1001):
+        transport.pending.append(("cmd", signed_command("replay", n)))
+        if n % 100 == 0:
+            step(sync)  # 10 steps of 10 ms: 0.1 s
+    step(sync, 2)
+    assert 1 <= resync.counters.replays_requested <= 2  # REPLAY_BURST
+    step(sync, 1, dt=6.0)  # one coalesced request still pending is served once
+    assert resync.counters.replays_requested <= 3
+
+
+def test_a_handler_bug_is_counted_not_fatal(
+    store: EventStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    fill(store, streams=1, per_stream=10)
+    transport = FakeTransport()
+    sync, resync, _, _ = make(store, transport)
+    step(sync, 2)
+
+    def broken(batch_id: int, now: float) -> bool:
+        raise IndexError("a deliberate bug")
+
+    monkeypatch.setattr(resync, "on_ack", broken)
+    ack_all(transport, sync, events_batches(transport))  # the guard holds: no raise
+    assert sync.inbox.rejected["bug"] == len(events_batches(transport))
+    step(sync, 3)  # and the loop goes on
+
+
+def test_unsigned_lab_mode_accepts_unsigned_acks(store: EventStore) -> None:
+    fill(store, streams=1, per_stream=10)
+    transport = FakeTransport()
+    sync, _, _, delivered = make(store, transport)
+    sync.inbox.auth = FleetAuth("v1", None)
+    step(sync, 2)
+    for b in events_batches(transport):
+        wrong = Ack(b.batch_id, b.kind, len(b.events), 0, bytes(32))  # digest still checked
+        transport.pending.append(("ack", wrong.encode()))
+        transport.pending.append(("ack", Ack(b.batch_id, b.kind, len(b.events), 0).encode()))
+    step(sync)
+    assert delivered[-1][0] == 10
+    assert sync.inbox.rejected["digest_mismatch"] == 1

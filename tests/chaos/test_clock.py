@@ -34,7 +34,7 @@ from agent.store import read_latest
 
 from fleetharness import cursor_history, top_rowid, wait_caught_up
 from simharness import AgentProcess, Broker, Sim, TruthReader, agent_state, assert_zero_loss
-from support import wait_for
+from support import fleet_keys, wait_for
 
 StartSim = Callable[..., Sim]
 StartAgent = Callable[..., AgentProcess]
@@ -89,7 +89,8 @@ def collector_db(tmp_path: Path, broker: Broker) -> Iterator[Path]:
     db = tmp_path / "collector.db"
     log = (tmp_path / "collector.log").open("ab")
     proc = subprocess.Popen(
-        [COLLECTOR, "run", "--broker", f"127.0.0.1:{broker.port}", "--db", str(db)],
+        [COLLECTOR, "run", "--broker", f"127.0.0.1:{broker.port}", "--db", str(db),
+         "--signing-key", str(fleet_keys()[0])],
         stdout=log, stderr=subprocess.STDOUT,
     )  # fmt: skip
     wait_for(db.exists, 15, "the collector to open its database")
