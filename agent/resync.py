@@ -128,6 +128,10 @@ class Resync:
         self._connected_at = 0.0
         self._partial_since: float | None = None
         self._resend_state = False
+        # The compacted replay is read and sent a page at a time (by stream name), at most
+        # max_in_flight pages unacknowledged: with a million streams, loading it whole
+        # took hundreds of MiB. None: no replay being sent; "": from the first stream.
+        self._state_after: str | None = None
         self.timed_out = False
 
     # -- connection events ---------------------------------------------------------------
@@ -139,6 +143,7 @@ class Resync:
         self._inflight.clear()
         self._state_pending.clear()
         self._resend_state = False
+        self._state_after = None
         row = self.reader.execute("SELECT max(id) FROM events").fetchone()
         self._connect_high = int(row[0] or 0)
         self._connected_at = now
@@ -150,6 +155,7 @@ class Resync:
         self.phase = Phase.OFFLINE
         self._inflight.clear()
         self._state_pending.clear()
+        self._state_after = None
 
     def request_replay(self, now: float) -> None:
         """The fleet asked for everything again (state, then all unacknowledged)."""
@@ -187,7 +193,7 @@ class Resync:
         if batch_id in self._state_pending:
             del self._state_pending[batch_id]
             self.counters.acks += 1
-            if not self._state_pending:
+            if not self._state_pending and self._state_after is None:
                 self.counters.last_convergence_s = now - self._connected_at
             return True
         entry = self._sent.pop(batch_id, None)
@@ -245,13 +251,15 @@ class Resync:
             self._state_pending.clear()
             self._resend_state = True
         out: list[Outgoing] = []
-        if self.phase is Phase.STATE or self._resend_state:
+        if (self.phase is Phase.STATE and self._state_after is None) or self._resend_state:
+            self._start_state()
+        if self._state_after is not None:
             out += self._state_batches(now)
-            self._resend_state = False
-            if self.phase is Phase.STATE:
-                self.phase = Phase.BACKLOG
-                # The compacted replay goes out alone: building the first backlog
-                # batches in the same step delayed it by ~55 ms (measured).
+            if self._state_after is not None or self.phase is Phase.STATE:
+                # The compacted replay goes out alone, before any backlog: building the
+                # first backlog batches in the same step delayed it by ~55 ms (measured).
+                if self._state_after is None:
+                    self.phase = Phase.BACKLOG
                 return out
         while len(self._inflight) < self.config.max_in_flight:
             batch = self._next_events_batch(now)
@@ -265,24 +273,38 @@ class Resync:
         self._next_batch += 1
         return batch_id
 
-    def _state_batches(self, now: float) -> list[Outgoing]:
-        latest = read_latest(self.reader)
+    def _start_state(self) -> None:
+        """Begin sending the compacted replay from the first stream."""
+        self._resend_state = False
+        self._state_after = ""
         known = self.reader.execute("SELECT count(DISTINCT stream_id) FROM stream_epochs")
         self.counters.state_streams_known = int(known.fetchone()[0])
-        self.counters.state_streams_sent = len(latest)
+        self.counters.state_streams_sent = 0
+
+    def _state_batches(self, now: float) -> list[Outgoing]:
+        """The next pages of the compacted replay, while fewer than max_in_flight of its
+        batches are unacknowledged; `_state_after` becomes None after the last page."""
         out = []
-        for start in range(0, len(latest), STATE_BATCH_EVENTS):
-            chunk = latest[start : start + STATE_BATCH_EVENTS]
-            batch_id = self._new_id()
-            batch = Batch(
-                self.vehicle, batch_id, "state", False, tuple((e, tq) for _, e, tq, _ in chunk)
-            )
-            payload = batch.encode(self.config.compress)
-            out.append(Outgoing("state", batch_id, payload, len(chunk)))
-            self._state_pending[batch_id] = (now, batch_digest(payload))
-            self.counters.state_batches_sent += 1
-        if not latest:
-            self.counters.last_convergence_s = 0.0
+        while self._state_after is not None and (
+            len(self._state_pending) < self.config.max_in_flight
+        ):
+            page = read_latest(self.reader, after=self._state_after, limit=STATE_BATCH_EVENTS)
+            if page:
+                batch_id = self._new_id()
+                batch = Batch(
+                    self.vehicle, batch_id, "state", False, tuple((e, tq) for _, e, tq, _ in page)
+                )
+                payload = batch.encode(self.config.compress)
+                out.append(Outgoing("state", batch_id, payload, len(page)))
+                self._state_pending[batch_id] = (now, batch_digest(payload))
+                self.counters.state_batches_sent += 1
+                self.counters.state_streams_sent += len(page)
+            if len(page) < STATE_BATCH_EVENTS:
+                self._state_after = None
+                if not self._state_pending:
+                    self.counters.last_convergence_s = 0.0  # nothing to converge on
+            else:
+                self._state_after = page[-1][1].stream
         return out
 
     def _next_events_batch(self, now: float) -> Outgoing | None:

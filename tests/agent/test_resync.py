@@ -457,3 +457,30 @@ def test_unsigned_lab_mode_accepts_unsigned_acks(store: EventStore) -> None:
     step(sync)
     assert delivered[-1][0] == 10
     assert sync.inbox.rejected["digest_mismatch"] == 1
+
+
+def test_state_replay_is_paged_and_windowed_then_the_backlog_follows(store: EventStore) -> None:
+    from agent.resync import STATE_BATCH_EVENTS  # noqa: PLC0415
+
+    streams = 2 * STATE_BATCH_EVENTS + 3  # three pages: full, full, 3
+    fill(store, streams, 1)
+    transport = FakeTransport(pubacks=False)
+    sync, resync, _, _ = make(store, transport, max_in_flight=2, ack_mode="fleet")
+    step(sync, 3)
+    # A window of state pages, nothing of the backlog yet: memory is two pages, not all.
+    assert [b.kind for b in transport.batches()] == ["state", "state"]
+    assert resync.phase is Phase.STATE
+    first = transport.batches()[0]
+    transport.pending.append(("ack", signed_ack(transport, first)))
+    step(sync)
+    kinds = [b.kind for b in transport.batches()]
+    assert kinds[:3] == ["state"] * 3  # the last page went out; the backlog may follow
+    assert resync.counters.last_convergence_s < 0  # not every page acknowledged yet
+    for b in transport.batches()[1:3]:
+        transport.pending.append(("ack", signed_ack(transport, b)))
+    step(sync, 2)
+    assert resync.counters.last_convergence_s >= 0
+    state = [e.stream for b in transport.batches() if b.kind == "state" for e, _ in b.events]
+    assert sorted(state) == sorted(f"s{k}" for k in range(streams))  # each stream once
+    assert resync.counters.state_streams_sent == resync.counters.state_streams_known == streams
+    assert "events" in {b.kind for b in transport.batches()}
