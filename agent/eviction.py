@@ -27,6 +27,13 @@ KEEP_LATEST: Final = (
 )
 
 
+# Recording what is shed takes a page of `shed` now and then, and a database at its hard
+# page cap has none free: without room the ladder failed for good and ACKs stopped (a 6 MiB
+# tmpfs, 22-page cap). The ladder may overdraw the cap by this much while it runs; each of
+# its transactions frees far more than it takes, and the free-space floor absorbs 64 KiB.
+LADDER_OVERDRAFT_PAGES: Final = 16
+
+
 class EvictionLadder:
     """Space figures and the eviction ladder of `EventStore` (which provides the state)."""
 
@@ -94,16 +101,21 @@ class EvictionLadder:
             ("compact_low_priority", self._compact_low_priority),
             ("drop_oldest", self._drop_oldest),
         ]
-        for name, step in steps:
-            if self.used_bytes() <= target:
-                return True
-            try:
-                step(keep, target, at)
-            except sqlite3.Error as exc:
-                self._rollback()
-                log.error("evict_failed step=%s error=%r", name, str(exc))
-                return False
-        return self.used_bytes() <= target
+        cap_pages = int(self.conn.execute("PRAGMA max_page_count").fetchone()[0])
+        self.conn.execute(f"PRAGMA max_page_count = {cap_pages + LADDER_OVERDRAFT_PAGES}")
+        try:
+            for name, step in steps:
+                if self.used_bytes() <= target:
+                    return True
+                try:
+                    step(keep, target, at)
+                except sqlite3.Error as exc:
+                    self._rollback()
+                    log.error("evict_failed step=%s error=%r", name, str(exc))
+                    return False
+            return self.used_bytes() <= target
+        finally:
+            self.conn.execute(f"PRAGMA max_page_count = {cap_pages}")
 
     @staticmethod
     def _latest_rowids() -> str:
