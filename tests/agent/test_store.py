@@ -12,10 +12,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from agent.errors import CommitFailed, StoreError, StoreFull
+from agent.errors import CommitFailed, StoreError
 from agent.resilience import Event, replay
 from agent.store import (
-    PAGE_SIZE,
     WAL_RESERVE_BYTES,
     EventStore,
     StoreConfig,
@@ -386,4 +385,3 @@ def test_eviction_does_not_lower_the_free_space_cap(tmp_path: Path) -> None:
     assert store.capacity() == rule()
     assert store.capacity() >= before - max(0, wal_size() - WAL_RESERVE_BYTES)
     assert not store.needs_room()
-
