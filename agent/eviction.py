@@ -34,6 +34,14 @@ KEEP_LATEST: Final = (
 LADDER_OVERDRAFT_PAGES: Final = 16
 
 
+# Rowids one ladder transaction may span. The WAL reserve (storedb.WAL_RESERVE_BYTES)
+# allows about 250 pages of growth past an autocheckpoint; a ladder step deleting across
+# the whole file in one transaction rewrote most of it (a 2.2 MB store grew its WAL to
+# 5.8 MB under load and the free-space floor fell to 0.3 MiB). 2,048 rows of 100-300 B
+# span at most ~150 leaf pages.
+LADDER_WINDOW_IDS: Final = 2048
+
+
 class EvictionLadder:
     """Space figures and the eviction ladder of `EventStore` (which provides the state)."""
 
@@ -126,18 +134,32 @@ class EvictionLadder:
         # Inside the deleting transaction: the highest rowid ever used survives deletion.
         set_state(self.conn, "events.max_id", str(self._next_id - 1), at)
 
-    def _prune_acked(self, keep: str, _target: float, at: float) -> None:
-        self.conn.execute("BEGIN IMMEDIATE")
-        self._remember_max_id(at)
-        cur = self.conn.execute(
-            f"DELETE FROM events WHERE id < ? AND id NOT IN ({keep})", (self._cursor(),)
-        )
-        self.conn.execute("COMMIT")
-        self._rows -= cur.rowcount
-        self.counters["pruned_acked"] += cur.rowcount
-        log.info("evict step=acked deleted=%d", cur.rowcount)
+    def _windows(self, below: int | None = None) -> list[tuple[int, int]]:
+        """Rowid windows [lo, hi) covering the stored events (below `below` if given),
+        LADDER_WINDOW_IDS wide: one ladder transaction each."""
+        lo, hi = self.conn.execute("SELECT min(id), max(id) FROM events").fetchone()
+        if lo is None:
+            return []
+        end = hi + 1 if below is None else min(hi + 1, below)
+        return [(a, min(a + LADDER_WINDOW_IDS, end)) for a in range(lo, end, LADDER_WINDOW_IDS)]
 
-    def _shed(self, where: str, params: tuple[object, ...], reason: str, at: float) -> int:
+    def _prune_acked(self, keep: str, _target: float, at: float) -> None:
+        deleted = 0
+        for lo, hi in self._windows(below=self._cursor()):
+            self.conn.execute("BEGIN IMMEDIATE")
+            self._remember_max_id(at)
+            cur = self.conn.execute(
+                f"DELETE FROM events WHERE id >= ? AND id < ? AND id NOT IN ({keep})", (lo, hi)
+            )
+            self.conn.execute("COMMIT")
+            self._rows -= cur.rowcount
+            deleted += cur.rowcount
+        self.counters["pruned_acked"] += deleted
+        log.info("evict step=acked deleted=%d", deleted)
+
+    def _shed(
+        self, where: str, params: tuple[object, ...], reason: str, at: float, *, quiet: bool = False
+    ) -> int:
         """Record then delete the unacknowledged events matching `where`, one transaction."""
         unacked = f"id >= {int(self._cursor())}"
         self.conn.execute("BEGIN IMMEDIATE")
@@ -153,33 +175,52 @@ class EvictionLadder:
         self.conn.execute("COMMIT")
         self._rows -= cur.rowcount
         self.counters[f"shed_{reason}"] = self.counters.get(f"shed_{reason}", 0) + cur.rowcount
-        if cur.rowcount:
+        if cur.rowcount and not quiet:
             log.warning("evict step=%s shed=%d", reason, cur.rowcount)
         return int(cur.rowcount)
 
     def _compact_low_priority(self, keep: str, _target: float, at: float) -> None:
-        self._shed(
-            f"priority <= ? AND id NOT IN ({keep})",
-            (self.config.low_priority_max,),
-            "compact_low_priority",
-            at,
-        )
+        shed = 0
+        for lo, hi in self._windows():
+            shed += self._shed(
+                f"id >= ? AND id < ? AND priority <= ? AND id NOT IN ({keep})",
+                (lo, hi, self.config.low_priority_max),
+                "compact_low_priority",
+                at,
+                quiet=True,
+            )
+        if shed:
+            log.warning("evict step=compact_low_priority shed=%d", shed)
 
     def _drop_oldest(self, keep: str, target: float, at: float) -> None:
         while self.used_bytes() > target:
+            # One scan per priority level: its oldest unacked row, then windows forward.
             row = self.conn.execute(
-                f"SELECT min(priority) FROM events WHERE id NOT IN ({keep})"
+                f"SELECT min(priority), max(id) FROM events WHERE id >= ? AND id NOT IN ({keep})",
+                (self._cursor(),),
             ).fetchone()
             if row is None or row[0] is None:
                 return
-            # Oldest first, in chunks; rowid order needs no index.
-            chunk = max(1000, self._rows // 20)
-            dropped = self._shed(
-                f"id IN (SELECT id FROM events WHERE priority = ? AND id NOT IN ({keep}) "
-                f"ORDER BY id LIMIT {chunk})",
-                (row[0],),
-                "drop_oldest",
-                at,
-            )
-            if not dropped:
+            priority, top = row
+            first = self.conn.execute(
+                f"SELECT id FROM events WHERE priority = ? AND id >= ? AND id NOT IN ({keep}) "
+                "ORDER BY id LIMIT 1",
+                (priority, self._cursor()),
+            ).fetchone()
+            if first is None:
+                return
+            dropped = 0
+            for lo in range(first[0], top + 1, LADDER_WINDOW_IDS):
+                if self.used_bytes() <= target:
+                    break
+                dropped += self._shed(
+                    f"id >= ? AND id < ? AND priority = ? AND id NOT IN ({keep})",
+                    (lo, lo + LADDER_WINDOW_IDS, priority),
+                    "drop_oldest",
+                    at,
+                    quiet=True,
+                )
+            if dropped:
+                log.warning("evict step=drop_oldest priority=%d shed=%d", priority, dropped)
+            else:
                 return
