@@ -15,6 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Final
 
+from agent.resilience.loss import LossLedger
 from agent.storedb import PAGE_SIZE, WAL_RESERVE_BYTES, StoreConfig, set_state
 
 log = logging.getLogger("agent.store")
@@ -49,6 +50,7 @@ class EvictionLadder:
     config: StoreConfig
     path: Path
     counters: dict[str, int]
+    loss: LossLedger
     _free_bytes: Callable[[Path], int]
     _rows: int
     _next_id: int
@@ -175,6 +177,7 @@ class EvictionLadder:
         self.conn.execute("COMMIT")
         self._rows -= cur.rowcount
         self.counters[f"shed_{reason}"] = self.counters.get(f"shed_{reason}", 0) + cur.rowcount
+        self.loss.on_shed(reason, cur.rowcount)
         if cur.rowcount and not quiet:
             log.warning("evict step=%s shed=%d", reason, cur.rowcount)
         return int(cur.rowcount)

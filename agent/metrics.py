@@ -70,13 +70,22 @@ class AgentCollector(Collector):
     def _replay(
         self, store: dict[str, Any], link: dict[str, Any], uplink: dict[str, Any]
     ) -> Iterator[Metric]:
-        known = uplink.get("state_streams_known", 0)
-        sent = uplink.get("state_streams_sent", 0)
         yield gauge(
             "ironfleet_replay_event_loss_ratio",
-            "Share of known streams missing from the last compacted replay (0 = none lost).",
-            (1 - sent / known) if known else 0.0,
+            "Events that can no longer reach the fleet (shed before their ack, lost to a "
+            "salvage, skipped sequence numbers given up) over events received.",
+            store.get("loss_ratio", 0.0),
         )
+        lost = CounterMetricFamily(
+            "ironfleet_events_lost",
+            "Events that can no longer reach the fleet, by reason (the loss ratio's numerator).",
+            labels=["reason"],
+        )
+        for key, value in sorted(store.items()):
+            if key.startswith("loss_shed_"):
+                lost.add_metric([key.removeprefix("loss_shed_")], value)
+        lost.add_metric(["gap_given_up"], store.get("loss_gap_lost", 0))
+        yield lost
         yield counter(
             "ironfleet_replay_convergence_failures",
             "Compacted replays the fleet did not acknowledge in time (resent).",
@@ -84,15 +93,24 @@ class AgentCollector(Collector):
         )
         gaps = CounterMetricFamily(
             "ironfleet_telemetry_gaps",
-            "Sequence gaps detected, by type: stream (per-stream seq) or link (frames).",
+            "Gaps by type: stream (a controller skipped sequence numbers), link (frames), "
+            "replay (compacted-replay batches the fleet never acknowledged).",
             labels=["type"],
         )
         gaps.add_metric(["stream"], store.get("gaps_opened", 0))
         gaps.add_metric(["link"], link.get("gaps", 0))
+        gaps.add_metric(["replay"], uplink.get("replay_batches_unacked", 0))
         yield gaps
         yield counter(
             "ironfleet_mission_state_inconsistency",
-            "Fleet acknowledgements refused because they would move a checkpoint backwards.",
+            "Streams whose replayed state was older than what the fleet had acknowledged "
+            "(the state would have moved backwards).",
+            uplink.get("state_backwards", 0),
+        )
+        yield counter(
+            "ironfleet_uplink_duplicate_acks",
+            "Fleet acks for a batch already acknowledged or no longer awaited (two collectors, "
+            "a redelivery), ignored.",
             store.get("acks_stale", 0) + uplink.get("acks_stale", 0),
         )
 

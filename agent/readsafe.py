@@ -29,7 +29,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
 
-from agent.store import PAGE_SIZE
+# Re-exported for the CLI's readers (defined with the store, which sums with them too).
+from agent.storedb import LOW_BITS as LOW_BITS  # noqa: PLC0414
+from agent.storedb import LOW_MASK as LOW_MASK  # noqa: PLC0414
+from agent.storedb import PAGE_SIZE
+from agent.storedb import exact_sum as exact_sum  # noqa: PLC0414
+from agent.storedb import exact_sum_sql as exact_sum_sql  # noqa: PLC0414
 
 # Longest string or blob a technician read may produce or fetch. Stored values are far
 # smaller: an event payload fits in one 512-byte serial frame, published state values are
@@ -52,10 +57,6 @@ PROGRESS_STEPS: Final = 1000  # SQLite VM instructions between two deadline chec
 # Bytes of query results held in memory at most (the approximate size of the values
 # fetched; `run_query` stops there and says so). Rendering multiplies it a few times.
 MAX_FETCH_BYTES: Final = 4 * 2**20
-# Exact 64-bit sums in SQL: each value is split into its high and low 32 bits, summed apart
-# (neither sum can overflow below 2**31 rows), and joined in Python's unbounded integers.
-LOW_BITS: Final = 32
-LOW_MASK: Final = 2**LOW_BITS - 1
 
 
 def limit_process_heap(limit: int = SQLITE_HEAP_BYTES) -> None:
@@ -143,16 +144,6 @@ def harden(conn: sqlite3.Connection, path: Path, timeout: float) -> ReadGuard:
 
 def _text(raw: bytes) -> str:
     return raw.decode("utf-8", "replace")
-
-
-def exact_sum_sql(column: str) -> str:
-    """Two SQL expressions whose results `exact_sum` joins into the exact sum of `column`."""
-    return f"coalesce(sum({column} >> {LOW_BITS}), 0), coalesce(sum({column} & {LOW_MASK}), 0)"
-
-
-def exact_sum(high: int, low: int) -> int:
-    """The sum of a column from the two parts `exact_sum_sql` selects."""
-    return (int(high) << LOW_BITS) + int(low)
 
 
 def value_size(value: Any) -> int:

@@ -83,13 +83,21 @@ class ResyncCounters:
     events_sent: int = 0
     state_batches_sent: int = 0
     acks: int = 0
-    acks_stale: int = 0
+    acks_stale: int = 0  # acks for no batch awaited: duplicates (two collectors) or late
     ack_timeouts: int = 0
     replays_requested: int = 0
     last_convergence_s: float = -1.0  # connect -> every state batch acked
     convergence_failures: int = 0  # state batches whose ack never came (resent)
     state_streams_known: int = 0  # streams in the store when the last replay was built
     state_streams_sent: int = 0  # ... and how many the replay carried
+    # Compacted-replay batches the fleet never acknowledged (timed out, or in flight when
+    # the connection dropped or the fleet asked for a new replay): telemetry gaps of type
+    # "replay" until a resend is acked.
+    replay_batches_unacked: int = 0
+    # Streams whose latest stored event is older than the position the fleet already
+    # acknowledged for them: a replay that would move the fleet's state backwards (the
+    # newest rows were lost locally, e.g. by a salvage). The fleet refuses the older state.
+    state_backwards: int = 0
     extra: dict[str, int] = field(default_factory=dict)
 
 
@@ -141,7 +149,7 @@ class Resync:
         self._delivered = max(self._delivered, read_cursor(self.reader) - 1)
         self._send_after = self._delivered
         self._inflight.clear()
-        self._state_pending.clear()
+        self._forget_state_pending()
         self._resend_state = False
         self._state_after = None
         row = self.reader.execute("SELECT max(id) FROM events").fetchone()
@@ -154,8 +162,13 @@ class Resync:
         """Whatever is in flight is forgotten; it is resent after the next connect."""
         self.phase = Phase.OFFLINE
         self._inflight.clear()
-        self._state_pending.clear()
+        self._forget_state_pending()
         self._state_after = None
+
+    def _forget_state_pending(self) -> None:
+        """Replay batches still awaiting an ack will never get one that counts."""
+        self.counters.replay_batches_unacked += len(self._state_pending)
+        self._state_pending.clear()
 
     def request_replay(self, now: float) -> None:
         """The fleet asked for everything again (state, then all unacknowledged)."""
@@ -248,7 +261,7 @@ class Resync:
             self.counters.ack_timeouts += 1
             self.counters.convergence_failures += 1
             self.timed_out = True
-            self._state_pending.clear()
+            self._forget_state_pending()
             self._resend_state = True
         out: list[Outgoing] = []
         if (self.phase is Phase.STATE and self._state_after is None) or self._resend_state:
@@ -290,6 +303,7 @@ class Resync:
         ):
             page = read_latest(self.reader, after=self._state_after, limit=STATE_BATCH_EVENTS)
             if page:
+                self._check_forward(page[0][1].stream, page)
                 batch_id = self._new_id()
                 batch = Batch(
                     self.vehicle, batch_id, "state", False, tuple((e, tq) for _, e, tq, _ in page)
@@ -306,6 +320,28 @@ class Resync:
             else:
                 self._state_after = page[-1][1].stream
         return out
+
+    def _check_forward(self, first: str, page: list[tuple[int, Event, int, float]]) -> None:
+        """Count the page's streams whose latest event is below the fleet's checkpoint."""
+        acked = {
+            name: (epoch, seq)
+            for name, epoch, seq in self.reader.execute(
+                "SELECT s.name, c.boot_epoch, c.seq FROM checkpoints AS c "
+                "JOIN streams AS s ON s.id = c.stream_id WHERE s.name >= ? AND s.name <= ?",
+                (first, page[-1][1].stream),
+            )
+        }
+        behind = [
+            e.stream for _, e, _, _ in page if (e.boot_epoch, e.seq) < acked.get(e.stream, (-1, -1))
+        ]
+        if behind:
+            self.counters.state_backwards += len(behind)
+            log.warning(
+                "replay_behind_checkpoint streams=%d first=%r: the fleet acknowledged newer "
+                "events than the store still holds (local loss?)",
+                len(behind),
+                behind[0][:64],
+            )
 
     def _next_events_batch(self, now: float) -> Outgoing | None:
         c = self.config

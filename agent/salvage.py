@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Final
 
 from agent.pagefile import PageFile, Value
+from agent.resilience.loss import SALVAGE_LOST
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +46,7 @@ SALVAGE_TIME_BUDGET: Final = 240.0
 BATCH_ROWS: Final = 1000
 # shed records written for lost rowid ranges; the rest are merged into the last one.
 MAX_LOST_RECORDS: Final = 1000
-LOST_REASON: Final = "salvage_lost"
+LOST_REASON: Final = SALVAGE_LOST  # the loss ledger counts these (agent/resilience/loss.py)
 # Tables copied, in this order; stream_epochs is rebuilt from events (WITHOUT ROWID).
 TABLES: Final = ("events", "streams", "checkpoints", "gaps", "shed", "agent_state")
 

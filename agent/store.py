@@ -53,6 +53,7 @@ from agent.storedb import (
     check_integrity,
     connect,
     disk_free_bytes,
+    load_loss,
     read_cursor,
     read_latest,
     set_state,
@@ -225,6 +226,7 @@ class EventStore(EvictionLadder):
         self._next_gap = (conn.execute("SELECT max(id) FROM gaps").fetchone()[0] or 0) + 1
         self._next_stream = (conn.execute("SELECT max(id) FROM streams").fetchone()[0] or 0) + 1
         self._rows: int = conn.execute("SELECT count(*) FROM events").fetchone()[0]
+        self.loss = load_loss(conn)
 
     def close(self) -> None:
         """Checkpoint the WAL into the database and close."""
@@ -348,6 +350,8 @@ class EventStore(EvictionLadder):
         self._next_stream += len(b.new_streams)
         self._stream_count += len(b.new_streams)
         self._rows += len(b.rows)
+        self.loss.on_stored(len(b.rows))
+        self.loss.on_gap_lost(b.gap_lost)
         self.counters["stored"] += len(b.rows)
         self.counters["duplicates"] += b.duplicates
         self.counters["gaps_opened"] += b.opened
@@ -568,4 +572,5 @@ class EventStore(EvictionLadder):
             # Evictions per second near the commit rate: the cap is below the active set.
             "cache_evictions": self._state.streams.evictions,
             **self.counters,
+            **self.loss.as_dict(),
         }

@@ -8,6 +8,8 @@ need no writer state, `read_cursor` and `read_latest` (point reads, paginated on
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import sqlite3
 import time
@@ -18,12 +20,18 @@ from typing import Final
 from agent.config import StoreSection
 from agent.errors import StoreError
 from agent.resilience import Event
+from agent.resilience.loss import LossLedger
 
 PAGE_SIZE: Final = 4096
 # SQLite checkpoints the WAL every 1000 pages (its default wal_autocheckpoint); the WAL
 # file grows to about that before it is reused. A quarter more for the batch that tips it.
 WAL_RESERVE_BYTES: Final = 1000 * PAGE_SIZE * 5 // 4
 SYNCHRONOUS_MODES: Final = ("OFF", "NORMAL", "FULL", "EXTRA")
+# Exact 64-bit sums in SQL: each value is split into its high and low 32 bits, summed apart
+# (neither sum can overflow below 2**31 rows), and joined in Python's unbounded integers. A
+# controller's sequence numbers reach 2**63 - 1, so a plain sum() of gap sizes overflows.
+LOW_BITS: Final = 32
+LOW_MASK: Final = 2**LOW_BITS - 1
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,6 +53,40 @@ def read_cursor(conn: sqlite3.Connection) -> int:
     """The persisted uplink cursor: lowest rowid the fleet has not acknowledged."""
     row = conn.execute("SELECT value FROM agent_state WHERE key = 'uplink.cursor'").fetchone()
     return int(row[0]) if row else 1
+
+
+def exact_sum_sql(column: str) -> str:
+    """Two SQL expressions whose results `exact_sum` joins into the exact sum of `column`."""
+    return f"coalesce(sum({column} >> {LOW_BITS}), 0), coalesce(sum({column} & {LOW_MASK}), 0)"
+
+
+def exact_sum(high: int, low: int) -> int:
+    """The sum of a column from the two parts `exact_sum_sql` selects."""
+    return (int(high) << LOW_BITS) + int(low)
+
+
+def load_loss(conn: sqlite3.Connection) -> LossLedger:
+    """The loss ledger from the tables: stored events per stream epoch, `shed` by reason,
+    and the gaps closed with numbers still missing (given up, not filled).
+
+    `received` is the larger of the tables' count and the last published figure: a
+    salvage rebuilds `stream_epochs` from the rows it kept (and keeps `agent_state`).
+    """
+    ledger = LossLedger()
+    ledger.received = exact_sum(
+        *conn.execute(f"SELECT {exact_sum_sql('events')} FROM stream_epochs").fetchone()
+    )
+    row = conn.execute("SELECT value FROM agent_state WHERE key = 'store.stats'").fetchone()
+    with contextlib.suppress(ValueError, TypeError, AttributeError):
+        published = json.loads(row[0]).get("loss_received", 0) if row else 0
+        if isinstance(published, int):
+            ledger.received = max(ledger.received, published)
+    shed = f"SELECT reason, {exact_sum_sql('count')} FROM shed GROUP BY reason"
+    for reason, high, low in conn.execute(shed):
+        ledger.on_shed(str(reason), exact_sum(high, low))
+    lost = f"SELECT {exact_sum_sql('missing')} FROM gaps WHERE closed_at IS NOT NULL"
+    ledger.gap_lost = exact_sum(*conn.execute(lost).fetchone())
+    return ledger
 
 
 def read_latest(

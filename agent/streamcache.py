@@ -156,6 +156,7 @@ class Batch:
     gap_inserts: list[tuple[object, ...]] = field(default_factory=list)
     gap_updates: dict[int, Gap] = field(default_factory=dict)
     gap_dropped: list[int] = field(default_factory=list)
+    gap_lost: int = 0  # sequence numbers of the dropped gaps, lost for good
     # (controller, announced epoch) -> stored epoch, for sessions first seen now
     new_epochs: dict[tuple[str, int], int] = field(default_factory=dict)
     tops: dict[str, int] = field(default_factory=dict)  # staged highest stored epochs
@@ -371,6 +372,7 @@ class StreamState:
         gaps.append(gap)
         for dropped in bound_gaps(gaps):
             b.gap_dropped.append(dropped.gap_id)
+            b.gap_lost += dropped.missing
         b.gap_inserts.append(
             (gap.gap_id, key[0], key[1], lo, hi, hi - lo + 1, json.dumps([[lo, hi]]),
              b.received_at)
