@@ -19,9 +19,7 @@ import sqlite3
 from collections import OrderedDict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Final, Generic, Protocol, TypeVar
-
-from agent.resilience import Event
+from typing import Any, Final, Generic, Protocol, TypeVar
 
 log = logging.getLogger(__name__)
 
@@ -126,11 +124,37 @@ class StreamEntry:
             self.gaps[epoch] = gaps
 
 
+class EventFields(Protocol):
+    """The fields `append` stores: `Event` has them, and so has the bridge's
+    `ControllerEvent` (firmware_bridge imports nothing from agent)."""
+
+    @property
+    def stream(self) -> str: ...
+
+    @property
+    def seq(self) -> int: ...
+
+    @property
+    def boot_epoch(self) -> int: ...
+
+    @property
+    def ts(self) -> float: ...
+
+    @property
+    def kind(self) -> str: ...
+
+    @property
+    def priority(self) -> int: ...
+
+    @property
+    def payload(self) -> Any: ...
+
+
 class Arrival(Protocol):
     """What `append` needs of an incoming event (the link's `Received` fits)."""
 
     @property
-    def event(self) -> Event: ...
+    def event(self) -> EventFields: ...
 
     @property
     def time_quality(self) -> int: ...

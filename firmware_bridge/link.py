@@ -18,11 +18,10 @@ import random
 from collections.abc import Iterable
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import Final
+from typing import Final, NamedTuple
 
 import msgpack
 
-from agent.resilience import Event
 from firmware_bridge.frames import FrameDecoder, encode
 from firmware_bridge.protocol import (
     MAX_RANGES,
@@ -62,12 +61,31 @@ class LinkState(StrEnum):
     UP = "up"
 
 
+class ControllerEvent(NamedTuple):
+    """One event as the controller sent it, in the form the agent stores it.
+
+    The protocol schema validated every field; `boot_epoch` is the session's, and
+    `payload` the signals map packed as msgpack. A named tuple, not the agent's `Event`:
+    the bridge hands up its own body (it imports nothing from `agent`), and building it
+    is a tuple allocation on the ingest hot path. Field names match `Event`'s, so the
+    store reads either.
+    """
+
+    stream: str
+    seq: int
+    boot_epoch: int
+    ts: float
+    kind: str
+    priority: int
+    payload: bytes
+
+
 @dataclass(frozen=True, slots=True)
 class Received:
     """An event accepted from the link; store it, then pass `token` to `durable`."""
 
     token: Token
-    event: Event
+    event: ControllerEvent
     time_quality: TimeQuality
     controller_id: str
 
@@ -358,7 +376,7 @@ class AgentLink:
         s.highest_seen = max(s.highest_seen, link_seq)
         s.pending.add(link_seq)
         self.counters["events_accepted"] += 1
-        event = Event.trusted(  # the protocol schema validated every field
+        event = ControllerEvent(
             body.stream,
             body.seq,
             s.boot_epoch,

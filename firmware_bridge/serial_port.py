@@ -19,11 +19,10 @@ import termios
 import time
 from collections.abc import Callable
 from enum import StrEnum
-from typing import Final
+from typing import Final, Protocol
 
 import serial
 
-from agent.resilience.backoff import Backoff
 from firmware_bridge.errors import PortUnavailable
 
 log = logging.getLogger(__name__)
@@ -31,16 +30,26 @@ log = logging.getLogger(__name__)
 DEFAULT_BAUDRATE: Final = 921_600
 # One read drains up to this much; a 4 KiB UART/pty read chunk is ~45 ms of data at 921,600 baud.
 DEFAULT_READ_SIZE: Final = 4096
-# USB re-enumeration takes about 0.5-2 s, so the first retries come soon; the cap bounds
-# how long a replugged controller waits unheard.
-DEFAULT_BACKOFF_BASE_S: Final = 0.25
-DEFAULT_BACKOFF_CAP_S: Final = 10.0
 # A healthy device drains a full driver buffer (18 KiB on a Linux pty) in ~0.2 s at
 # 921,600 baud; a write still stuck after this long means the peer stopped reading.
 DEFAULT_WRITE_TIMEOUT_S: Final = 1.0
 
 _GLOB_CHARS: Final = frozenset("*?[")
 _POLL_READABLE: Final = select.POLLIN | select.POLLERR | select.POLLHUP
+
+
+class RetryDelays(Protocol):
+    """The reopen policy the owner injects (the agent's `Backoff`: the bridge keeps no
+    policy of its own). USB re-enumeration takes about 0.5-2 s, so first retries should
+    come soon, and a cap bounds how long a replugged controller waits unheard."""
+
+    def next_delay(self) -> float:
+        """Seconds to wait before the next open attempt (grows with each failure)."""
+        ...
+
+    def reset(self) -> None:
+        """The port opened: the next failure starts from the shortest delay again."""
+        ...
 
 
 class PortState(StrEnum):
@@ -67,7 +76,7 @@ class SerialPort:
         path: str,
         *,
         baudrate: int = DEFAULT_BAUDRATE,
-        backoff: Backoff | None = None,
+        backoff: RetryDelays,
         on_state: Callable[[PortState, str], None] | None = None,
         read_size: int = DEFAULT_READ_SIZE,
         write_timeout: float = DEFAULT_WRITE_TIMEOUT_S,
@@ -80,8 +89,6 @@ class SerialPort:
         self.baudrate = baudrate
         self.read_size = read_size
         self.write_timeout = float(write_timeout)
-        if backoff is None:
-            backoff = Backoff(DEFAULT_BACKOFF_BASE_S, DEFAULT_BACKOFF_CAP_S)
         self._backoff = backoff
         self._on_state = on_state
         self._state = PortState.CLOSED

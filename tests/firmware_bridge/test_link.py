@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from agent.resilience import Backoff
 from firmware_bridge.controller import ControllerLink
 from firmware_bridge.faults import LineNoise
 from firmware_bridge.frames import FrameDecoder, encode
@@ -406,7 +407,7 @@ def test_hello_flood_through_a_pty_then_events_are_acked(
     device.symlink_to(os.ttyname(slave))
     os.close(slave)
     os.set_blocking(master, False)
-    port = SerialPort(str(device))
+    port = SerialPort(str(device), backoff=Backoff(0.25, 10.0))
     agent = AgentLink(session=77)
     try:
         now = 0.0
