@@ -27,13 +27,13 @@ from typing import Any
 
 from cobs import cobs
 
-from agent import daemon, resync
+from agent import daemon, resync, writer
 from agent.store import CommitFailed, StoreFull
 from firmware_bridge import frames
 
 
 def ack_before_commit() -> None:
-    def commit(self: daemon.Writer, groups: list[list[Any]]) -> None:
+    def commit(self: writer.Writer, groups: list[list[Any]]) -> None:
         for g in groups:
             self.reports.put((True, [r.token for r in g]))
         self.waker.wake()
@@ -41,19 +41,19 @@ def ack_before_commit() -> None:
         with contextlib.suppress(CommitFailed, StoreFull):
             self._append([r for g in groups for r in g])
 
-    daemon.Writer._commit = commit  # type: ignore[method-assign]
+    writer.Writer._commit = commit  # type: ignore[method-assign]
 
 
 def ack_after_failed_commit() -> None:
-    original = daemon.Writer._append
+    original = writer.Writer._append
 
-    def append(self: daemon.Writer, arrivals: Sequence[Any]) -> None:
+    def append(self: writer.Writer, arrivals: Sequence[Any]) -> None:
         try:
             original(self, arrivals)
         except (CommitFailed, StoreFull):
             self.shared.counters["commit_failures"] += 1  # and then claim success
 
-    daemon.Writer._append = append  # type: ignore[method-assign]
+    writer.Writer._append = append  # type: ignore[method-assign]
 
 
 def accept_corrupt() -> None:

@@ -388,7 +388,7 @@ def test_tmpfs_filled_by_another_process(
 @pytest.mark.xfail(
     strict=True,
     reason="product: the daemon publishes its alarm and heartbeat into the database that "
-    "cannot be written (Writer._publish_state -> EventStore.publish, agent/daemon.py), so "
+    "cannot be written (Writer._publish_state -> EventStore.publish, agent/writer.py), so "
     "while the disk is full `ironfleet status --json` shows alarm '' and live false (the "
     "text now says 'running, pid N, but NOT PUBLISHING ... disk full or read-only?', and "
     "the alarm is in systemd's STATUS=; the alarm itself needs a state file in /run)",

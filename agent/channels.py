@@ -1,0 +1,80 @@
+"""What joins the daemon's threads: the bounded hand-over queue, reports, wake-up, flags.
+
+The serial thread hands received events to the writer through `to_writer` (bounded: a
+slow disk stops reading, and the controller keeps its events); the writer reports each
+group durable or not through `reports` and wakes the serial thread through `waker`; the
+uplink thread asks the writer to persist fleet acknowledgements through `tasks`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import queue
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from agent.store import EventStore
+from firmware_bridge.link import Received, Token
+
+
+@dataclass
+class Shared:
+    """State both threads read: flags and counters (single writers, GIL-atomic updates)."""
+
+    stop_reading: threading.Event = field(default_factory=threading.Event)
+    writer_done: threading.Event = field(default_factory=threading.Event)
+    alarm: str = ""
+    store_full: bool = False
+    counters: dict[str, int] = field(
+        default_factory=lambda: dict.fromkeys(
+            ("batches", "events_committed", "commit_failures", "batches_rejected"), 0
+        )
+    )
+
+
+class Waker:
+    """A self-pipe: the writer wakes the serial thread the moment a batch is durable."""
+
+    def __init__(self) -> None:
+        self.read_fd, self.write_fd = os.pipe()
+        os.set_blocking(self.read_fd, False)
+        os.set_blocking(self.write_fd, False)
+
+    def wake(self) -> None:
+        with contextlib.suppress(BlockingIOError):
+            os.write(self.write_fd, b"x")
+
+    def drain(self) -> None:
+        with contextlib.suppress(BlockingIOError):
+            while os.read(self.read_fd, 4096):
+                pass
+
+    def close(self) -> None:
+        os.close(self.read_fd)
+        os.close(self.write_fd)
+
+
+Task = Callable[[EventStore], None]  # work for the writer thread (the store's only user)
+
+
+@dataclass(frozen=True)
+class Delivered:
+    """The fleet holds every row up to `upto`; the writer persists it (coalesced)."""
+
+    upto: int
+    positions: dict[str, tuple[int, int]]
+
+
+@dataclass
+class Channels:
+    """What joins the threads: the bounded hand-over queue, reports, wake-up, flags."""
+
+    to_writer: queue.Queue[list[Received]]
+    reports: queue.Queue[tuple[bool, list[Token]]]
+    waker: Waker
+    shared: Shared
+    # Small, rare writes from other threads (uplink checkpoints). Unbounded on purpose:
+    # at most one per acknowledged batch, and the uplink thread must never block on it.
+    tasks: queue.Queue[Task | Delivered] = field(default_factory=queue.Queue)
