@@ -30,6 +30,7 @@ from agent.fleet import Batch, batch_digest
 from agent.fleet_auth import FleetAuth
 from agent.fleet_inbox import FleetInbox
 from agent.resilience import Backoff, CircuitBreaker, Event
+from agent.resilience.cursor import AckedRun, DeliveryCursor
 from agent.resilience.ratelimit import TokenBucket
 from agent.store import read_cursor, read_latest
 
@@ -128,10 +129,10 @@ class Resync:
         # took out of the window: their late acks still count (a slow collector would
         # otherwise have every ack thrown away as stale while the resends queue up).
         self._sent: OrderedDict[int, _InFlight] = OrderedDict()
-        self._acked: list[_InFlight] = []  # acked, not yet contiguous with the cursor
         self._state_pending: dict[int, tuple[float, bytes]] = {}  # id -> (sent at, digest)
-        self._delivered = read_cursor(reader) - 1  # highest rowid the fleet holds
-        self._send_after = self._delivered
+        # Highest rowid the fleet holds, from acks in any order (agent/resilience/cursor.py).
+        self._cursor = DeliveryCursor(read_cursor(reader) - 1, max_pending=MAX_TRACKED_BATCHES)
+        self._send_after = self._cursor.delivered
         self._connect_high = 0
         self._connected_at = 0.0
         self._partial_since: float | None = None
@@ -146,8 +147,8 @@ class Resync:
 
     def on_connected(self, now: float) -> None:
         """Start over from what the fleet acknowledged: state first, then the backlog."""
-        self._delivered = max(self._delivered, read_cursor(self.reader) - 1)
-        self._send_after = self._delivered
+        self._cursor.restore(read_cursor(self.reader) - 1)
+        self._send_after = self._cursor.delivered
         self._inflight.clear()
         self._forget_state_pending()
         self._resend_state = False
@@ -180,12 +181,12 @@ class Resync:
     def backlog_rows(self) -> int:
         """Rows stored and not yet acknowledged by the fleet (an upper bound)."""
         row = self.reader.execute("SELECT max(id) FROM events").fetchone()
-        return max(0, int(row[0] or 0) - self._delivered)
+        return max(0, int(row[0] or 0) - self._cursor.delivered)
 
     @property
     def delivered(self) -> int:
         """Highest rowid the fleet is known to hold (every row at or below it)."""
-        return self._delivered
+        return self._cursor.delivered
 
     @property
     def in_flight(self) -> int:
@@ -215,24 +216,9 @@ class Resync:
             return False
         self._inflight.pop(batch_id, None)
         self.counters.acks += 1
-        self._acked.append(entry)
-        # The cursor moves over acked batches that are contiguous with it, in any order
-        # of arrival: a row is delivered only when every row before it is.
-        upto = self._delivered
-        positions: dict[str, tuple[int, int]] = {}
-        progress = True
-        while progress:
-            progress = False
-            for acked in list(self._acked):
-                if acked.from_rowid <= upto + 1:
-                    self._acked.remove(acked)
-                    upto = max(upto, acked.upto_rowid)
-                    for stream, pos in acked.positions.items():
-                        if pos > positions.get(stream, (-1, -1)):
-                            positions[stream] = pos
-                    progress = True
-        if upto > self._delivered:
-            self._delivered = upto
+        moved = self._cursor.ack(AckedRun(entry.from_rowid, entry.upto_rowid, entry.positions))
+        if moved is not None:
+            upto, positions = moved
             self._send_after = max(self._send_after, upto)  # never resend what is held
             self.deliver(upto, positions)
         return True
@@ -251,7 +237,7 @@ class Resync:
                 self.counters.ack_timeouts += 1
                 self.timed_out = True
                 self._inflight.clear()
-                self._send_after = self._delivered
+                self._send_after = self._cursor.delivered
         if (
             self._state_pending
             and now - min(at for at, _ in self._state_pending.values()) > self.config.ack_timeout
@@ -388,7 +374,6 @@ class Resync:
         self._sent[batch_id] = entry
         while len(self._sent) > MAX_TRACKED_BATCHES:
             self._sent.popitem(last=False)
-        del self._acked[:-MAX_TRACKED_BATCHES]
         self._send_after = upto
         self.counters.batches_sent += 1
         self.counters.events_sent += len(events)

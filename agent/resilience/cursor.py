@@ -1,0 +1,82 @@
+"""The delivery cursor: what the fleet holds, from acks that arrive in any order.
+
+Batches cover contiguous runs of the store's rowids. The fleet acknowledges them one by
+one, out of order after a reconnect or with several collectors, some twice, some never.
+A row counts as delivered only when every row before it is: the cursor moves over acked
+runs that join it, and only forwards. Each stream's checkpoint is the highest position
+(boot_epoch, seq) among the runs the cursor passed, never lowered.
+
+Pure: the uplink's `Resync` owns one and persists what `ack` returns (through the
+writer, in one transaction with the checkpoints).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+Position = tuple[int, int]  # (boot_epoch, seq)
+
+
+@dataclass(frozen=True, slots=True)
+class AckedRun:
+    """Rows [first, last] acknowledged together, and each stream's highest position."""
+
+    first: int
+    last: int
+    positions: Mapping[str, Position]
+
+
+class DeliveryCursor:
+    """`delivered` is the highest rowid such that every row at or below it is acked.
+
+    Runs acked ahead of a missing one wait, at most `max_pending` of them (the oldest go
+    first: a run that old is resent in other batches anyway); a run at or below the cursor
+    is dropped on arrival.
+    """
+
+    def __init__(self, delivered: int = 0, *, max_pending: int = 4096) -> None:
+        if max_pending < 1:
+            raise ValueError(f"max_pending must be >= 1, got {max_pending!r}")
+        self.delivered = delivered
+        self.max_pending = max_pending
+        self._pending: list[AckedRun] = []
+
+    @property
+    def pending(self) -> int:
+        """Acked runs waiting for an earlier one."""
+        return len(self._pending)
+
+    def restore(self, delivered: int) -> None:
+        """Raise the cursor to a persisted value (never lowers it)."""
+        self.delivered = max(self.delivered, delivered)
+        self._pending = [r for r in self._pending if r.last > self.delivered]
+
+    def ack(self, run: AckedRun) -> tuple[int, dict[str, Position]] | None:
+        """Apply one acked run; return (new cursor, positions passed) if the cursor moved.
+
+        The positions are the highest per stream over every run the cursor passed now:
+        what the checkpoints may move to. None when the cursor did not move (a run ahead
+        of a gap, or one already covered).
+        """
+        if run.last <= self.delivered:
+            return None
+        self._pending.append(run)
+        del self._pending[: -self.max_pending]
+        upto = self.delivered
+        positions: dict[str, Position] = {}
+        progress = True
+        while progress:
+            progress = False
+            for waiting in list(self._pending):
+                if waiting.first <= upto + 1:
+                    self._pending.remove(waiting)
+                    upto = max(upto, waiting.last)
+                    for stream, pos in waiting.positions.items():
+                        if pos > positions.get(stream, (-1, -1)):
+                            positions[stream] = pos
+                    progress = True
+        if upto <= self.delivered:
+            return None
+        self.delivered = upto
+        return upto, positions

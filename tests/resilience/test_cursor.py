@@ -1,0 +1,124 @@
+"""The delivery cursor: acked runs in any order give the contiguous prefix, never more."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from agent.resilience.cursor import AckedRun, DeliveryCursor, Position
+
+
+def partition(total: int, cuts: list[int]) -> list[tuple[int, int]]:
+    """Rows 1..total cut into contiguous runs at `cuts`."""
+    edges = sorted({c for c in cuts if 1 <= c < total})
+    starts = [1, *(c + 1 for c in edges)]
+    ends = [*edges, total]
+    return list(zip(starts, ends, strict=True))
+
+
+def runs_with_positions(bounds: list[tuple[int, int]]) -> list[AckedRun]:
+    # Stream "s<k>" holds the rows congruent to k mod 3; row r is seq r of epoch 1.
+    out = []
+    for first, last in bounds:
+        positions: dict[str, Position] = {}
+        for row in range(first, last + 1):
+            positions[f"s{row % 3}"] = (1, row)
+        out.append(AckedRun(first, last, positions))
+    return out
+
+
+histories = st.tuples(
+    st.integers(1, 200), st.lists(st.integers(1, 199), max_size=40), st.randoms(), st.floats(0, 1)
+)
+
+
+@settings(max_examples=1000)
+@given(histories)
+def test_any_order_gives_the_contiguous_prefix_and_never_moves_back(
+    history: tuple[int, list[int], random.Random, float],
+) -> None:
+    total, cuts, rnd, dup_share = history
+    runs = runs_with_positions(partition(total, cuts))
+    order = runs + [r for r in runs if rnd.random() < dup_share]  # some acked twice
+    rnd.shuffle(order)
+    cursor = DeliveryCursor()
+    acked: set[int] = set()
+    checkpoints: dict[str, Position] = {}
+    for run in order:
+        before = cursor.delivered
+        moved = cursor.ack(run)
+        acked.update(range(run.first, run.last + 1))
+        prefix = 0
+        while prefix + 1 in acked:
+            prefix += 1
+        assert cursor.delivered == prefix  # exactly the contiguous prefix
+        assert cursor.delivered >= before
+        if moved is None:
+            assert cursor.delivered == before
+        else:
+            assert moved[0] == cursor.delivered > before
+            for stream, pos in moved[1].items():
+                assert pos[1] <= cursor.delivered  # nothing beyond the cursor
+                checkpoints[stream] = max(checkpoints.get(stream, pos), pos)
+    assert cursor.delivered == total
+    assert cursor.pending == 0
+    expected = {f"s{r % 3}": (1, r) for r in range(max(1, total - 2), total + 1)}
+    assert checkpoints == expected
+
+
+def test_a_run_ahead_of_a_gap_waits_then_joins() -> None:
+    cursor = DeliveryCursor(10)
+    assert cursor.ack(AckedRun(21, 30, {"a": (1, 30)})) is None
+    assert cursor.pending == 1
+    assert cursor.ack(AckedRun(11, 20, {"a": (1, 20), "b": (2, 5)})) == (
+        30,
+        {"a": (1, 30), "b": (2, 5)},
+    )
+    assert cursor.ack(AckedRun(11, 20, {"a": (1, 20)})) is None  # a duplicate ack
+    assert cursor.delivered == 30
+
+
+def test_restore_never_lowers_and_drops_covered_runs() -> None:
+    cursor = DeliveryCursor(5)
+    cursor.ack(AckedRun(50, 60, {}))
+    cursor.restore(3)
+    assert cursor.delivered == 5
+    cursor.restore(70)
+    assert (cursor.delivered, cursor.pending) == (70, 0)
+
+
+def test_pending_runs_are_bounded() -> None:
+    cursor = DeliveryCursor(0, max_pending=8)
+    for k in range(100):
+        cursor.ack(AckedRun(10 * k + 2, 10 * k + 10, {}))  # row 10k+1 never acked
+    assert cursor.pending == 8
+    with pytest.raises(ValueError, match="max_pending"):
+        DeliveryCursor(max_pending=0)
+
+
+def test_a_cursor_jumping_to_the_highest_ack_is_caught() -> None:
+    """The mutant the property exists for: delivered = highest row acked so far."""
+
+    class Jumping(DeliveryCursor):
+        def ack(self, run: AckedRun) -> tuple[int, dict[str, Position]] | None:
+            if run.last <= self.delivered:
+                return None
+            self.delivered = run.last
+            return run.last, dict(run.positions)
+
+    rnd = random.Random(3)
+    caught = 0
+    for _ in range(100):
+        runs = runs_with_positions(partition(50, [rnd.randrange(1, 50) for _ in range(5)]))
+        rnd.shuffle(runs)
+        cursor, acked = Jumping(), set()
+        for run in runs:
+            cursor.ack(run)
+            acked.update(range(run.first, run.last + 1))
+            if any(r not in acked for r in range(1, cursor.delivered + 1)):
+                caught += 1
+                break
+    assert caught > 50
