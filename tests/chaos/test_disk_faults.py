@@ -498,6 +498,9 @@ def test_read_only_file_system_under_the_running_agent(
         rig.failures_reported()  # written at the stop; the restart starts from 0
         run("umount", str(mount.path))
         fsck = run("e2fsck", "-fy", str(mount.image), check=False)
+        # Shown with a failure: seen once in six loaded runs, the last committed group
+        # before the error was missing after this path (journal not replayed?).
+        print(f"e2fsck exit {fsck.returncode}:\n{fsck.stdout[-3000:]}{fsck.stderr[-3000:]}")
         assert fsck.returncode in (0, 1), fsck.stdout  # 1: errors corrected
         remount_ext4(mount)
         assert mount.writable()
