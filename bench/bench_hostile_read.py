@@ -36,7 +36,7 @@ from pathlib import Path
 
 from bench_store import Controller, make_bodies, start_real_agent, stop
 
-from agent.cli import MAX_TIMEOUT
+from agent.cliaccess import MAX_TIMEOUT
 from agent.readsafe import WAL_CEILING_BYTES, WAL_GROWTH_BYTES, wal_bytes
 from agent.store import EventStore
 

@@ -28,7 +28,8 @@ from typing import Any
 import msgpack
 import pytest
 
-from agent.cli import cli, main, open_readonly
+from agent.cli import cli, main
+from agent.cliaccess import open_readonly
 from agent.store import EventStore
 
 from simharness import AgentProcess, Broker, Sim, TruthReader

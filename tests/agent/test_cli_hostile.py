@@ -29,7 +29,8 @@ from pathlib import Path
 import msgpack
 import pytest
 
-from agent.cli import MAX_TIMEOUT, PAGE_ROWS
+from agent.cliaccess import MAX_TIMEOUT
+from agent.pages import PAGE_ROWS
 from agent.readsafe import AUTOCHECKPOINT_BYTES, SQLITE_HEAP_BYTES, wal_bytes, wal_limit
 from agent.render import escape, shell_arg
 from agent.resilience import Event

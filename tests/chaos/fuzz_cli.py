@@ -53,7 +53,7 @@ import msgpack
 # Instrumented so libFuzzer sees the CLI's branches and click's parser; pytest imports
 # these before it loads this file, which leaves them uninstrumented there.
 with atheris.instrument_imports(include=["agent", "click"]):
-    from agent import cli
+    from agent import cli, views
     from agent.resilience import Event
     from agent.store import EventStore, StoreConfig
     from firmware_bridge.link import Received
@@ -375,9 +375,9 @@ def _inside_world(world: World) -> Iterator[None]:
     real_poll = cli.poll_events
 
     def poll_once(
-        opts: cli.Options, flt: cli.EventFilter, after_id: int, stop: threading.Event
+        opts: cli.Options, flt: views.EventFilter, after_id: int, stop: threading.Event
     ) -> Iterator[list[Any]]:
-        rows = opts.read(lambda conn: cli.read_events_after(conn, flt, after_id, time.time()))
+        rows = opts.read(lambda conn: views.read_events_after(conn, flt, after_id, time.time()))
         stop.set()
         if rows:
             yield rows

@@ -30,7 +30,7 @@ from cobs import cobs
 
 # Imported before the harnesses so their atheris.instrument_imports() leaves the code
 # under test uninstrumented in this process.
-from agent import cli
+from agent import cli, cliaccess
 from agent.store import connect
 from firmware_bridge import frames
 from firmware_bridge.errors import FrameCorrupt
@@ -173,7 +173,7 @@ def test_cli_oracle_catches_a_write(tmp_path: Path, monkeypatch: pytest.MonkeyPa
         data = (CORPUS / "cli" / "query-write").read_bytes()
         assert fuzz_cli.check(w, data).code == 1  # refused: read-only
         # The deliberate bug: the CLI's connection is an ordinary read-write one.
-        monkeypatch.setattr(cli, "connect", lambda path, **_: connect(path))
+        monkeypatch.setattr(cliaccess, "connect", lambda path, **_: connect(path))
         with pytest.raises(fuzz_cli.OracleViolation, match="committed to the database"):
             fuzz_cli.check(w, data)
     finally:

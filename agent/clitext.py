@@ -1,0 +1,290 @@
+"""The text each `ironfleet` command prints when `--json` is not given.
+
+One renderer per command (and the shared daemon line), taking the rows that
+`agent.views` and `agent.doctor` return. They are kept apart from the click commands so
+that what a screen says can be read and changed in one place; the generic escaping and
+table helpers they use are in `agent.render`.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Final
+
+from agent.cliaccess import MAX_LIMIT
+from agent.doctor import Check
+from agent.pages import PAGE_ROWS, Page
+from agent.readsafe import MAX_FETCH_BYTES
+from agent.render import age_of as _age
+from agent.render import (
+    ago,
+    cell,
+    clock_time,
+    controller_time,
+    human_bytes,
+    n,
+    pairs,
+    shell_arg,
+    signals_text,
+    span,
+    table,
+)
+from agent.views import Row
+
+# -- formatting ------------------------------------------------------------------------------
+
+
+def daemon_line(d: Row) -> str:
+    """'running, pid 42, heartbeat 0.6 s ago', or a warning that the view is stale."""
+    if d["heartbeat"] is None:
+        return "never published: has the agent run on this database?"
+    if d["live"]:
+        return f"running, pid {d['pid']}, heartbeat {ago(d['heartbeat_age_s'])}"
+    if d.get("process_alive"):
+        return (
+            f"running, pid {d['pid']}, but NOT PUBLISHING for {span(d['heartbeat_age_s'] or 0.0)}: "
+            "it cannot write its database (disk full or read-only?); live values below are "
+            "from then: see its log (journalctl -u ironfleet-agent)"
+        )
+    return (
+        f"NOT PUBLISHING: last heartbeat {ago(d['heartbeat_age_s'])} (pid {d['pid'] or '?'}); "
+        "live values below are from then"
+    )
+
+
+def status_text(s: Row) -> str:
+    """The status screen."""
+    d, link, buf, back, fleet = s["daemon"], s["link"], s["buffer"], s["backlog"], s["fleet"]
+    gaps, shed = s["gaps"], s["shed"]
+    controller = link["controller"] or "none"
+    if link["boot_epoch"] is not None:
+        controller += f", boot epoch {link['boot_epoch']}"
+    port = link["port"] or "-"
+    if link["device"]:
+        port += f" on {link['device']}"
+    unacked = f"{n(back['unacked_events'])} events"
+    if back["unacked_events"]:
+        unacked += f", oldest received {ago(back['oldest_unacked_age_s'])}"
+    uplink = fleet["uplink"]
+    if fleet["phase"]:
+        uplink += f", phase {fleet['phase']}"
+    if fleet["breaker"]:
+        uplink += f", breaker {fleet['breaker']}"
+    counters = d["counters"]
+    items = [
+        ("database", f"{s['database']} ({human_bytes(buf['file_bytes'])}, "
+                     f"WAL {human_bytes(buf['wal_bytes'])})"),
+        ("daemon", daemon_line(d)),
+        ("alarm", d["alarm"] or "none"),
+        ("controller", f"{controller}; serial link {link['state']}"),
+        ("serial port", port),
+        ("last event", ago(link["last_event_age_s"])),
+        ("buffer", f"{n(buf['events'])} events in {n(buf['streams'])} streams, "
+                   f"{human_bytes(buf['used_bytes'])} used"),
+        ("not acked", unacked),
+        ("fleet ack", f"last {ago(fleet['last_ack_age_s'])} "
+                      f"(events below id {n(fleet['cursor'])} acknowledged)"
+                      if fleet["last_ack_at"] else "never: the fleet has acknowledged nothing"),
+        ("uplink", uplink),
+        ("gaps", f"{n(gaps['open'])} open ({n(gaps['missing'])} events missing), "
+                 f"{n(gaps['total'])} detected in all"),
+        ("shed", f"{n(shed['events'])} events in {n(shed['records'])} records"
+                 if shed["records"] else "none"),
+    ]  # fmt: skip
+    if counters:
+        items.append(("commits", f"{n(counters.get('batches'))} batches, "
+                                 f"{n(counters.get('commit_failures'))} failed"))  # fmt: skip
+    return pairs(items)
+
+
+def streams_text(rows: list[Row]) -> str:
+    """The streams table."""
+    if not rows:
+        return "no streams yet"
+    body = []
+    for r in rows:
+        acked = f"{r['acked_boot_epoch']}/{r['acked_seq']}" if r["acked_seq"] is not None else "-"
+        body.append([r["stream"], r["controller"], r["priority"], r["boot_epoch"],
+                     r["high_seq"], n(r["received"]), acked, r["open_gaps"],
+                     ago(r["last_seen_age_s"])])  # fmt: skip
+    headers = ["stream", "controller", "prio", "epoch", "seq", "received", "acked",
+               "open gaps", "last seen"]  # fmt: skip
+    return table(headers, body)
+
+
+def events_rows(rows: list[Row], now: float) -> list[list[object]]:
+    """Table rows of events."""
+    return [
+        [r["id"], clock_time(r["received_at"], now), r["stream"], r["boot_epoch"], r["seq"],
+         r["kind"], r["priority"], signals_text(r["signals"])]
+        for r in rows
+    ]  # fmt: skip
+
+
+EVENT_HEADERS: Final = ("id", "received", "stream", "epoch", "seq", "kind", "prio", "signals")
+# Fixed widths for `events --follow`, which prints rows as they come (no table to align).
+FOLLOW_WIDTHS: Final = (8, 12, 14, 5, 7, 10, 4)
+
+
+def event_line(row: Row | None) -> str:
+    """One event as a fixed-width line for `events --follow`; the header line for None."""
+    values = list(EVENT_HEADERS) if row is None else events_rows([row], time.time())[0]
+    cells = [cell(v) for v in values]  # escaped: a stream name may hold ESC, CR, BEL...
+    text = [f"{c:>{w}}" if i in (0, 3, 4, 6) else f"{c:<{w}}"
+            for i, (c, w) in enumerate(zip(cells, FOLLOW_WIDTHS, strict=False))]  # fmt: skip
+    return "  ".join([*text, cells[-1]])
+
+
+def gaps_text(rows: list[Row], summary: Row) -> str:
+    """The gaps table and its summary."""
+    body = [
+        [r["id"], r["stream"], r["boot_epoch"], f"{r['first_seq']}..{r['last_seq']}",
+         r["missing"], ago(r["detected_age_s"]),
+         "open" if r["open"] else f"filled {ago(r['closed_age_s'])}"]
+        for r in rows
+    ]  # fmt: skip
+    head = table(["id", "stream", "epoch", "seq range", "missing", "detected", "state"], body)
+    lines = [head if rows else "no gaps to show"]
+    lines.append(
+        f"\n{n(summary['open'])} open ({n(summary['missing'])} events still missing), "
+        f"{n(summary['total'])} detected in all (--all lists the filled ones too)"
+    )
+    if summary["link_gaps"]:
+        lines.append(
+            f"serial link: {n(summary['link_gaps'])} frame gaps NACKed since the agent started "
+            "(resent by the controller)"
+        )
+    return "\n".join(lines)
+
+
+def replay_text(rows: list[Row], now: float) -> str:
+    """The latest state per stream."""
+    if not rows:
+        return "no events stored"
+    body = [
+        [r["stream"], r["boot_epoch"], r["seq"], r["kind"], r["priority"],
+         controller_time(r["ts"], r["ts_quality"]), ago(r["received_age_s"]),
+         signals_text(r["signals"])]
+        for r in rows
+    ]  # fmt: skip
+    headers = ["stream", "epoch", "seq", "kind", "prio", "controller time", "received", "signals"]
+    return table(headers, body)
+
+
+def checkpoints_text(rows: list[Row], fleet: Row) -> str:
+    """Per-stream checkpoints and the fleet cursor."""
+    body = []
+    for r in rows:
+        acked = "-" if r["acked_seq"] is None else f"{r['acked_boot_epoch']}/{r['acked_seq']}"
+        latest = "-" if r["latest_seq"] is None else f"{r['latest_boot_epoch']}/{r['latest_seq']}"
+        behind: object = r["behind"]
+        if behind is None and r["latest_seq"] is not None:
+            behind = "all" if r["acked_seq"] is None else "new epoch"
+        body.append([r["stream"], acked, ago(r["acked_age_s"]), latest, behind])
+    text = (
+        table(["stream", "acked", "acked at", "stored", "behind"], body)
+        if rows
+        else ("no streams yet")
+    )
+    return (
+        f"{text}\n\nfleet cursor: events below id {n(fleet['cursor'])} acknowledged, "
+        f"last moved {ago(fleet['last_ack_age_s'])}; uplink {fleet['uplink']}"
+    )
+
+
+def shed_text(rows: list[Row], totals: list[tuple[str, int, int, float]], now: float) -> str:
+    """Shed records and totals per reason."""
+    if not totals:
+        return "nothing shed: no event was removed before the fleet acknowledged it"
+    body = [
+        [r["id"], ago(r["age_s"]), r["reason"], r["stream"], r["boot_epoch"],
+         f"{r['first_seq']}..{r['last_seq']}", n(r["count"])]
+        for r in rows
+    ]  # fmt: skip
+    lines = [table(["id", "when", "reason", "stream", "epoch", "seq range", "events"], body), ""]
+    for reason, records, events, at in totals:
+        lines.append(
+            f"{reason}: {n(events)} events in {n(records)} records, last {ago(_age(at, now))}"
+        )
+    return "\n".join(lines)
+
+
+def link_text(v: Row) -> str:
+    """The serial link screen."""
+    counters = v["counters"]
+    rejects = {k: c for k, c in v["rejects"].items() if c}
+    controller = v["controller"] or "none"
+    if v["boot_epoch"] is not None:
+        controller += f" (boot epoch {v['boot_epoch']})"
+    last = ago(v["last_event_age_s"])
+    if v["last_event_stream"]:
+        last += f" ({v['last_event_stream']}); {n(v['events_last_10s'])} in the last 10 s"
+    items = [
+        ("daemon", daemon_line(v["daemon"])),
+        ("link", f"{v['state']} (published {ago(v['published_age_s'])})"),
+        ("controller", controller),
+        ("port", f"{v['port'] or '-'}" + (f" on {v['device']}" if v["device"] else "")),
+        ("last event", last),
+    ]
+    keys = ("events_accepted", "acks_sent", "nacks_sent", "gaps", "retransmits_reacked",
+            "link_downs", "controller_reboots", "outside_window", "foreign_session")  # fmt: skip
+    if counters:
+        items.append(("counters", " ".join(f"{k}={counters[k]}" for k in keys if k in counters)))
+    items.append(("rejected frames", " ".join(f"{k}={c}" for k, c in rejects.items()) or "none"))
+    return pairs(items)
+
+
+def breaker_text(v: Row) -> str:
+    """The breaker screen."""
+    state = v["state"]
+    if state == "open" and v["retry_in_s"] is not None:
+        state += f" (next probe in about {span(v['retry_in_s'])})"
+    items = [
+        ("daemon", daemon_line(v["daemon"])),
+        ("breaker", state),
+        ("failures", n(v["failures"])),
+        ("half-open ok", n(v["successes"])),
+        ("transitions", n(v["transitions"])),
+        ("uplink", v["uplink"] + (f", phase {v['phase']}" if v["phase"] else "")),
+        ("in flight", n(v["in_flight"])),
+        ("ack timeouts", n(v["ack_timeouts"])),
+    ]
+    items += [("why", reason) for reason in v["why"]]
+    return pairs(items)
+
+
+def doctor_text(checks: list[Check]) -> str:
+    """One line per check."""
+    width = max(len(c.name) for c in checks)
+    return "\n".join(f"{c.status.upper():<4}  {c.name:<{width}}  {c.detail}" for c in checks)
+
+
+def query_text(columns: list[str], rows: list[Row], cut: str, limit: int) -> str:
+    """Query results as a table; blobs shown by size."""
+
+    def cell(value: object) -> object:
+        return f"<{len(value)} bytes>" if isinstance(value, bytes) else value
+
+    text = table(columns, [[cell(r[c]) for c in columns] for r in rows]) if columns else "done"
+    if cut:
+        text += "\n" + cut_note(cut, len(rows), limit)
+    return text
+
+
+def cut_note(cut: str, shown: int, limit: int) -> str:
+    """Why `query` showed only the first rows."""
+    if cut == "rows":
+        return f"(first {n(limit)} rows; raise --limit for more, up to {n(MAX_LIMIT)})"
+    return (
+        f"(first {n(shown)} rows: the next would pass {human_bytes(MAX_FETCH_BYTES)} of "
+        "results; select fewer columns or add LIMIT/OFFSET)"
+    )
+
+
+def more_note(command: str, page: Page, limit: int) -> str:
+    """The line after a full page: how to see the next one."""
+    extra = "" if limit == PAGE_ROWS else f" --limit {limit}"
+    return (
+        f"({n(limit)} streams shown, by name; next page: ironfleet {command}{extra} "
+        f"--after {shell_arg(page.next_after or '')})"
+    )

@@ -1,0 +1,255 @@
+"""`ironfleet doctor`: the checks a technician runs first, in the order they fix things.
+
+Each check (configuration, fleet trust, permissions, database, WAL, device, disk, clock,
+daemon) returns one `Check` with a status and a line of detail. They live apart from the
+click commands because they look at the host (files, devices, clock, free space) as well
+as at the store, and so that each can be called and tested on its own.
+"""
+
+from __future__ import annotations
+
+import glob
+import grp
+import math
+import os
+import pwd
+import sqlite3
+import stat
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Final
+
+from agent import config as config_mod
+from agent.cliaccess import CliError
+from agent.config import Config
+from agent.errors import ConfigError
+from agent.render import CLOCK_BACK_TOLERANCE, TIME_QUALITY, human_bytes, span
+from agent.store import check_integrity
+from agent.views import Row, _text, daemon_view, file_bytes, read_state
+
+MIN_SANE_YEAR: Final = 2020  # an earlier wall clock was never set (RTC without battery)
+CONTROLLER_SKEW_WARN: Final = 60.0  # seconds between a synced controller clock and ours
+WAL_WARN_BYTES: Final = 128 * 2**20  # twice the store's journal_size_limit
+SKEW_SCAN_ROWS: Final = 1000  # newest events doctor reads to compare controller clocks
+
+
+# -- doctor ----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Check:
+    """One doctor finding: `status` is ok, warn, fail or skip."""
+
+    name: str
+    status: str
+    detail: str
+
+
+def check_config(path: str) -> tuple[Check, Config | None]:
+    """The configuration file loads and validates exactly as the daemon would load it."""
+    try:
+        config = config_mod.load(path)
+    except ConfigError as exc:
+        return Check("config", "fail", str(exc)), None
+    return Check("config", "ok", f"{path}: valid (device {config.serial.device})"), config
+
+
+def _mode(path: Path) -> str:
+    """`drwxr-x--- ironfleet:ironfleet`, numeric ids where no name is known."""
+    st = path.stat()
+    try:
+        user = pwd.getpwuid(st.st_uid).pw_name
+    except KeyError:
+        user = str(st.st_uid)
+    try:
+        group = grp.getgrgid(st.st_gid).gr_name
+    except KeyError:
+        group = str(st.st_gid)
+    return f"{stat.filemode(st.st_mode)} {user}:{group}"
+
+
+def check_permissions(db: Path) -> Check:
+    """State directory and database readable by us, not writable by everyone."""
+    folder = db.parent
+    status, problems = "ok", []
+    try:
+        detail = f"{folder} {_mode(folder)}"
+        if not os.access(folder, os.R_OK | os.X_OK):
+            problems.append("directory not readable by you: technicians need the 'ironfleet' group")
+        elif not db.exists():
+            problems.append(f"no {db.name} in it")
+        else:
+            detail += f", {db.name} {_mode(db)}"
+            for path in (db, Path(f"{db}-wal"), Path(f"{db}-shm")):
+                if path.exists() and not os.access(path, os.R_OK):
+                    problems.append(f"{path.name} not readable by you ({_mode(path)})")
+            if (folder.stat().st_mode | db.stat().st_mode) & stat.S_IWOTH:
+                problems.append("writable by everyone")
+        if folder.stat().st_mode & stat.S_IRWXO and not problems:
+            status, problems = "warn", ["open to everyone (the unit uses StateDirectoryMode=0750)"]
+    except OSError as exc:
+        return Check("permissions", "fail", f"{exc.filename}: {exc.strerror}")
+    if problems and status == "ok":
+        status = "fail"
+    return Check("permissions", status, "; ".join([detail, *problems]))
+
+
+def resolve_device(pattern: str) -> list[str]:
+    """Existing paths for a configured device: the path itself, or a glob's matches."""
+    if glob.has_magic(pattern):
+        return sorted(glob.glob(pattern))
+    return [pattern] if os.path.exists(pattern) else []
+
+
+def check_device(config: Config | None, published: str) -> Check:
+    """The configured serial device (glob resolved) is present."""
+    if config is None:
+        return Check("device", "skip", "needs a valid configuration")
+    pattern = config.serial.device
+    found = resolve_device(pattern)
+    if not found:
+        return Check("device", "fail", f"{pattern}: not present (cable, power, udev rule?)")
+    target = os.path.realpath(found[0])
+    kind = "character device" if stat.S_ISCHR(os.stat(target).st_mode) else "not a tty"
+    detail = f"{pattern} -> {found[0]} ({target}, {kind})"
+    if len(found) > 1:
+        detail += f"; {len(found)} matches, the agent opens the first"
+    if published:
+        detail += f"; the agent has {published} open"
+    return Check("device", "ok" if kind == "character device" else "warn", detail)
+
+
+def check_disk(config: Config | None, db: Path) -> Check:
+    """Free space on the state file system against [store] min_free_bytes."""
+    if config is None:
+        return Check("disk", "skip", "needs a valid configuration")
+    try:
+        st = os.statvfs(db.parent)
+    except OSError as exc:
+        return Check("disk", "fail", f"{db.parent}: {exc.strerror}")
+    free = st.f_bavail * st.f_frsize
+    floor = config.store.min_free_bytes
+    detail = f"{human_bytes(free)} free, floor {human_bytes(floor)} ([store] min_free_bytes)"
+    if free < floor:
+        return Check("disk", "fail", f"{detail}: below the floor, the buffer is shrinking")
+    if free < 2 * floor:
+        return Check("disk", "warn", f"{detail}: close to the floor")
+    return Check("disk", "ok", detail)
+
+
+def check_clock(now: float, heartbeat: float | None, skew: float | None) -> Check:
+    """Wall clock set, not behind the daemon's heartbeat, close to synced controller clocks."""
+    year = datetime.fromtimestamp(now).year
+    wall = datetime.fromtimestamp(now).astimezone().isoformat(timespec="seconds")
+    if year < MIN_SANE_YEAR:
+        return Check("clock", "fail", f"wall clock reads {wall}: never set (NTP, RTC battery?)")
+    if heartbeat is not None and heartbeat - now > CLOCK_BACK_TOLERANCE:
+        return Check("clock", "fail", f"wall clock {wall} is {span(heartbeat - now)} behind the "
+                     "daemon's last heartbeat: the clock moved backwards")  # fmt: skip
+    detail = f"wall clock {wall}"
+    if skew is not None:
+        detail += f"; synced controller clock differs by {span(abs(skew))}"
+        if abs(skew) > CONTROLLER_SKEW_WARN:
+            return Check("clock", "warn", detail + " (one of the two clocks is wrong)")
+    return Check("clock", "ok", detail)
+
+
+def check_daemon(daemon: Row) -> Check:
+    """The daemon publishes its heartbeat (about every second)."""
+    if daemon["heartbeat"] is None:
+        return Check("daemon", "fail", "no heartbeat ever published (agent never started?)")
+    age = daemon["heartbeat_age_s"]
+    pid = daemon["pid"] or "?"
+    if daemon.get("stopped_at"):
+        return Check("daemon", "fail", f"stopped cleanly (pid {pid}); `systemctl status "
+                     "ironfleet-agent`")  # fmt: skip
+    if not daemon["live"] and daemon.get("process_alive"):
+        return Check("daemon", "fail", f"pid {pid} runs but has not written its database for "
+                     f"{span(age or 0.0)}: disk full or read-only? `systemctl status "
+                     "ironfleet-agent` shows its alarm")  # fmt: skip
+    if not daemon["live"]:
+        return Check("daemon", "fail", f"last heartbeat {span(age)} ago (pid {pid}): stopped or "
+                     "stuck; `systemctl status ironfleet-agent`")  # fmt: skip
+    alarm = daemon["alarm"]
+    if alarm:
+        return Check("daemon", "warn", f"heartbeat {span(age)} ago (pid {pid}); alarm: {alarm}")
+    return Check("daemon", "ok", f"heartbeat {span(age)} ago (pid {pid})")
+
+
+def read_doctor(conn: sqlite3.Connection, now: float) -> Row:
+    """What doctor needs from the live state: heartbeat, opened device, clock skew."""
+    state = read_state(conn)
+    # The newest events only: bounded whatever the number of streams (1M streams' latest
+    # events took 900 MB when read all at once). Non-finite differences are not clocks.
+    skews = [
+        d for (d,) in conn.execute(
+            f"SELECT received_at - ts FROM (SELECT received_at, ts, ts_quality FROM events "
+            f"ORDER BY id DESC LIMIT {SKEW_SCAN_ROWS}) WHERE ts_quality = ?",
+            (TIME_QUALITY.index("synced"),),
+        )
+        if isinstance(d, float | int) and math.isfinite(d)
+    ]  # fmt: skip
+    return {
+        "daemon": daemon_view(state, now),
+        "device": _text(state, "link.device"),
+        "skew": max(skews, key=abs) if skews else None,
+    }
+
+
+Reader = Callable[[Callable[[sqlite3.Connection], Any]], Any]
+
+
+def check_database(db: Path, read: Reader) -> Check:
+    """`PRAGMA quick_check` under the read deadline (it reads the whole file)."""
+    try:
+        problems = read(check_integrity)
+    except CliError as exc:
+        message = exc.format_message()
+        # A read cut by its deadline or by the WAL bound says nothing about the file.
+        cut = "timed out" in message or "read stopped" in message
+        return Check("database", "warn" if cut else "fail", message)
+    if problems:
+        return Check("database", "fail", f"quick_check: {'; '.join(problems[:3])}")
+    return Check("database", "ok", f"quick_check ok ({human_bytes(sum(file_bytes(db)))})")
+
+
+def check_fleet_trust(config: Config | None) -> Check:
+    """Acks and commands from the broker are verified against the fleet's key."""
+    if config is None:
+        return Check("fleet trust", "skip", "configuration invalid")
+    if not config.uplink.enabled:
+        return Check("fleet trust", "skip", "[uplink] enabled = false")
+    # Imported here: `cryptography` costs import time every other command need not pay.
+    from agent.fleet_auth import trust_warnings  # noqa: PLC0415
+
+    warnings = trust_warnings(config.uplink)
+    if warnings:
+        return Check("fleet trust", "warn", "; ".join(warnings))
+    return Check(
+        "fleet trust", "ok", f"acks and commands verified with {config.uplink.fleet_key_file}"
+    )
+
+
+def doctor_checks(config_path: str, db: Path, read: Reader, now: float) -> list[Check]:
+    """Every doctor check, in the order a technician fixes things."""
+    config_check, config = check_config(config_path)
+    checks = [config_check, check_fleet_trust(config), check_permissions(db),
+              check_database(db, read)]  # fmt: skip
+    _, wal = file_bytes(db)
+    if wal > WAL_WARN_BYTES:
+        checks.append(Check("wal", "warn", f"{human_bytes(wal)} of WAL: a reader holding a "
+                            "transaction open starves checkpoints"))  # fmt: skip
+    try:
+        found: Row | None = read(lambda conn: read_doctor(conn, now))
+    except CliError:
+        found = None  # already reported by the database check
+    daemon = found["daemon"] if found else None
+    checks += [
+        check_device(config, found["device"] if found else ""),
+        check_disk(config, db),
+        check_clock(now, daemon["heartbeat"] if daemon else None, found["skew"] if found else None),
+        check_daemon(daemon) if daemon else Check("daemon", "skip", "database unreadable"),
+    ]
+    return checks

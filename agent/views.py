@@ -1,0 +1,445 @@
+"""What `ironfleet` reads from the agent's store and live state, shaped into plain rows.
+
+The daemon publishes its live values (serial link, uplink, breaker, counters) to
+`agent_state`; the functions here read them and the event, gap and shed tables inside
+the caller's short read transaction (`agent.cliaccess.reading`) and return dicts that
+`--json` prints as they are and `agent.clitext` renders as text. They are kept apart from
+the click commands so that reading and shaping data can be used and tested without them.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import sqlite3
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Final
+
+from agent.cliaccess import CliError
+from agent.pages import decode_signals
+from agent.readsafe import exact_sum, exact_sum_sql, fetch_bounded
+from agent.render import CLOCK_BACK_TOLERANCE
+from agent.render import age_of as _age
+from agent.store import read_cursor
+
+FOLLOW_BATCH: Final = 1000  # rows per poll; a longer backlog is read in several polls
+# The daemon publishes every second (agent.daemon.PUBLISH_INTERVAL); a few missed
+# publishes mean it is stopped or its writer thread is stuck.
+HEARTBEAT_STALE: Final = 5.0
+RATE_WINDOW: Final = 10.0  # seconds over which `link` counts recent events
+RATE_SCAN_ROWS: Final = 100_000  # ... reading at most this many of the newest rows
+
+Row = dict[str, Any]
+
+
+def read_state(conn: sqlite3.Connection) -> dict[str, tuple[str, float]]:
+    """Every `agent_state` key as (value, updated_at)."""
+    return {
+        key: (value, float(at or 0.0))
+        for key, value, at in conn.execute("SELECT key, value, updated_at FROM agent_state")
+    }
+
+
+def _text(state: dict[str, tuple[str, float]], key: str) -> str:
+    return state[key][0] if key in state else ""
+
+
+def _number(state: dict[str, tuple[str, float]], key: str) -> float | None:
+    try:
+        return float(state[key][0])
+    except (KeyError, ValueError):
+        return None
+
+
+def _int(state: dict[str, tuple[str, float]], key: str) -> int | None:
+    value = _number(state, key)
+    return None if value is None or not math.isfinite(value) else int(value)
+
+
+def _json(state: dict[str, tuple[str, float]], key: str) -> dict[str, Any]:
+    try:
+        value = json.loads(state[key][0])
+    except (KeyError, ValueError):
+        return {}
+    return value if isinstance(value, dict) else {}
+
+
+def pid_alive(pid: int) -> bool:
+    """True if a process with this pid exists (it may belong to another user)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def daemon_view(state: dict[str, tuple[str, float]], now: float) -> Row:
+    """Who published the live values and how long ago (`live` if within HEARTBEAT_STALE)."""
+    beat = _number(state, "daemon.heartbeat")
+    age = _age(beat, now)
+    stopped = _number(state, "daemon.stopped_at")  # set by a clean stop, empty while running
+    pid = _int(state, "daemon.pid")
+    return {
+        "pid": pid,
+        # The process is there but its heartbeat is not: it cannot write its database.
+        "process_alive": pid is not None and pid > 0 and not stopped and pid_alive(pid),
+        "heartbeat": beat,
+        "heartbeat_age_s": age,
+        "stopped_at": stopped,
+        "live": not stopped and age is not None and -CLOCK_BACK_TOLERANCE <= age <= HEARTBEAT_STALE,
+        "alarm": _text(state, "daemon.alarm"),
+        "counters": _json(state, "daemon.counters"),
+    }
+
+
+def fleet_view(state: dict[str, tuple[str, float]], conn: sqlite3.Connection, now: float) -> Row:
+    """What the fleet has acknowledged and when (the persisted cursor), and the uplink."""
+    last = state["uplink.cursor"][1] if "uplink.cursor" in state else None
+    if last is None:
+        last = conn.execute("SELECT max(acked_at) FROM checkpoints").fetchone()[0]
+    return {
+        "cursor": read_cursor(conn),
+        "last_ack_at": last,
+        "last_ack_age_s": _age(last, now),
+        "uplink": _text(state, "uplink.state") or "unknown",
+        "phase": _text(state, "uplink.phase"),
+        "breaker": _text(state, "breaker.state"),
+    }
+
+
+def link_view(state: dict[str, tuple[str, float]]) -> Row:
+    """The serial side as last published."""
+    epoch = _text(state, "link.boot_epoch")
+    return {
+        "state": _text(state, "link.state") or "unknown",
+        "controller": _text(state, "link.controller"),
+        "boot_epoch": int(epoch) if epoch.isdigit() else None,
+        "port": _text(state, "link.port"),
+        "device": _text(state, "link.device"),
+    }
+
+
+def file_bytes(path: Path) -> tuple[int, int]:
+    """Sizes of the database file and of its write-ahead log (0 when absent)."""
+    sizes = []
+    for name in (str(path), f"{path}-wal"):
+        try:
+            sizes.append(os.stat(name).st_size)
+        except OSError:
+            sizes.append(0)
+    return sizes[0], sizes[1]
+
+
+def read_status(conn: sqlite3.Connection, path: Path, now: float) -> Row:
+    """The one-screen answer: daemon alive, controller, buffer, backlog, fleet, gaps, shed."""
+    state = read_state(conn)
+    cursor = read_cursor(conn)
+    events = conn.execute("SELECT count(*) FROM events").fetchone()[0]
+    unacked = conn.execute("SELECT count(*) FROM events WHERE id >= ?", (cursor,)).fetchone()[0]
+    oldest = conn.execute(
+        "SELECT received_at FROM events WHERE id >= ? ORDER BY id LIMIT 1", (cursor,)
+    ).fetchone()
+    newest = conn.execute("SELECT received_at FROM events ORDER BY id DESC LIMIT 1").fetchone()
+    streams = conn.execute("SELECT count(*) FROM streams").fetchone()[0]
+    summary = read_gap_counts(conn)
+    gaps_open, missing, gaps_total = summary["open"], summary["missing"], summary["total"]
+    shed_records, high, low = conn.execute(
+        f"SELECT count(*), {exact_sum_sql('count')} FROM shed"
+    ).fetchone()
+    shed_events = exact_sum(high, low)
+    pages = conn.execute("PRAGMA page_count").fetchone()[0]
+    free = conn.execute("PRAGMA freelist_count").fetchone()[0]
+    page_size = conn.execute("PRAGMA page_size").fetchone()[0]
+    db_bytes, wal_bytes = file_bytes(path)
+    newest_at = float(newest[0]) if newest else None
+    oldest_at = float(oldest[0]) if oldest else None
+    return {
+        "database": str(path),
+        "now": now,
+        "daemon": daemon_view(state, now),
+        "link": {**link_view(state), "last_event_at": newest_at,
+                 "last_event_age_s": _age(newest_at, now)},
+        "buffer": {
+            "events": events,
+            "streams": streams,
+            "used_bytes": (pages - free) * page_size,
+            "file_bytes": db_bytes,
+            "wal_bytes": wal_bytes,
+        },
+        "backlog": {
+            "unacked_events": unacked,
+            "oldest_unacked_received_at": oldest_at,
+            "oldest_unacked_age_s": _age(oldest_at, now),
+        },
+        "fleet": fleet_view(state, conn, now),
+        "gaps": {"open": gaps_open, "missing": missing, "total": gaps_total},
+        "shed": {"records": shed_records, "events": shed_events},
+    }  # fmt: skip
+
+
+@dataclass(frozen=True)
+class EventFilter:
+    """What `events` selects: stream names or GLOB patterns, kinds, received_at window."""
+
+    streams: tuple[str, ...] = ()
+    kinds: tuple[str, ...] = ()
+    since: float | None = None
+    until: float | None = None
+
+
+_EVENT_SQL: Final = """SELECT e.id, s.name, e.boot_epoch, e.seq, e.ts, e.ts_quality, e.kind,
+       e.priority, e.payload, e.received_at
+FROM events AS e CROSS JOIN streams AS s"""
+# CROSS JOIN makes SQLite walk `events` in rowid order (the outer loop) and stop at the
+# LIMIT, instead of starting from `streams` and sorting the whole table.
+
+
+def _event_where(conn: sqlite3.Connection, flt: EventFilter) -> tuple[list[str], list[object]]:
+    where: list[str] = ["s.id = e.stream_id"]
+    params: list[object] = []
+    if flt.streams:
+        ids: set[int] = set()
+        for pattern in flt.streams:
+            found = {r[0] for r in conn.execute("SELECT id FROM streams WHERE name GLOB ?",
+                                                (pattern,))}  # fmt: skip
+            if not found:
+                raise CliError(f"no stream matches {pattern!r}; `ironfleet streams` lists them")
+            ids |= found
+        where.append(f"e.stream_id IN ({','.join(str(i) for i in sorted(ids))})")
+    if flt.kinds:
+        where.append(f"e.kind IN ({','.join('?' * len(flt.kinds))})")
+        params += flt.kinds
+    if flt.since is not None:
+        where.append("e.received_at >= ?")
+        params.append(flt.since)
+    if flt.until is not None:
+        where.append("e.received_at < ?")
+        params.append(flt.until)
+    return where, params
+
+
+def _event_row(row: Sequence[Any], now: float) -> Row:
+    rowid, stream, epoch, seq, ts, tq, kind, priority, payload, received_at = row
+    return {
+        "id": rowid, "stream": stream, "boot_epoch": epoch, "seq": seq, "ts": ts,
+        "ts_quality": tq, "kind": kind, "priority": priority, "received_at": received_at,
+        "received_age_s": _age(received_at, now), "signals": decode_signals(bytes(payload)),
+    }  # fmt: skip
+
+
+def read_events(
+    conn: sqlite3.Connection, flt: EventFilter, limit: int, now: float
+) -> tuple[list[Row], int]:
+    """The newest `limit` matching events, oldest first, and the highest rowid now stored."""
+    where, params = _event_where(conn, flt)
+    rows = conn.execute(
+        f"{_EVENT_SQL} WHERE {' AND '.join(where)} ORDER BY e.id DESC LIMIT ?",
+        (*params, limit),
+    ).fetchall()
+    top = conn.execute("SELECT max(id) FROM events").fetchone()[0] or 0
+    return [_event_row(r, now) for r in reversed(rows)], int(top)
+
+
+def read_events_after(
+    conn: sqlite3.Connection, flt: EventFilter, after_id: int, now: float
+) -> list[Row]:
+    """Matching events with a rowid above `after_id`, oldest first, FOLLOW_BATCH at most."""
+    where, params = _event_where(conn, flt)
+    rows = conn.execute(
+        f"{_EVENT_SQL} WHERE {' AND '.join(where)} AND e.id > ? ORDER BY e.id LIMIT ?",
+        (*params, after_id, FOLLOW_BATCH),
+    ).fetchall()
+    return [_event_row(r, now) for r in rows]
+
+
+def read_gaps(conn: sqlite3.Connection, open_only: bool, limit: int, now: float) -> list[Row]:
+    """The newest `limit` gaps (or open gaps only), in order of detection."""
+    where = "WHERE g.closed_at IS NULL" if open_only else ""
+    rows = conn.execute(
+        f"""SELECT g.id, s.name, g.boot_epoch, g.first_seq, g.last_seq, g.missing,
+                   g.detected_at, g.closed_at
+            FROM gaps AS g LEFT JOIN streams AS s ON s.id = g.stream_id
+            {where} ORDER BY g.id DESC LIMIT ?""",
+        (limit,),
+    ).fetchall()
+    return [
+        {
+            "id": gid, "stream": name, "boot_epoch": epoch, "first_seq": lo, "last_seq": hi,
+            "missing": missing, "open": closed is None, "detected_at": detected,
+            "detected_age_s": _age(detected, now), "closed_at": closed,
+            "closed_age_s": _age(closed, now),
+        }
+        for gid, name, epoch, lo, hi, missing, detected, closed in reversed(rows)
+    ]  # fmt: skip
+
+
+def read_gap_counts(conn: sqlite3.Connection) -> Row:
+    """Open gaps, events they miss (an exact sum: one gap alone may miss 2**63 - 3), all gaps."""
+    opened, high, low = conn.execute(
+        f"SELECT count(*), {exact_sum_sql('missing')} FROM gaps WHERE closed_at IS NULL"
+    ).fetchone()
+    total = conn.execute("SELECT count(*) FROM gaps").fetchone()[0]
+    return {"open": opened, "missing": exact_sum(high, low), "total": total}
+
+
+def read_gap_summary(conn: sqlite3.Connection) -> Row:
+    """Counts over every gap, plus the serial link's own frame gaps (NACKed, resent)."""
+    link = _json(read_state(conn), "link.counters")
+    return {**read_gap_counts(conn), "link_gaps": link.get("gaps")}
+
+
+def read_fleet(conn: sqlite3.Connection, now: float) -> Row:
+    """The fleet cursor and the time of the last acknowledgement."""
+    return fleet_view(read_state(conn), conn, now)
+
+
+def read_shed(conn: sqlite3.Connection, limit: int, now: float) -> list[Row]:
+    """The newest `limit` shed records: events the disk ladder removed unacknowledged."""
+    rows = conn.execute(
+        """SELECT sh.id, sh.at, sh.reason, s.name, sh.boot_epoch, sh.first_seq, sh.last_seq,
+                  sh.count, sh.first_rowid, sh.last_rowid
+           FROM shed AS sh LEFT JOIN streams AS s ON s.id = sh.stream_id
+           ORDER BY sh.id DESC LIMIT ?""",
+        (limit,),
+    ).fetchall()
+    return [
+        {
+            "id": sid, "at": at, "age_s": _age(at, now), "reason": reason, "stream": name,
+            "boot_epoch": epoch, "first_seq": lo, "last_seq": hi, "count": count,
+            "first_rowid": first, "last_rowid": last,
+        }
+        for sid, at, reason, name, epoch, lo, hi, count, first, last in reversed(rows)
+    ]  # fmt: skip
+
+
+def read_shed_totals(conn: sqlite3.Connection) -> list[tuple[str, int, int, float]]:
+    """(reason, records, events, last at) over the whole shed table."""
+    return [
+        (reason, records, exact_sum(high, low), at)
+        for reason, records, high, low, at in conn.execute(
+            f"SELECT reason, count(*), {exact_sum_sql('count')}, max(at) FROM shed "
+            "GROUP BY reason ORDER BY 1"
+        )
+    ]
+
+
+def read_link(conn: sqlite3.Connection, now: float) -> Row:
+    """Serial link as published, plus the newest stored event and the recent event rate."""
+    state = read_state(conn)
+    newest = conn.execute(
+        "SELECT e.received_at, s.name FROM events AS e CROSS JOIN streams AS s "
+        "WHERE s.id = e.stream_id ORDER BY e.id DESC LIMIT 1"
+    ).fetchone()
+    recent = conn.execute(
+        f"SELECT count(*) FROM (SELECT received_at FROM events ORDER BY id DESC "
+        f"LIMIT {RATE_SCAN_ROWS}) WHERE received_at >= ?",
+        (now - RATE_WINDOW,),
+    ).fetchone()[0]
+    published = state["link.state"][1] if "link.state" in state else None
+    return {
+        **link_view(state),
+        "published_at": published,
+        "published_age_s": _age(published, now),
+        "daemon": daemon_view(state, now),
+        "last_event_at": newest[0] if newest else None,
+        "last_event_age_s": _age(newest[0] if newest else None, now),
+        "last_event_stream": newest[1] if newest else None,
+        "events_last_10s": recent,
+        "counters": _json(state, "link.counters"),
+        "rejects": _json(state, "link.rejects"),
+    }
+
+
+def read_breaker(conn: sqlite3.Connection, now: float) -> Row:
+    """The uplink breaker as published, the uplink around it, and the likely reasons."""
+    state = read_state(conn)
+    daemon = daemon_view(state, now)
+    counters = _json(state, "uplink.counters")
+    retry = _number(state, "breaker.retry_in")
+    age = daemon["heartbeat_age_s"] or 0.0
+    view: Row = {
+        "state": _text(state, "breaker.state") or "unknown",
+        "failures": _int(state, "breaker.failures"),
+        "successes": _int(state, "breaker.successes"),
+        "retry_in_s": None if retry is None else max(0.0, round(retry - age, 1)),
+        "transitions": _int(state, "breaker.transitions"),
+        "uplink": _text(state, "uplink.state") or "unknown",
+        "phase": _text(state, "uplink.phase"),
+        "in_flight": _int(state, "uplink.in_flight"),
+        "ack_timeouts": counters.get("ack_timeouts"),
+        "uplink_counters": counters,
+        "daemon": daemon,
+    }
+    view["why"] = breaker_reasons(view)
+    return view
+
+
+def breaker_reasons(view: Row) -> list[str]:
+    """Plain-language reasons for the breaker's state, from the published values."""
+    why: list[str] = []
+    if view["uplink"] == "disabled":
+        return ["the uplink is disabled: [uplink] enabled = false in the configuration"]
+    if view["state"] == "unknown":
+        return ["no breaker state was ever published (the uplink never started)"]
+    if not view["daemon"]["live"]:
+        why.append("the daemon is not publishing: these values are from its last heartbeat")
+    if view["state"] in ("open", "half_open"):
+        if view["uplink"] != "connected":
+            why.append(
+                "the broker cannot be reached or refuses the agent (uplink disconnected); "
+                "the log line uplink_down reason=... names the cause"
+            )
+        if view["ack_timeouts"]:
+            why.append(
+                f"{int(view['ack_timeouts'])} batches were not acknowledged within "
+                "[uplink] ack_timeout (collector down or slow?)"
+            )
+        if not why:
+            why.append("publishes failed; the log lines uplink_down and uplink_ack_timeout tell")
+    elif view["uplink"] != "connected":
+        why.append("the breaker is closed but the uplink is down: reconnecting with backoff")
+    return why
+
+
+def run_query(conn: sqlite3.Connection, sql: str, limit: int) -> tuple[list[str], list[Row], str]:
+    """Run one read-only SQL statement; columns, up to `limit` rows (and MAX_FETCH_BYTES of
+    values), and why it stopped early: 'rows', 'bytes' or ''."""
+    cur = conn.execute(sql)
+    columns = [d[0] for d in cur.description or ()]
+    fetched, cut = fetch_bounded(cur, limit)
+    cur.close()
+    return columns, [dict(zip(columns, r, strict=True)) for r in fetched], cut
+
+
+# -- time and size -------------------------------------------------------------------------
+
+_RELATIVE = re.compile(r"(\d+(?:\.\d+)?)\s*(s|sec|m|min|h|d)")
+_UNIT_SECONDS: Final = {"s": 1, "sec": 1, "m": 60, "min": 60, "h": 3600, "d": 86400}
+
+
+def parse_when(text: str, now: float) -> float:
+    """A time as Unix seconds: relative ("10m" ago), ISO 8601, or HH:MM[:SS] today (local)."""
+    text = text.strip()
+    if match := _RELATIVE.fullmatch(text):
+        return now - float(match.group(1)) * _UNIT_SECONDS[match.group(2)]
+    try:
+        when = datetime.fromisoformat(text)
+    except ValueError:
+        try:
+            clock = datetime.strptime(text, "%H:%M:%S" if text.count(":") == 2 else "%H:%M")
+        except ValueError:
+            raise ValueError(
+                f"{text!r} is neither a duration (30s, 10m, 2h, 1d), an ISO time "
+                "(2024-06-01T08:00:00) nor a time of day (14:05)"
+            ) from None
+        today = datetime.fromtimestamp(now)
+        when = today.replace(hour=clock.hour, minute=clock.minute, second=clock.second,
+                             microsecond=0)  # fmt: skip
+    return when.timestamp()  # naive times are local times
