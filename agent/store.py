@@ -25,6 +25,9 @@ Design notes (measurements in docs/decisions.md):
 - rowid is arrival order; the fleet backlog and eviction work on rowid ranges.
 - After any SQLite error the transaction is rolled back (if SQLite has not done so
   already) and the caller gets `CommitFailed`: nothing of that batch may be ACKed.
+- After every commit, duplicates-only ones included, `JournalProbe` asks the file system
+  whether its journal still lives (agent/fsprobe.py: ext4 can report a commit durable
+  that its aborted journal threw away); if not, `CommitFailed` too.
 """
 
 from __future__ import annotations
@@ -44,6 +47,7 @@ from typing import Final
 
 from agent.errors import CommitFailed, StoreError, StoreFull
 from agent.eviction import EvictionLadder
+from agent.fsprobe import JournalProbe
 from agent.resilience import Event
 from agent.storedb import (
     PAGE_SIZE,
@@ -145,6 +149,7 @@ class EventStore(EvictionLadder):
         self.quarantined: Path | None = None
         self.salvaged = 0
         self.conn = self._open_or_recover()
+        self._probe = JournalProbe(self.path)
         # Committed state of active streams only (LRU); misses are point reads.
         self._state = StreamState(self.conn, self.config.max_cached_streams)
         self._last_rollback_log = -math.inf
@@ -157,7 +162,7 @@ class EventStore(EvictionLadder):
         self.counters: dict[str, int] = dict.fromkeys(
             ("stored", "duplicates", "gaps_opened", "gaps_filled", "commit_failures",
              "acks_applied", "acks_stale", "pruned_acked", "shed_compact_low_priority",
-             "shed_drop_oldest", "epoch_rollbacks"),
+             "shed_drop_oldest", "epoch_rollbacks", "commits_unconfirmed"),
             0,
         )  # fmt: skip
 
@@ -233,6 +238,7 @@ class EventStore(EvictionLadder):
         with contextlib.suppress(sqlite3.Error):
             self.conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
         self.conn.close()
+        self._probe.close()
 
     # -- append ----------------------------------------------------------------------------
 
@@ -260,6 +266,15 @@ class EventStore(EvictionLadder):
                 raise StoreFull(f"database or disk is full: {exc}") from exc
             raise CommitFailed(f"append of {len(arrivals)} events failed: {exc}") from exc
         self._apply(batch)  # committed: the planned state is now the cache's
+        try:
+            self._probe.check()
+        except OSError as exc:
+            self.counters["commit_failures"] += 1
+            self.counters["commits_unconfirmed"] += 1
+            raise CommitFailed(
+                f"append of {len(arrivals)} events committed, but the file system failed"
+                f" right after ({exc.strerror}): it may not have kept them"
+            ) from exc
         return AppendResult(len(batch.rows), batch.duplicates, batch.opened, batch.filled)
 
     def _write(self, b: Batch) -> None:
