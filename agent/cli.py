@@ -35,7 +35,7 @@ import click
 from click.core import ParameterSource
 
 from agent import config as config_mod
-from agent.cliaccess import DEFAULT_TIMEOUT, LIMIT, TIMEOUT, CliError, reading
+from agent.cliaccess import DEFAULT_TIMEOUT, LIMIT, TIMEOUT, CliError, FiniteFloatRange, reading
 from agent.clitext import (
     EVENT_HEADERS,
     breaker_text,
@@ -374,13 +374,21 @@ def shed(opts: Options, limit: int, as_json: bool) -> None:
 
 
 @cli.command()
+@click.option(
+    "--max-ack-age",
+    default=600.0,
+    show_default=True,
+    type=FiniteFloatRange(min=1.0, max=365 * 86400.0),
+    help="Seconds without a fleet ack, while events wait, that make the uplink FAIL.",
+)
 @json_option
 @click.pass_obj
-def doctor(opts: Options, as_json: bool) -> None:
-    """Check config, permissions, database, device, disk, clock and daemon; exit 1 on FAIL."""
+def doctor(opts: Options, max_ack_age: float, as_json: bool) -> None:
+    """Check config, permissions, database, device, disk, clock, daemon and uplink; exit 1
+    on FAIL."""
     now = time.time()
     db = opts.database(must_exist=False)
-    checks = doctor_checks(opts.config_path, db, opts.read, now)
+    checks = doctor_checks(opts.config_path, db, opts.read, now, max_ack_age)
     ok = not any(c.status == "fail" for c in checks)
     emit({"ok": ok, "checks": [asdict(c) for c in checks]}, as_json, lambda: doctor_text(checks))
     if not ok:

@@ -70,6 +70,10 @@ def status_text(s: Row) -> str:
         uplink += f", phase {fleet['phase']}"
     if fleet["breaker"]:
         uplink += f", breaker {fleet['breaker']}"
+    if fleet["broker"]:
+        uplink += f"; broker {fleet['broker']}"
+    if fleet["last_error"] and fleet["uplink"] != "connected":
+        uplink += f"; last error: {fleet['last_error']}"
     counters = d["counters"]
     items = [
         ("database", f"{s['database']} ({human_bytes(buf['file_bytes'])}, "
@@ -246,6 +250,8 @@ def breaker_text(v: Row) -> str:
         ("half-open ok", n(v["successes"])),
         ("transitions", n(v["transitions"])),
         ("uplink", v["uplink"] + (f", phase {v['phase']}" if v["phase"] else "")),
+        ("broker", v["broker"] or "-"),
+        ("last error", v["last_error"] or "none"),
         ("in flight", n(v["in_flight"])),
         ("ack timeouts", n(v["ack_timeouts"])),
     ]

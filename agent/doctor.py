@@ -27,7 +27,7 @@ from agent.config import Config
 from agent.errors import ConfigError
 from agent.render import CLOCK_BACK_TOLERANCE, TIME_QUALITY, human_bytes, span
 from agent.store import check_integrity
-from agent.views import Row, _text, daemon_view, file_bytes, read_state
+from agent.views import Row, _text, daemon_view, file_bytes, fleet_view, read_state
 
 MIN_SANE_YEAR: Final = 2020  # an earlier wall clock was never set (RTC without battery)
 CONTROLLER_SKEW_WARN: Final = 60.0  # seconds between a synced controller clock and ours
@@ -179,8 +179,13 @@ def check_daemon(daemon: Row) -> Check:
 
 
 def read_doctor(conn: sqlite3.Connection, now: float) -> Row:
-    """What doctor needs from the live state: heartbeat, opened device, clock skew."""
+    """What doctor needs from the live state: heartbeat, opened device, clock skew, and
+    what waits for the fleet (count and oldest arrival above the persisted cursor)."""
     state = read_state(conn)
+    fleet = fleet_view(state, conn, now)
+    waiting = conn.execute(
+        "SELECT count(*), min(received_at) FROM events WHERE id >= ?", (fleet["cursor"],)
+    ).fetchone()
     # The newest events only: bounded whatever the number of streams (1M streams' latest
     # events took 900 MB when read all at once). Non-finite differences are not clocks.
     skews = [
@@ -195,6 +200,9 @@ def read_doctor(conn: sqlite3.Connection, now: float) -> Row:
         "daemon": daemon_view(state, now),
         "device": _text(state, "link.device"),
         "skew": max(skews, key=abs) if skews else None,
+        "fleet": fleet,
+        "waiting": int(waiting[0]),
+        "oldest_waiting_at": waiting[1] if isinstance(waiting[1], float | int) else None,
     }
 
 
@@ -232,7 +240,38 @@ def check_fleet_trust(config: Config | None) -> Check:
     )
 
 
-def doctor_checks(config_path: str, db: Path, read: Reader, now: float) -> list[Check]:
+def check_uplink(config: Config | None, found: Row, now: float, max_ack_age: float) -> Check:
+    """Does what is stored reach the fleet? FAIL when events wait and the fleet has not
+    acknowledged anything for longer than `max_ack_age` seconds (or ever): a heartbeat
+    alone said "all well" through a 33-minute broker outage."""
+    if config is not None and not config.uplink.enabled:
+        return Check("uplink", "skip", "[uplink] enabled = false")
+    fleet, waiting = found["fleet"], found["waiting"]
+    broker = fleet["broker"] or (f"{config.uplink.host}:{config.uplink.port}" if config else "?")
+    state = f"uplink {fleet['uplink']}, breaker {fleet['breaker'] or 'unknown'}, broker {broker}"
+    error = f"; last error: {fleet['last_error']}" if fleet["last_error"] else ""
+    age = fleet["last_ack_age_s"]
+    acked = "never" if age is None else f"{span(age)} ago"
+    if waiting and (age is None or age > max_ack_age):
+        oldest = found["oldest_waiting_at"]
+        since = f", the oldest received {span(max(0.0, now - oldest))} ago" if oldest else ""
+        if fleet["uplink"] == "connected":
+            action = ("connected, yet no fleet ack: is a collector subscribed for this vehicle? "
+                      "`ironfleet breaker`")  # fmt: skip
+        else:
+            action = (f"make {broker} reachable from this vehicle and accepting its "
+                      "credentials (`ironfleet breaker` shows why it fails)")  # fmt: skip
+        return Check("uplink", "fail", f"{waiting:,} events wait{since}; fleet ack {acked} "
+                     f"(bound {span(max_ack_age)}); {state}{error}: {action}")  # fmt: skip
+    detail = f"{state}; fleet ack {acked}; {waiting:,} events wait"
+    if fleet["uplink"] != "connected":
+        return Check("uplink", "warn", detail + error)
+    return Check("uplink", "ok", detail)
+
+
+def doctor_checks(
+    config_path: str, db: Path, read: Reader, now: float, max_ack_age: float = 600.0
+) -> list[Check]:
     """Every doctor check, in the order a technician fixes things."""
     config_check, config = check_config(config_path)
     checks = [config_check, check_fleet_trust(config), check_permissions(db),
@@ -251,5 +290,7 @@ def doctor_checks(config_path: str, db: Path, read: Reader, now: float) -> list[
         check_disk(config, db),
         check_clock(now, daemon["heartbeat"] if daemon else None, found["skew"] if found else None),
         check_daemon(daemon) if daemon else Check("daemon", "skip", "database unreadable"),
-    ]
+        check_uplink(config, found, now, max_ack_age) if found
+        else Check("uplink", "skip", "database unreadable"),
+    ]  # fmt: skip
     return checks

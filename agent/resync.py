@@ -386,6 +386,16 @@ class Transport(Protocol):
     @property
     def connected(self) -> bool: ...
 
+    @property
+    def address(self) -> str:
+        """Where it connects ("host:port"), for the failure reasons the views show."""
+        ...
+
+    @property
+    def connect_error(self) -> str:
+        """Why the last `connect()` returned False (address, errno)."""
+        ...
+
     def connect(self) -> bool: ...
 
     def poll(self, timeout: float) -> list[tuple[str, object]]: ...
@@ -479,14 +489,14 @@ class FleetSync:
             if now < self._connecting_until:
                 return  # waiting for CONNACK (it arrives through poll())
             self._connecting_until = None
-            self._failed(now, "no CONNACK")
+            self._failed(now, f"no CONNACK from {self.transport.address} in {CONNACK_TIMEOUT:g} s")
             return
         if now < self._next_attempt or not self.breaker.allow():
             return
         if self.transport.connect():
             self._connecting_until = now + CONNACK_TIMEOUT
             return
-        self._failed(now, "connect failed")
+        self._failed(now, f"connect failed: {self.transport.connect_error}")
 
     def next_attempt_in(self, now: float) -> float:
         """Seconds until the next connection attempt (0 when connected or due)."""

@@ -57,6 +57,7 @@ class UplinkSide:
             "uplink.counters": json.dumps(counters, sort_keys=True),
             "uplink.rejected": json.dumps(self.sync.inbox.rejected, sort_keys=True),
             "uplink.last_error": self.sync.last_error,
+            "uplink.broker": self.transport.address,
             "uplink.next_attempt_in": f"{self.sync.next_attempt_in(time.monotonic()):.1f}",
             "breaker.state": str(snap.state),
             "breaker.failures": str(snap.failures),

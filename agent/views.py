@@ -111,6 +111,8 @@ def fleet_view(state: dict[str, tuple[str, float]], conn: sqlite3.Connection, no
         "uplink": _text(state, "uplink.state") or "unknown",
         "phase": _text(state, "uplink.phase"),
         "breaker": _text(state, "breaker.state"),
+        "broker": _text(state, "uplink.broker"),
+        "last_error": _text(state, "uplink.last_error"),
     }
 
 
@@ -372,6 +374,8 @@ def read_breaker(conn: sqlite3.Connection, now: float) -> Row:
         "transitions": _int(state, "breaker.transitions"),
         "uplink": _text(state, "uplink.state") or "unknown",
         "phase": _text(state, "uplink.phase"),
+        "broker": _text(state, "uplink.broker"),
+        "last_error": _text(state, "uplink.last_error"),
         "in_flight": _int(state, "uplink.in_flight"),
         "ack_timeouts": counters.get("ack_timeouts"),
         "uplink_counters": counters,
@@ -392,9 +396,9 @@ def breaker_reasons(view: Row) -> list[str]:
         why.append("the daemon is not publishing: these values are from its last heartbeat")
     if view["state"] in ("open", "half_open"):
         if view["uplink"] != "connected":
+            cause = view["last_error"] or "see the log line uplink_down reason=..."
             why.append(
-                "the broker cannot be reached or refuses the agent (uplink disconnected); "
-                "the log line uplink_down reason=... names the cause"
+                f"the broker cannot be reached or refuses the agent (uplink disconnected): {cause}"
             )
         if view["ack_timeouts"]:
             why.append(

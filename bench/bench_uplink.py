@@ -473,6 +473,14 @@ class StampedTransport:
     def connected(self) -> bool:
         return self.inner.connected
 
+    @property
+    def address(self) -> str:
+        return self.inner.address
+
+    @property
+    def connect_error(self) -> str:
+        return self.inner.connect_error
+
     def connect(self) -> bool:
         if self.attempt_at is None:
             self.attempt_at = time.monotonic()

@@ -357,6 +357,8 @@ def test_commands_on_a_live_daemon_database(
     assert f"the agent has {sim.devices['ecu0']} open" in checks["device"]["detail"]
     assert checks["daemon"]["status"] == "ok"
     assert checks["fleet trust"]["status"] == "ok", checks["fleet trust"]
+    assert checks["uplink"]["status"] == "ok", checks["uplink"]
+    assert f"broker 127.0.0.1:{broker.port}" in checks["uplink"]["detail"]
     assert "closed" in ok(*cfg, "breaker")
 
     # events --follow: new rows keep coming; Ctrl-C stops it cleanly.
@@ -375,19 +377,43 @@ def test_commands_on_a_live_daemon_database(
     assert header.split()[:3] == ["id", "received", "stream"]
     assert all("ecu0/s00" in line and "v=" in line for line in lines)
 
-    # The broker dies: the breaker opens, and says why.
+    # The broker dies: the breaker opens, and says why, naming the broker and the errno.
     broker.stop(signal.SIGKILL)
     wait_for(lambda: as_json(*cfg, "breaker")["state"] == "open", 30, "the breaker to open")
     view = as_json(*cfg, "breaker")
+    address = f"127.0.0.1:{broker.port}"
     assert view["uplink"] == "disconnected"
     assert view["failures"] >= 2
     assert 0 < view["retry_in_s"] <= 120
-    assert any("uplink disconnected" in why for why in view["why"])
+    assert view["broker"] == address
+    assert any("uplink disconnected" in why and address in why for why in view["why"])
     text = ok(*cfg, "breaker")
     assert "open (next probe in about" in text
-    assert "uplink_down" in text
+    assert address in text
+    wait_for(
+        lambda: "ECONNREFUSED" in as_json(*cfg, "breaker")["last_error"],
+        30,
+        "a refused reconnect to be the last error",
+    )
     wait_ingest(truth, 300, "ingest goes on with the uplink down")
-    assert as_json(*cfg, "status")["backlog"]["unacked_events"] > 0
+    status = as_json(*cfg, "status")
+    assert status["backlog"]["unacked_events"] > 0
+    assert status["fleet"]["broker"] == address
+    assert f"{address}: Connection refused (ECONNREFUSED)" in status["fleet"]["last_error"]
+    assert f"last error: connect failed: {address}" in ok(*cfg, "status")
+    # A heartbeat is not health: events wait and the fleet has not acked for longer than
+    # the bound, so doctor fails on the uplink (and only warns within the bound).
+    wait_for(lambda: as_json(*cfg, "status")["fleet"]["last_ack_age_s"] > 1.5, 30, "ack age")
+    late = run(*cfg, "doctor", "--max-ack-age", "1", "--json")
+    uplink = {c["name"]: c for c in json.loads(late.stdout)["checks"]}["uplink"]
+    assert late.returncode == 1, uplink
+    assert uplink["status"] == "fail"
+    assert "events wait" in uplink["detail"]
+    assert f"make {address} reachable" in uplink["detail"]
+    assert "ECONNREFUSED" in uplink["detail"]
+    within = run(*cfg, "doctor", "--json")
+    assert {c["name"]: c for c in json.loads(within.stdout)["checks"]}["uplink"]["status"] == "warn"
+    assert "FAIL  uplink" in run(*cfg, "doctor", "--max-ack-age", "1").stdout
 
     # Stopped: the database no longer changes, so every figure can be checked exactly.
     sim.signal(signal.SIGTERM)

@@ -45,10 +45,13 @@ class FakeTransport:
     statuses: list[dict[str, object]] = field(default_factory=list)
     _countdown: int = -1
     _mid: int = 0
+    address: str = "fake:1883"
+    connect_error: str = ""
 
     def connect(self) -> bool:
         self.connects += 1
         if self.refuse:
+            self.connect_error = f"{self.address}: Connection refused (ECONNREFUSED)"
             return False
         self._countdown = self.connack_after
         return True
@@ -162,6 +165,7 @@ def test_missing_connack_times_out_then_backs_off(store: EventStore) -> None:
     step(sync)
     step(sync, 1, dt=10.5)  # past CONNACK_TIMEOUT
     assert breaker.snapshot().failures == 1
+    assert sync.last_error == "no CONNACK from fake:1883 in 10 s"
     assert transport.connects == 1
     step(sync, 1, dt=4.1)  # backoff (capped at 4 s) elapsed
     assert transport.connects == 2

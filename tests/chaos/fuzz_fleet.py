@@ -143,6 +143,8 @@ class LoopTransport:
     statuses: int = 0
     recent: deque[bytes] = field(default_factory=lambda: deque(maxlen=16))
     _mid: int = 0
+    address: str = "loop:0"
+    connect_error: str = ""
 
     def connect(self) -> bool:
         self.pending.append(("connected", None))

@@ -71,9 +71,12 @@ class LoopTransport:
     connected: bool = False
     _events: list[tuple[str, object]] = field(default_factory=list)
     _mid: int = 0
+    address: str = "simulated:1883"
+    connect_error: str = ""
 
     def connect(self) -> bool:
         if not self.broker.up:
+            self.connect_error = f"{self.address}: broker down"
             return False
         self.connected = True
         self._events.append(("connected", None))
