@@ -35,21 +35,24 @@ from agent.views import Row
 
 
 def daemon_line(d: Row) -> str:
-    """'running, pid 42, heartbeat 0.6 s ago', or a warning that the view is stale."""
-    if d["heartbeat"] is None:
-        return "never published: has the agent run on this database?"
-    if d["live"]:
-        return f"running, pid {d['pid']}, heartbeat {ago(d['heartbeat_age_s'])}"
-    if d.get("process_alive"):
-        return (
-            f"running, pid {d['pid']}, but NOT PUBLISHING for {span(d['heartbeat_age_s'] or 0.0)}: "
-            "it cannot write its database (disk full or read-only?); live values below are "
-            "from then: see its log (journalctl -u ironfleet-agent)"
-        )
-    return (
-        f"NOT PUBLISHING: last heartbeat {ago(d['heartbeat_age_s'])} (pid {d['pid'] or '?'}); "
-        "live values below are from then"
-    )
+    """'running, pid 42, heartbeat 0.6 s ago', or why the values shown are not live."""
+    pid, beat = d["pid"] or "?", ago(d["heartbeat_age_s"])
+    lines = {
+        "never": "never published: has the agent run on this database?",
+        "copy": f"a COPY, not a live agent: written by pid {pid} on host {d['host']!r}, last "
+        f"heartbeat {beat}; values below are from then",
+        "stopped": f"stopped cleanly {ago(d['stopped_age_s'])} (pid {pid}); values below are "
+        "from the stop",
+        "rebooted": f"NOT RUNNING since this machine rebooted: last heartbeat {beat} (pid {pid} "
+        "of the earlier boot, no clean stop); values below are from then",
+        "live": f"running, pid {pid}, heartbeat {beat}",
+        "stuck": f"running, pid {pid}, but NOT PUBLISHING for {span(d['heartbeat_age_s'] or 0.0)}"
+        ": it cannot write its database (disk full or read-only?); live values below are from "
+        "then: see its log (journalctl -u ironfleet-agent)",
+        "gone": f"NOT PUBLISHING: last heartbeat {beat} (pid {pid}); live values below are from "
+        "then",
+    }
+    return lines[d["condition"]]
 
 
 def status_text(s: Row) -> str:

@@ -157,25 +157,25 @@ def check_clock(now: float, heartbeat: float | None, skew: float | None) -> Chec
 
 
 def check_daemon(daemon: Row) -> Check:
-    """The daemon publishes its heartbeat (about every second)."""
-    if daemon["heartbeat"] is None:
-        return Check("daemon", "fail", "no heartbeat ever published (agent never started?)")
-    age = daemon["heartbeat_age_s"]
-    pid = daemon["pid"] or "?"
-    if daemon.get("stopped_at"):
-        return Check("daemon", "fail", f"stopped cleanly (pid {pid}); `systemctl status "
-                     "ironfleet-agent`")  # fmt: skip
-    if not daemon["live"] and daemon.get("process_alive"):
-        return Check("daemon", "fail", f"pid {pid} runs but has not written its database for "
-                     f"{span(age or 0.0)}: disk full or read-only? `systemctl status "
-                     "ironfleet-agent` shows its alarm")  # fmt: skip
-    if not daemon["live"]:
-        return Check("daemon", "fail", f"last heartbeat {span(age)} ago (pid {pid}): stopped or "
-                     "stuck; `systemctl status ironfleet-agent`")  # fmt: skip
-    alarm = daemon["alarm"]
-    if alarm:
-        return Check("daemon", "warn", f"heartbeat {span(age)} ago (pid {pid}); alarm: {alarm}")
-    return Check("daemon", "ok", f"heartbeat {span(age)} ago (pid {pid})")
+    """The daemon publishes its heartbeat (about every second), from this machine and boot."""
+    pid, age = daemon["pid"] or "?", daemon["heartbeat_age_s"]
+    service = "`systemctl status ironfleet-agent`"
+    verdicts = {
+        "never": ("fail", "no heartbeat ever published (agent never started?)"),
+        "copy": ("warn", f"a copy, not a live agent: written by pid {pid} on host "
+                 f"{daemon['host']!r}; run doctor on that vehicle for its live state"),
+        "stopped": ("fail", f"stopped cleanly (pid {pid}); {service}"),
+        "rebooted": ("fail", f"not running since this machine rebooted (pid {pid} of the "
+                     f"earlier boot, no clean stop); {service}"),
+        "stuck": ("fail", f"pid {pid} runs but has not written its database for "
+                  f"{span(age or 0.0)}: disk full or read-only? {service} shows its alarm"),
+        "gone": ("fail", f"last heartbeat {span(age or 0.0)} ago (pid {pid}): stopped or stuck; "
+                 f"{service}"),
+        "live": ("warn", f"heartbeat {span(age or 0.0)} ago (pid {pid}); alarm: {daemon['alarm']}")
+        if daemon["alarm"] else ("ok", f"heartbeat {span(age or 0.0)} ago (pid {pid})"),
+    }  # fmt: skip
+    status, detail = verdicts[daemon["condition"]]
+    return Check("daemon", status, detail)
 
 
 def read_doctor(conn: sqlite3.Connection, now: float) -> Row:

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any, Final
 
 from agent.cliaccess import CliError
+from agent.identity import boot_id, host_name
 from agent.pages import decode_signals
 from agent.readsafe import exact_sum, exact_sum_sql, fetch_bounded
 from agent.render import CLOCK_BACK_TOLERANCE
@@ -81,19 +82,42 @@ def pid_alive(pid: int) -> bool:
 
 
 def daemon_view(state: dict[str, tuple[str, float]], now: float) -> Row:
-    """Who published the live values and how long ago (`live` if within HEARTBEAT_STALE)."""
+    """Who published the live values and how long ago (`live` if within HEARTBEAT_STALE).
+
+    `copy`: the daemon ran on another host (a database copied to a laptop); `rebooted`:
+    on this host but an earlier boot. Either way its pid means nothing here and it is not
+    live, however fresh the heartbeat looks (a copy made a second ago)."""
     beat = _number(state, "daemon.heartbeat")
     age = _age(beat, now)
     stopped = _number(state, "daemon.stopped_at")  # set by a clean stop, empty while running
     pid = _int(state, "daemon.pid")
+    host, boot = _text(state, "daemon.host"), _text(state, "daemon.boot_id")
+    copy = bool(host) and host != host_name()
+    rebooted = not copy and bool(boot) and bool(boot_id()) and boot != boot_id()
+    here = not copy and not rebooted
+    alive = here and pid is not None and pid > 0 and not stopped and pid_alive(pid)
+    live = (here and not stopped and age is not None
+            and -CLOCK_BACK_TOLERANCE <= age <= HEARTBEAT_STALE)  # fmt: skip
+    # One classification that status, doctor, breaker and link all print from.
+    if beat is None:
+        condition = "never"
+    elif copy or rebooted or stopped:
+        condition = "copy" if copy else "stopped" if stopped else "rebooted"
+    else:
+        condition = "live" if live else "stuck" if alive else "gone"
     return {
+        "condition": condition,
         "pid": pid,
+        "host": host,
+        "copy": copy,
+        "rebooted": rebooted,
         # The process is there but its heartbeat is not: it cannot write its database.
-        "process_alive": pid is not None and pid > 0 and not stopped and pid_alive(pid),
+        "process_alive": alive,
         "heartbeat": beat,
         "heartbeat_age_s": age,
         "stopped_at": stopped,
-        "live": not stopped and age is not None and -CLOCK_BACK_TOLERANCE <= age <= HEARTBEAT_STALE,
+        "stopped_age_s": _age(stopped, now),
+        "live": live,
         "alarm": _text(state, "daemon.alarm"),
         "counters": _json(state, "daemon.counters"),
     }

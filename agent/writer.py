@@ -20,6 +20,7 @@ from collections.abc import Sequence
 from agent.channels import Channels, Delivered
 from agent.config import Config
 from agent.errors import AgentError, CommitFailed, StoreFull
+from agent.identity import boot_id, host_name
 from agent.serial_side import SerialSide
 from agent.store import EventStore, StoreConfig
 from agent.uplink_side import UplinkSide
@@ -197,6 +198,8 @@ class Writer:
             "daemon.alarm": self.shared.alarm or ("store full" if self.shared.store_full else ""),
             **(self.uplink.state() if self.uplink is not None else {"uplink.state": "disabled"}),
             "daemon.pid": str(os.getpid()),
+            "daemon.host": host_name(),
+            "daemon.boot_id": boot_id(),
             "daemon.stopped_at": "",
             "daemon.heartbeat": f"{time.time():.3f}",
         }

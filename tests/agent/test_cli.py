@@ -515,6 +515,18 @@ def test_commands_on_a_live_daemon_database(
     assert {checks[k]["status"] for k in ("config", "database", "disk", "clock")} == {"ok"}
     assert "quick_check ok" in checks["database"]["detail"]
     assert "FAIL  daemon" in run(*cfg, "doctor").stdout
+    assert "daemon       stopped cleanly" in ok(*cfg, "status")  # status and doctor agree
+
+    # The same database read on another machine (another host name: a UTS namespace)
+    # is a copy, not a live agent, whatever pid runs there.
+    elsewhere = subprocess.run(
+        ["unshare", "-r", "-u", "sh", "-c", 'hostname depot-laptop && exec "$@"', "sh",
+         IRONFLEET, *cfg, "status", "--json"],
+        capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert elsewhere.returncode == 0, elsewhere.stderr
+    daemon = json.loads(elsewhere.stdout)["daemon"]
+    assert (daemon["condition"], daemon["live"], daemon["host"]) == ("copy", False, os.uname()[1])
 
 
 def test_shed_lists_what_the_ladder_dropped(start_sim: StartSim, start_agent: StartAgent) -> None:
