@@ -34,6 +34,7 @@ from typing import Any, Final, TypeVar
 import click
 from click.core import ParameterSource
 
+from agent import DISTRIBUTION
 from agent import config as config_mod
 from agent.cliaccess import DEFAULT_TIMEOUT, LIMIT, TIMEOUT, CliError, FiniteFloatRange, reading
 from agent.clitext import (
@@ -160,7 +161,7 @@ def json_option(f: Callable[..., Any]) -> Callable[..., Any]:
     type=TIMEOUT,
     help="Stop any database read after this many seconds.",
 )
-@click.version_option(package_name="ironfleet-agent", prog_name="ironfleet")
+@click.version_option(package_name=DISTRIBUTION, prog_name="ironfleet")
 @click.pass_context
 def cli(ctx: click.Context, db: str | None, config_path: str, timeout: float) -> None:
     """Read-only view of the IronFleet agent: link, buffer, fleet acks, breaker, gaps.

@@ -31,8 +31,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from types import FrameType
 
+from agent import agent_version, filecheck
 from agent import config as config_mod
-from agent import filecheck
 from agent.channels import Channels, Shared, Waker
 from agent.config import Config
 from agent.errors import AgentError, ConfigError
@@ -148,7 +148,8 @@ class Daemon:
             t.start()
             self._threads.append(t)
         log.info(
-            "agent_started vehicle=%s database=%s device=%s synchronous=%s events=%d",
+            "agent_started version=%s vehicle=%s database=%s device=%s synchronous=%s events=%d",
+            agent_version(),
             self.config.agent.vehicle_id,
             self.config.database,
             self.config.serial.device,
@@ -274,6 +275,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="ironfleet-agent",
         description="IronFleet edge agent: serial ingest, durable buffer, fleet uplink.",
     )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {agent_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="run the daemon")
     run.add_argument("--config", required=True, help="TOML configuration file")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import subprocess
+from importlib.metadata import version
 from pathlib import Path
 
 import pytest
@@ -100,3 +101,13 @@ def test_every_command_has_help() -> None:
         res = subprocess.run([AGENT, *args], capture_output=True, text=True, check=False)
         assert res.returncode == 0
         assert "--config" in res.stdout or "run" in res.stdout
+
+
+def test_version_is_the_installed_packages() -> None:
+    """`--version` (a usage error before) prints what `pip` installed, as the CLI does."""
+    expected = version("ironfleet-agent")
+    agent = subprocess.run([AGENT, "--version"], capture_output=True, text=True, check=False)
+    assert (agent.returncode, agent.stdout.strip()) == (0, f"ironfleet-agent {expected}")
+    cli = str(Path(AGENT).with_name("ironfleet"))
+    tech = subprocess.run([cli, "--version"], capture_output=True, text=True, check=False)
+    assert (tech.returncode, tech.stdout.strip()) == (0, f"ironfleet, version {expected}")
