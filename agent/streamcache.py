@@ -8,7 +8,8 @@ a miss is a point read on a primary key or unique index (`streams.name`,
 `stream_epochs`, the open-gaps index, `checkpoints`, `controller_epochs`). Evicting an
 entry can therefore never change a dedup decision, only cost a read.
 
-Also here, pure: the gap bookkeeping of dedup and the boot-epoch rule (`assign_epoch`).
+The rules themselves (dedup with gaps, the boot-epoch rule) are the core's:
+agent/resilience/sequence.py. This module caches their state and calls them.
 """
 
 from __future__ import annotations
@@ -21,11 +22,23 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final, Generic, Protocol, TypeVar
 
+from agent.resilience.sequence import (
+    INSIDE,
+    NEXT,
+    EpochState,
+    Gap,
+    assign_epoch,
+    bound_gaps,
+    copy_gaps,
+    missing_range,
+    place,
+    record,
+    start,
+    take_from_gaps,
+)
+
 log = logging.getLogger(__name__)
 
-# Open gap pieces tracked per (stream, boot epoch). Each late fill can split a piece in
-# two; past this a hostile or broken controller could grow memory without bound.
-MAX_GAP_PIECES: Final = 10_000
 # Boot epochs kept per cached stream: a stream normally writes one (its controller's
 # session); a controller that cycles epochs must not grow one entry without bound.
 MAX_CACHED_EPOCHS_PER_STREAM: Final = 4
@@ -68,29 +81,7 @@ class Lru(Generic[K, V]):
         return len(self.data)
 
 
-@dataclass(slots=True)
-class EpochState:
-    """One (stream, stored boot epoch): dedup range and the rowid of its latest event."""
-
-    low_seq: int
-    high_seq: int
-    latest_rowid: int
-    events: int
-
-
 _UNLOADED: Final = EpochState(-1, -1, -1, -1)  # sentinel: epoch not in the cache
-
-
-@dataclass(slots=True)
-class Gap:
-    """An open gap: the pieces [lo, hi] still missing."""
-
-    gap_id: int
-    pieces: list[list[int]] = field(default_factory=list)
-
-    @property
-    def missing(self) -> int:
-        return sum(hi - lo + 1 for lo, hi in self.pieces)
 
 
 @dataclass(slots=True)
@@ -258,27 +249,21 @@ class StreamState:
                 if state is None:  # not cached, or no row yet
                     state = self._stage(b, entry, key, seq)
                 staged[key] = state
-            if state.low_seq <= seq <= state.high_seq:
-                gap = find_gap(self._staged_gaps(b, key), seq)
+            where = place(state, seq)
+            if where == INSIDE:
+                gap = take_from_gaps(self._staged_gaps(b, key), seq)
                 if gap is None:
                     b.duplicates += 1
                     continue
-                remove_from_pieces(gap.pieces, seq)
                 b.gap_updates[gap.gap_id] = gap
                 b.filled += 1
-            elif seq > state.high_seq + 1:
-                self._open_gap(b, key, state.high_seq + 1, seq - 1)
-            elif seq < state.low_seq - 1:
-                self._open_gap(b, key, seq + 1, state.low_seq - 1)  # a late, older event
-            state.low_seq = min(state.low_seq, seq)
+            elif where != NEXT:
+                self._open_gap(b, key, *missing_range(state, seq, where))
             b.rows.append(
                 (b.next_id, sid, epoch, seq, event.ts, int(arrival.time_quality),
                  event.kind, event.priority, event.payload, received_at)
             )  # fmt: skip
-            if seq > state.high_seq:
-                state.high_seq = seq
-                state.latest_rowid = b.next_id
-            state.events += 1
+            record(state, seq, b.next_id)
             b.next_id += 1
         return b
 
@@ -322,14 +307,9 @@ class StreamState:
             state = self._epoch_state(entry, epoch)
         if state is not None:
             return state
-        if seq > 1 and entry.known:
-            # A new boot epoch first seen past seq 1: its first events were lost.
-            self._open_gap(b, key, 1, seq - 1)
-            state = EpochState(1, seq - 1, 0, 0)
-        else:
-            # First sight of this stream: nothing is known below `seq`, so nothing below
-            # it can be a duplicate (low_seq, not 0, bounds the dedup range).
-            state = EpochState(seq, seq - 1, 0, 0)
+        state, lost = start(seq, entry.known)
+        if lost is not None:
+            self._open_gap(b, key, *lost)
         entry.remember(epoch, state)
         return state
 
@@ -395,6 +375,8 @@ class StreamState:
         b.next_gap += 1
         gaps.append(gap)
         for dropped in bound_gaps(gaps):
+            log.warning("gap_tracking_dropped gap_id=%d pieces=%d", dropped.gap_id,
+                        len(dropped.pieces))  # fmt: skip
             b.gap_dropped.append(dropped.gap_id)
             b.gap_lost += dropped.missing
         b.gap_inserts.append(
@@ -460,51 +442,3 @@ def load_controller_top(conn: sqlite3.Connection, controller: str) -> int:
         "SELECT max(epoch) FROM controller_epochs WHERE controller = ?", (controller,)
     ).fetchone()
     return NO_SESSION if row[0] is None else int(row[0])
-
-
-# -- rules ------------------------------------------------------------------------------
-
-
-def assign_epoch(announced: int, top: int) -> tuple[int, bool]:
-    """Stored epoch for a controller session not seen before, and whether it rolled back.
-
-    `top` is the highest stored epoch of that controller (NO_SESSION if none). An epoch
-    above it is stored as announced; one at or below it (a rollback: reflash, bad RTC, a
-    bogus 2**32-1 earlier) becomes `top + 1`, so stored epochs follow the arrival order
-    of sessions and no announced value can pin replay or checkpoints.
-    """
-    if announced > top:
-        return announced, False
-    return top + 1, True
-
-
-def copy_gaps(gaps: Sequence[Gap]) -> list[Gap]:
-    return [Gap(g.gap_id, [p[:] for p in g.pieces]) for g in gaps]
-
-
-def find_gap(gaps: list[Gap], seq: int) -> Gap | None:
-    for gap in gaps:
-        for lo, hi in gap.pieces:
-            if lo <= seq <= hi:
-                return gap
-    return None
-
-
-def remove_from_pieces(pieces: list[list[int]], seq: int) -> None:
-    for i, (lo, hi) in enumerate(pieces):
-        if lo <= seq <= hi:
-            replacement = [r for r in ([lo, seq - 1], [seq + 1, hi]) if r[0] <= r[1]]
-            pieces[i : i + 1] = replacement
-            return
-
-
-def bound_gaps(gaps: list[Gap]) -> list[Gap]:
-    """Forget the oldest gaps past MAX_GAP_PIECES (their late fills become dups)."""
-    dropped = []
-    total = sum(len(g.pieces) for g in gaps)
-    while total > MAX_GAP_PIECES and gaps:
-        oldest = gaps.pop(0)
-        total -= len(oldest.pieces)
-        dropped.append(oldest)
-        log.warning("gap_tracking_dropped gap_id=%d pieces=%d", oldest.gap_id, len(oldest.pieces))
-    return dropped

@@ -1,4 +1,5 @@
-"""Pure resilience core: replay, dedup, checkpoints, circuit breaker and backoff.
+"""Pure resilience core: replay, dedup, sequencing with gaps, the delivery cursor, the
+loss ledger, checkpoints, circuit breaker and backoff.
 
 Nothing here does I/O or reads the wall clock; time is passed in (or injected as a clock),
 so every rule is tested by stepping a fake clock. The names below are the public API that

@@ -19,9 +19,9 @@ from agent.config import UplinkSection
 from agent.metrics import AgentCollector
 from agent.resilience import Event
 from agent.resilience.loss import LossLedger
+from agent.resilience.sequence import MAX_GAP_PIECES
 from agent.resync import Resync
 from agent.store import EventStore, StoreConfig, connect
-from agent.streamcache import MAX_GAP_PIECES
 
 Samples = dict[str, dict[tuple[tuple[str, str], ...], float]]
 
