@@ -2,7 +2,9 @@
 
 Mixed into `EventStore` (the single writer); the ladder's steps run in their own
 transactions and work on rowid ranges and a subquery of each stream's latest rowid
-(`stream_epochs`), so no step builds anything in memory per stream or per event.
+(`stream_epochs`), so no step builds anything in memory per stream or per event. Which
+events go first is the core's definition (agent/resilience/ladder.py `victim_order`);
+this is its SQL fast path, checked against it in tests/agent/test_ladder_vs_core.py.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Final
 
+from agent.resilience.ladder import ACKED, COMPACT_LOW_PRIORITY, DROP_OLDEST
 from agent.resilience.loss import LossLedger
 from agent.storedb import PAGE_SIZE, WAL_RESERVE_BYTES, StoreConfig, set_state
 
@@ -107,9 +110,9 @@ class EvictionLadder:
         target = self.config.low_water * self.capacity()
         keep = self._latest_rowids()
         steps = [
-            ("acked", self._prune_acked),
-            ("compact_low_priority", self._compact_low_priority),
-            ("drop_oldest", self._drop_oldest),
+            (ACKED, self._prune_acked),
+            (COMPACT_LOW_PRIORITY, self._compact_low_priority),
+            (DROP_OLDEST, self._drop_oldest),
         ]
         cap_pages = int(self.conn.execute("PRAGMA max_page_count").fetchone()[0])
         self.conn.execute(f"PRAGMA max_page_count = {cap_pages + LADDER_OVERDRAFT_PAGES}")
@@ -188,7 +191,7 @@ class EvictionLadder:
             shed += self._shed(
                 f"id >= ? AND id < ? AND priority <= ? AND id NOT IN ({keep})",
                 (lo, hi, self.config.low_priority_max),
-                "compact_low_priority",
+                COMPACT_LOW_PRIORITY,
                 at,
                 quiet=True,
             )
@@ -219,7 +222,7 @@ class EvictionLadder:
                 dropped += self._shed(
                     f"id >= ? AND id < ? AND priority = ? AND id NOT IN ({keep})",
                     (lo, lo + LADDER_WINDOW_IDS, priority),
-                    "drop_oldest",
+                    DROP_OLDEST,
                     at,
                     quiet=True,
                 )

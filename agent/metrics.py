@@ -20,6 +20,8 @@ from prometheus_client import start_http_server, write_to_textfile
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector, CollectorRegistry
 
+from agent.resilience.ladder import COMPACT_LOW_PRIORITY, DROP_OLDEST
+
 log = logging.getLogger(__name__)
 
 Snapshot = Callable[[], dict[str, str]]
@@ -184,7 +186,7 @@ class AgentCollector(Collector):
             "ironfleet_shed_events", "Events removed by the buffer policy before the fleet "
             "acknowledged them, by reason.", labels=["reason"],
         )  # fmt: skip
-        for reason in ("compact_low_priority", "drop_oldest"):
+        for reason in (COMPACT_LOW_PRIORITY, DROP_OLDEST):
             shed.add_metric([reason], store.get(f"shed_{reason}", 0))
         yield shed
         yield counter("ironfleet_events_committed", "Events committed by this process.",

@@ -1,0 +1,59 @@
+"""The eviction ladder's choice of victims, as one definition: who goes first when the
+buffer is full.
+
+1. `acked`: events the fleet has acknowledged, oldest first; nothing is lost.
+2. `compact_low_priority`: unacknowledged events of low-priority streams (priority at or
+   below `low_priority_max`), oldest first: lost, and recorded as shed.
+3. `drop_oldest`: the remaining unacknowledged events, lowest priority first, oldest
+   first within a priority: lost, and recorded as shed.
+
+Never a victim: each stream's latest event (replay's answer; the fleet's view of the
+vehicle must survive any disk pressure). The store runs this order as SQL on rowid
+windows (agent/eviction.py) and stops once under its low-water mark, so what it removes
+is always a prefix of `victim_order`: tests/agent/test_ladder_vs_core.py checks exactly
+that over random stores. Pure: no I/O.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Final, NamedTuple
+
+ACKED: Final = "acked"
+COMPACT_LOW_PRIORITY: Final = "compact_low_priority"
+DROP_OLDEST: Final = "drop_oldest"
+STEPS: Final = (ACKED, COMPACT_LOW_PRIORITY, DROP_OLDEST)  # in the order they run
+
+
+class Stored(NamedTuple):
+    """What the ladder needs to know of one stored event."""
+
+    rowid: int  # arrival order: lower is older
+    priority: int
+    acked: bool  # below the fleet cursor
+    latest: bool  # its stream's latest event (newest stored boot epoch)
+
+
+def step_of(event: Stored, low_priority_max: int) -> str | None:
+    """The ladder step that may remove `event`, or None if none ever may."""
+    if event.latest:
+        return None
+    if event.acked:
+        return ACKED
+    if event.priority <= low_priority_max:
+        return COMPACT_LOW_PRIORITY
+    return DROP_OLDEST
+
+
+def victim_order(events: Iterable[Stored], low_priority_max: int) -> list[tuple[int, str]]:
+    """Every removable event as (rowid, step), in the order the ladder may remove them."""
+    rank = {step: i for i, step in enumerate(STEPS)}
+    keyed = []
+    for event in events:
+        step = step_of(event, low_priority_max)
+        if step is None:
+            continue
+        within = (event.priority, event.rowid) if step == DROP_OLDEST else (0, event.rowid)
+        keyed.append(((rank[step], *within), event.rowid, step))
+    keyed.sort()
+    return [(rowid, step) for _, rowid, step in keyed]
