@@ -21,6 +21,7 @@ from agent.channels import Channels, Delivered
 from agent.config import Config
 from agent.errors import AgentError, CommitFailed, StoreFull
 from agent.identity import boot_id, host_name
+from agent.resilience.checkpoint import CheckpointCadence
 from agent.serial_side import SerialSide
 from agent.store import EventStore, StoreConfig
 from agent.uplink_side import UplinkSide
@@ -65,10 +66,14 @@ class Writer:
         self._next_publish = 0.0
         self._next_space = 0.0
         self._failure_streak = 0
+        # What the fleet acknowledged and the store has not persisted yet (coalesced).
+        self._cadence = CheckpointCadence()
+        self._delivered = -1
+        self._positions: dict[str, tuple[int, int]] = {}
 
     def run_once(self, now: float, timeout: float = 0.1) -> bool:
         """Run queued tasks, then commit whatever is queued (waiting up to `timeout`)."""
-        self._run_tasks()
+        self._run_tasks(now)
         try:
             first = self.to_writer.get(timeout=timeout)
         except queue.Empty:
@@ -92,18 +97,19 @@ class Writer:
         self._housekeeping(time.monotonic())
         return True
 
-    def _run_tasks(self) -> None:
-        # Deliveries are coalesced: one durable commit for all acks that arrived since
-        # the last one (a full-sync commit per ack cost 0.9 s per 100k events).
-        upto = -1
-        positions: dict[str, tuple[int, int]] = {}
+    def _run_tasks(self, now: float | None = None, *, flush: bool = False) -> None:
+        """Run queued tasks; persist fleet acks when the cadence says so (or `flush`)."""
+        at = time.monotonic() if now is None else now
         while True:
             try:
                 task = self.tasks.get_nowait()
             except queue.Empty:
                 break
             if isinstance(task, Delivered):
-                upto = max(upto, task.upto)
+                if task.upto > self._delivered:
+                    self._cadence.acked(task.upto - max(self._delivered, 0), at)
+                    self._delivered = task.upto
+                positions = self._positions
                 for stream, pos in task.positions.items():
                     if pos > positions.get(stream, (-1, -1)):
                         positions[stream] = pos
@@ -112,12 +118,23 @@ class Writer:
                 task(self.store)
             except AgentError as exc:
                 log.warning("writer_task_failed error=%r", str(exc))
-        if upto >= 0:
-            try:
-                self.store.mark_delivered(upto, positions)
-            except AgentError as exc:
-                log.warning("checkpoint_persist_failed error=%r (will retry)", str(exc))
-                self.tasks.put(Delivered(upto, positions))
+        if self._cadence.pending and (flush or self._cadence.due(at)):
+            self._persist_delivery()
+
+    def _persist_pending(self) -> None:
+        """Persist waiting fleet acks now (before the ladder prunes acked rows)."""
+        if self._cadence.pending:
+            self._persist_delivery()
+
+    def _persist_delivery(self) -> None:
+        """One durable commit for every fleet ack since the last (CheckpointCadence)."""
+        try:
+            self.store.mark_delivered(self._delivered, self._positions)
+        except AgentError as exc:
+            log.warning("checkpoint_persist_failed error=%r (will retry)", str(exc))
+            return  # kept, and tried again at the next due time
+        self._positions = {}
+        self._cadence.persisted()
 
     def _commit(self, groups: list[list[Received]]) -> None:
         arrivals = [r for g in groups for r in g]
@@ -152,6 +169,7 @@ class Writer:
         except StoreFull:
             # At the hard cap: run the ladder now and try once more before refusing.
             try:
+                self._persist_pending()  # acked rows are the ladder's first, free step
                 room = self.store.make_room()
             except (OSError, sqlite3.Error) as exc:
                 raise CommitFailed(f"eviction failed: {exc}") from exc
@@ -164,12 +182,14 @@ class Writer:
         if now >= self._next_space:
             self._next_space = now + SPACE_CHECK_INTERVAL
             try:
-                if self.store.needs_room() and not self.store.make_room():
-                    if not self.shared.store_full:
-                        log.error(
-                            "store_full: nothing left to evict; ACKs stop until space returns"
-                        )
-                    self.shared.store_full = True
+                if self.store.needs_room():
+                    self._persist_pending()  # acked rows are the ladder's first, free step
+                    if not self.store.make_room():
+                        if not self.shared.store_full:
+                            log.error(
+                                "store_full: nothing left to evict; ACKs stop until space returns"
+                            )
+                        self.shared.store_full = True
             except OSError as exc:
                 log.warning("space_check_failed error=%r", str(exc))
         if now >= self._next_publish:
@@ -213,4 +233,4 @@ class Writer:
         """Commit everything still queued, run pending tasks (shutdown)."""
         while self.run_once(time.monotonic(), timeout=0.0):
             pass
-        self._run_tasks()
+        self._run_tasks(flush=True)  # a clean stop persists every fleet ack

@@ -1,4 +1,5 @@
-"""Checkpoints: per-stream positions the fleet has acknowledged, never moving backwards."""
+"""Checkpoints: per-stream positions the fleet has acknowledged, never moving backwards,
+and the cadence at which the agent persists them."""
 
 from __future__ import annotations
 
@@ -60,3 +61,53 @@ class CheckpointManager:
         """How many marks were ignored for being lower than or equal to the position."""
         with self._lock:
             return self._ignored
+
+
+class CheckpointCadence:
+    """When the agent persists what the fleet acknowledged (delivery cursor and per-stream
+    checkpoints): once `interval` rows were acknowledged since the last persist, or
+    `max_delay` seconds after the first acknowledgement not yet persisted, whichever comes
+    first; and whenever the caller must (a clean stop, the eviction ladder about to prune
+    acknowledged rows).
+
+    Why not every ack: one durable commit per 500-event ack cost 0.46-0.59 s per 100,000
+    events against 0.14-0.15 s at one per 5,000 (bench/bench_checkpoints.py). What a crash
+    costs:
+    the acks of at most `max_delay` seconds are redelivered, and the fleet drops them as
+    duplicates. Positions never move backwards whatever the cadence (`CheckpointManager`,
+    and the store's `mark_delivered`). Clock injected: `now` is any monotonic time.
+    """
+
+    def __init__(self, interval: int = 5000, max_delay: float = 1.0) -> None:
+        if type(interval) is not int or interval < 1:
+            raise ValueError(f"interval must be an int >= 1, got {interval!r}")
+        if not max_delay >= 0:
+            raise ValueError(f"max_delay must be >= 0, got {max_delay!r}")
+        self.interval = interval
+        self.max_delay = max_delay
+        self._rows = 0
+        self._since: float | None = None
+
+    def acked(self, rows: int, now: float) -> None:
+        """`rows` more rows were acknowledged at `now` (not yet persisted)."""
+        if rows <= 0:
+            return
+        self._rows += rows
+        if self._since is None:
+            self._since = now
+
+    @property
+    def pending(self) -> bool:
+        """Acknowledgements wait to be persisted."""
+        return self._since is not None
+
+    def due(self, now: float) -> bool:
+        """Persist now: enough rows, or the oldest waiting ack is `max_delay` old."""
+        if self._since is None:
+            return False
+        return self._rows >= self.interval or now - self._since >= self.max_delay
+
+    def persisted(self) -> None:
+        """Everything acknowledged so far is durable."""
+        self._rows = 0
+        self._since = None

@@ -9,6 +9,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from agent.resilience import CheckpointManager
+from agent.resilience.checkpoint import CheckpointCadence
 
 
 def test_delta_based_cadence_5000_5500_6000() -> None:
@@ -94,3 +95,54 @@ def test_concurrent_mark_and_should_checkpoint() -> None:
     assert not errors
     assert cm.position("s") == (per_thread - 1) * 4 + 3
     assert sum(accepted) + cm.ignored == 4 * per_thread
+
+
+# -- the cadence at which the agent persists fleet acks ----------------------------------
+
+
+def test_cadence_persists_after_interval_rows_or_max_delay() -> None:
+    cadence = CheckpointCadence(interval=5000, max_delay=1.0)
+    assert not cadence.pending
+    assert not cadence.due(0.0)
+    cadence.acked(500, 10.0)
+    assert cadence.pending
+    assert not cadence.due(10.5)
+    assert cadence.due(11.0)  # the oldest waiting ack is max_delay old
+    cadence.persisted()
+    assert not cadence.pending
+    assert not cadence.due(99.0)
+    for i in range(10):  # 10 acks of 500 rows within 0.1 s: due by volume at the 10th
+        cadence.acked(500, 20.0 + i / 100)
+        assert cadence.due(20.0 + i / 100) is (i == 9)
+    cadence.acked(0, 30.0)  # nothing new: no new waiting time either
+    cadence.persisted()
+    cadence.acked(0, 30.0)
+    assert not cadence.pending
+
+
+@given(st.lists(st.tuples(st.integers(0, 3000), st.floats(0, 2)), max_size=60))
+def test_no_ack_waits_longer_than_max_delay_nor_interval_rows(
+    acks: list[tuple[int, float]],
+) -> None:
+    """Stepping the clock through any ack pattern: whenever a persist is not due, what
+    waits is under `interval` rows and younger than `max_delay`."""
+    cadence = CheckpointCadence(interval=5000, max_delay=1.0)
+    now, waiting, oldest = 0.0, 0, None
+    for rows, gap in acks:
+        now += gap
+        cadence.acked(rows, now)
+        if rows > 0:
+            waiting += rows
+            oldest = now if oldest is None else oldest
+        if cadence.due(now):
+            cadence.persisted()
+            waiting, oldest = 0, None
+        else:
+            assert waiting < 5000
+            assert oldest is None or now - oldest < 1.0
+
+
+@pytest.mark.parametrize(("interval", "max_delay"), [(0, 1.0), (1.5, 1.0), (10, -1.0)])
+def test_cadence_rejects_bad_settings(interval: object, max_delay: float) -> None:
+    with pytest.raises(ValueError, match="must be"):
+        CheckpointCadence(interval=interval, max_delay=max_delay)  # type: ignore[arg-type]
