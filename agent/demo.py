@@ -23,7 +23,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 from agent.collector import Collector, CollectorStore
 from agent.fleet import Batch
@@ -120,15 +120,17 @@ def read_state(db: Path) -> dict[str, str]:
 
 
 def status_line(t: float, state: dict[str, str], delivered: int) -> str:
+    """One meaning per figure: `stored` events the agent committed; `published` events it
+    published to the broker, resends after a lost link counted again; `fleet_acked` events
+    below the fleet's persisted cursor (up to 1 s behind: the checkpoint cadence);
+    `at_collector` distinct events in the collector's database."""
     daemon = json.loads(state.get("daemon.counters", "{}"))
-    store = json.loads(state.get("store.stats", "{}"))
     uplink = json.loads(state.get("uplink.counters", "{}"))
-    acked = int(state.get("uplink.cursor", "1")) - 1
-    buffered = max(0, int(store.get("events", 0)) - acked)
+    fleet_acked = int(state.get("uplink.cursor", "1")) - 1  # rowids: arrival order from 1
     return (
-        f"t={t:5.1f}s ingested={daemon.get('events_committed', 0):6d} buffered={buffered:6d} "
-        f"uplinked={uplink.get('events_sent', 0):6d} acked={acked:6d} "
-        f"delivered={delivered:6d} breaker={state.get('breaker.state', '-'):9s} "
+        f"t={t:5.1f}s stored={daemon.get('events_committed', 0):6d} "
+        f"published={uplink.get('events_sent', 0):6d} fleet_acked={fleet_acked:6d} "
+        f"at_collector={delivered:6d} breaker={state.get('breaker.state', '-'):9s} "
         f"serial={state.get('link.state', '-'):4s} mqtt={state.get('uplink.state', '-')}"
     )
 
@@ -140,8 +142,14 @@ def truth_records(path: Path) -> Iterator[dict[str, Any]]:
                 yield json.loads(line)
 
 
+# The live line rewrites itself on a terminal; into a pipe or a log it is a plain line
+# every PLAIN_EVERY seconds, without escape codes.
+LIVE: Final = sys.stdout.isatty()
+PLAIN_EVERY: Final = 5.0
+
+
 def say(text: str) -> None:
-    sys.stdout.write("\r\033[K" + text + "\n")
+    sys.stdout.write(("\r\033[K" if LIVE else "") + text + "\n")
     sys.stdout.flush()
 
 
@@ -166,6 +174,7 @@ class Demo:
         self.collector: DemoCollector | None = None
         self.restored_at: float | None = None
         self.start = time.monotonic()
+        self._next_plain = 0.0  # when the next plain status line is due (not a terminal)
 
     def run(self) -> int:
         try:
@@ -251,8 +260,13 @@ class Demo:
     def _status(self) -> None:
         state = read_state(self.agent_db)
         delivered = len(self.collector.store.keys(VEHICLE)) if self.collector else 0
-        line = status_line(time.monotonic() - self.start, state, delivered)
-        sys.stdout.write("\r\033[K" + line)
+        now = time.monotonic()
+        line = status_line(now - self.start, state, delivered)
+        if LIVE:
+            sys.stdout.write("\r\033[K" + line)
+        elif now >= self._next_plain:
+            self._next_plain = now + PLAIN_EVERY
+            sys.stdout.write(line + "\n")
         sys.stdout.flush()
 
     def _drain(self) -> None:
@@ -317,7 +331,9 @@ class Demo:
             "",
             "IronFleet demo report",
             f"  events sent by the controller   {len(sent):8d}",
-            f"  ACKed to the controller          {len(acked):8d}",
+            f"  ACKed to the controller          {len(acked):8d}"
+            f"  (sent, never ACKed: {len(sent - acked)}: in flight when it stopped or lost at"
+            " its reboot)",
             f"  stored by the agent              {stored:8d}",
             f"  delivered to the collector       {len(delivered):8d}",
             f"  duplicates absorbed              {dups:8d}  (collector "
