@@ -286,7 +286,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def check_config(path: str, config: Config) -> int:
     """`check-config` after the file loaded: every file problem on stderr, then ok (0) or 2."""
-    findings = filecheck.check_all(config)
+    findings = filecheck.check_all(config) + filecheck.check_present(config)
     for finding in findings:
         print(f"ironfleet-agent: {finding}", file=sys.stderr)
     if filecheck.refusals(findings):

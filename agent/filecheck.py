@@ -18,6 +18,7 @@ is not checked here (the code that reads it says so, and the database is created
 
 from __future__ import annotations
 
+import glob
 import os
 import stat
 from dataclasses import dataclass
@@ -27,6 +28,7 @@ from agent.config import Config
 from agent.errors import AgentError
 
 STATE_SUFFIXES = ("", "-wal", "-shm")  # the database and the files SQLite keeps beside it
+SYSTEMD_CREDENTIALS = "/run/credentials/"  # LoadCredential= files: there while the unit runs
 
 
 class UnsafeFile(AgentError):
@@ -63,6 +65,30 @@ def check_all(config: Config, *, euid: int | None = None) -> list[Finding]:
     ):
         if value:
             findings += check_trusted(Path(value), f"[uplink] {key}", secret=secret, euid=uid)
+    return findings
+
+
+def check_present(config: Config) -> list[Finding]:
+    """`check-config` only: the files the configuration names exist now. A credential the
+    uplink needs is refused (it would fail at every connect); a serial device that is not
+    there is a warning (the agent waits for it: cable, power, udev). Paths under
+    SYSTEMD_CREDENTIALS exist only inside the running unit (LoadCredential=): not checked."""
+    findings = []
+    up = config.uplink
+    if up.enabled:
+        for key, value in (
+            ("password_file", up.password_file), ("key_file", up.key_file),
+            ("ca_file", up.ca_file), ("cert_file", up.cert_file),
+            ("fleet_key_file", up.fleet_key_file),
+        ):  # fmt: skip
+            if value and not value.startswith(SYSTEMD_CREDENTIALS) and not Path(value).is_file():
+                problem = f"[uplink] {key} does not exist or is not a file"
+                findings.append(Finding(value, problem, "create it or fix the path", fatal=True))
+    device = config.serial.device
+    if not glob.glob(device):
+        findings.append(Finding(device, "[serial] device: nothing there now", "check the "
+                                "cable, the controller's power and the udev rule; the agent "
+                                "waits for it", fatal=False))  # fmt: skip
     return findings
 
 

@@ -80,7 +80,9 @@ def test_from_mapping_names_its_source() -> None:
 
 
 def test_check_config_command(tmp_path: Path) -> None:
-    good = write(tmp_path, "[store]\nsynchronous = 'FULL'\n[uplink]\nfleet_key_file = '/k'\n")
+    key = tmp_path / "fleet.pub"
+    key.write_text("a key file: check-config checks that it is there, and its owner and mode\n")
+    good = write(tmp_path, f"[store]\nsynchronous = 'FULL'\n[uplink]\nfleet_key_file = '{key}'\n")
     ok = subprocess.run(
         [AGENT, "check-config", "--config", str(good)], capture_output=True, check=False
     )

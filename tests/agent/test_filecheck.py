@@ -198,6 +198,7 @@ def test_a_unit_like_layout_passes(tmp_path: Path) -> None:
     connect(db).close()
     for path in state.iterdir():
         path.chmod(0o640)
+    (tmp_path / "no-such-tty").symlink_to("/dev/null")  # a device is there after all
     res = run_agent("check-config", "--config", str(config))
     assert res.returncode == 0, res.stderr
     assert res.stderr == ""
@@ -255,3 +256,22 @@ def test_defaults_config_checks_only_the_state(tmp_path: Path) -> None:
     config = from_mapping({"agent": {"state_dir": str(tmp_path / "none")}, "uplink": {
         "enabled": False}}, "<defaults>")  # fmt: skip
     assert filecheck.check_all(config) == []
+
+
+def test_check_config_refuses_a_missing_credential_and_warns_of_a_missing_device(
+    tmp_path: Path,
+) -> None:
+    """It said `ok` for both; the agent would then fail at every connect, or wait."""
+    missing = tmp_path / "mqtt-password"
+    config, _ = write_config(tmp_path, enabled=True, allow_unsigned=True,
+                             password_file=str(missing))  # fmt: skip
+    res = run_agent("check-config", "--config", str(config))
+    assert res.returncode == 2, res.stderr
+    assert f"refused: {missing}: [uplink] password_file does not exist" in res.stderr
+    assert f"warning: {tmp_path / 'no-such-tty'}: [serial] device: nothing there now" in res.stderr
+    missing.write_text("s3cret\n")
+    missing.chmod(0o600)
+    res = run_agent("check-config", "--config", str(config))
+    assert res.returncode == 0, res.stderr
+    assert "[serial] device: nothing there now" in res.stderr  # still a warning only
+    assert ": ok " in res.stdout
