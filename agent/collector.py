@@ -35,6 +35,7 @@ from agent.fleet import (
     parse_topic,
 )
 from agent.fleet_auth import FleetSigner, keygen, load_private_key
+from agent.fsprobe import JournalProbe
 from agent.resilience.ratelimit import LogThrottle
 from agent.uplink import FleetSubscriber
 
@@ -72,6 +73,9 @@ class CollectorStore:
         self.conn.execute("PRAGMA busy_timeout = 5000")
         self.conn.executescript(SCHEMA)
         self.lock = threading.Lock()
+        # After each commit, before the ack: is the file system's journal still alive?
+        # (agent/fsprobe.py: ext4 can report a commit durable that its abort threw away.)
+        self._probe = JournalProbe(Path(path)) if str(path) != ":memory:" else None
 
     def ingest(self, batch: Batch, now: float | None = None) -> tuple[int, int]:
         """Store a batch in one transaction; return (stored, duplicates)."""
@@ -108,6 +112,8 @@ class CollectorStore:
                 if c.in_transaction:
                     c.execute("ROLLBACK")
                 raise
+            if self._probe is not None:
+                self._probe.check()  # OSError: committed, but maybe not kept; no ack
         return stored, len(batch.events) - stored
 
     def _update_state(self, batch: Batch, event: Any, at: float) -> None:
@@ -197,6 +203,7 @@ class Collector:
         self.signer = signer
         self.bad_messages = 0
         self.acks_sent = 0
+        self.commit_failures = 0
         self._last_cmd_id = 0
         self._throttle = LogThrottle(60.0, max_keys=8)  # a flood of junk: one line a minute
 
@@ -215,7 +222,16 @@ class Collector:
         if batch.vehicle != vehicle:
             self._bad("collector_vehicle_mismatch", topic_name, f"batch vehicle {batch.vehicle}")
             return
-        stored, dups = self.store.ingest(batch)
+        try:
+            stored, dups = self.store.ingest(batch)
+        except (sqlite3.Error, OSError) as exc:
+            # Not stored (or not surely kept): no ack, so the vehicle sends it again.
+            self.commit_failures += 1
+            verdict = self._throttle.check("collector_commit_failed", time.monotonic())
+            if verdict.log:
+                log.error("collector_commit_failed vehicle=%s error=%r (not acked)", vehicle,
+                          str(exc))  # fmt: skip
+            return
         if self.transport is not None:
             ack = Ack(batch.batch_id, batch.kind, stored, dups, batch_digest(payload),
                       int(time.time() * 1000))  # fmt: skip

@@ -13,8 +13,11 @@ from pathlib import Path
 
 import pytest
 
+from agent.collector import Collector, CollectorStore
 from agent.errors import CommitFailed
+from agent.fleet import Batch, topic
 from agent.fsprobe import PROBE_XATTR, JournalProbe
+from agent.resilience import Event
 from agent.store import EventStore
 from firmware_bridge.link import ControllerEvent, Received, TimeQuality
 
@@ -117,3 +120,22 @@ def test_a_full_disk_is_not_a_dead_journal(tmp_path: Path, monkeypatch: pytest.M
 def _touch(path: Path) -> Path:
     path.write_bytes(b"")
     return path
+
+
+def test_the_collector_acks_nothing_after_its_journal_aborted(ext4: Mount) -> None:
+    """The fleet side commits before it acks, and the vehicle prunes what is acked: the
+    same probe stands between the collector's commit and its ack."""
+    acks: list[bytes] = []
+
+    class Sink:
+        def ack(self, _vehicle: str, payload: bytes) -> None:
+            acks.append(payload)
+
+    collector = Collector(CollectorStore(ext4.path / "fleet.db"), Sink())
+    events = tuple((Event("ecu0/s0", seq, boot_epoch=1, ts=float(seq)), 3) for seq in (1, 2))
+    payload = Batch("veh-1", 1, "events", False, events).encode()
+    collector.handle(topic("veh-1", "events"), payload)
+    assert (len(acks), collector.commit_failures) == (1, 0)
+    force_read_only(ext4)
+    collector.handle(topic("veh-1", "events"), payload)  # the vehicle resends: no ack now
+    assert (len(acks), collector.commit_failures) == (1, 1)
