@@ -34,7 +34,6 @@ from typing import Any, Final, TypeVar
 import click
 from click.core import ParameterSource
 
-from agent import DISTRIBUTION
 from agent import config as config_mod
 from agent.cliaccess import DEFAULT_TIMEOUT, LIMIT, TIMEOUT, CliError, FiniteFloatRange, reading
 from agent.clitext import (
@@ -60,6 +59,7 @@ from agent.errors import ConfigError
 from agent.pages import PAGE_ROWS, Page, read_checkpoints, read_replay, read_streams
 from agent.readsafe import limit_process_heap
 from agent.render import echo_hint, emit, json_text, table
+from agent.version import DISTRIBUTION
 from agent.views import (
     FOLLOW_BATCH,
     EventFilter,

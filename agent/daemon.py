@@ -31,8 +31,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from types import FrameType
 
-from agent import agent_version, filecheck
 from agent import config as config_mod
+from agent import filecheck
 from agent.channels import Channels, Shared, Waker
 from agent.config import Config
 from agent.errors import AgentError, ConfigError
@@ -41,6 +41,7 @@ from agent.notify import Notifier
 from agent.serial_side import SerialSide
 from agent.store import EventStore
 from agent.uplink_side import UplinkSide
+from agent.version import agent_version
 from agent.writer import Writer, store_config
 
 log = logging.getLogger("agent.daemon")

@@ -120,15 +120,15 @@ def read_state(db: Path) -> dict[str, str]:
 
 
 def status_line(t: float, state: dict[str, str], delivered: int) -> str:
-    """One meaning per figure: `stored` events the agent committed; `published` events it
-    published to the broker, resends after a lost link counted again; `fleet_acked` events
-    below the fleet's persisted cursor (up to 1 s behind: the checkpoint cadence);
-    `at_collector` distinct events in the collector's database."""
-    daemon = json.loads(state.get("daemon.counters", "{}"))
+    """One meaning per figure: `stored` events the agent stored (duplicates not counted);
+    `published` events it published to the broker, resends after a lost link counted
+    again; `fleet_acked` events below the fleet's persisted cursor (up to 1 s behind: the
+    checkpoint cadence); `at_collector` distinct events in the collector's database."""
+    store = json.loads(state.get("store.stats", "{}"))
     uplink = json.loads(state.get("uplink.counters", "{}"))
     fleet_acked = int(state.get("uplink.cursor", "1")) - 1  # rowids: arrival order from 1
     return (
-        f"t={t:5.1f}s stored={daemon.get('events_committed', 0):6d} "
+        f"t={t:5.1f}s stored={store.get('stored', 0):6d} "
         f"published={uplink.get('events_sent', 0):6d} fleet_acked={fleet_acked:6d} "
         f"at_collector={delivered:6d} breaker={state.get('breaker.state', '-'):9s} "
         f"serial={state.get('link.state', '-'):4s} mqtt={state.get('uplink.state', '-')}"

@@ -246,6 +246,9 @@ def check_uplink(config: Config | None, found: Row, now: float, max_ack_age: flo
     alone said "all well" through a 33-minute broker outage."""
     if config is not None and not config.uplink.enabled:
         return Check("uplink", "skip", "[uplink] enabled = false")
+    condition = found["daemon"]["condition"]
+    if condition == "copy":
+        return Check("uplink", "skip", "a copy of another vehicle's database: run doctor there")
     fleet, waiting = found["fleet"], found["waiting"]
     broker = fleet["broker"] or (f"{config.uplink.host}:{config.uplink.port}" if config else "?")
     state = f"uplink {fleet['uplink']}, breaker {fleet['breaker'] or 'unknown'}, broker {broker}"
@@ -255,7 +258,9 @@ def check_uplink(config: Config | None, found: Row, now: float, max_ack_age: flo
     if waiting and (age is None or age > max_ack_age):
         oldest = found["oldest_waiting_at"]
         since = f", the oldest received {span(max(0.0, now - oldest))} ago" if oldest else ""
-        if fleet["uplink"] == "connected":
+        if condition in ("stopped", "gone", "rebooted", "never"):
+            action = "the agent is not running: `systemctl start ironfleet-agent`"
+        elif fleet["uplink"] == "connected":
             action = ("connected, yet no fleet ack: is a collector subscribed for this vehicle? "
                       "`ironfleet breaker`")  # fmt: skip
         else:

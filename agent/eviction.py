@@ -97,14 +97,17 @@ class EvictionLadder:
         self.conn.execute(f"PRAGMA max_page_count = {max(1, math.ceil(cap / PAGE_SIZE))}")
         return self.used_bytes() >= self.config.high_water * cap
 
-    def make_room(self, now: float | None = None) -> bool:
+    def make_room(self, now: float | None = None, before: Callable[[], None] | None = None) -> bool:
         """Run the eviction ladder until usage is under the low-water mark.
 
         1. delete events the fleet acknowledged (keeping each stream's latest);
         2. compact low-priority streams to their latest event;
         3. drop the oldest events of the lowest priority present.
         Steps 2 and 3 lose data the fleet has not seen: each is recorded in `shed`.
-        Returns False if still above the mark (the caller then stops ACKing).
+        Returns False if still above the mark (the caller then stops ACKing). `before`
+        runs first, inside the ladder's page overdraft: the writer persists the fleet's
+        latest acks there, so step 1 prunes them (at the hard cap, outside it, that commit
+        would fail and the ladder shed rows the fleet already holds).
         """
         at = time.time() if now is None else now
         target = self.config.low_water * self.capacity()
@@ -117,6 +120,8 @@ class EvictionLadder:
         cap_pages = int(self.conn.execute("PRAGMA max_page_count").fetchone()[0])
         self.conn.execute(f"PRAGMA max_page_count = {cap_pages + LADDER_OVERDRAFT_PAGES}")
         try:
+            if before is not None:
+                before()
             for name, step in steps:
                 if self.used_bytes() <= target:
                     return True

@@ -81,15 +81,27 @@ def check_present(config: Config) -> list[Finding]:
             ("ca_file", up.ca_file), ("cert_file", up.cert_file),
             ("fleet_key_file", up.fleet_key_file),
         ):  # fmt: skip
-            if value and not value.startswith(SYSTEMD_CREDENTIALS) and not Path(value).is_file():
-                problem = f"[uplink] {key} does not exist or is not a file"
-                findings.append(Finding(value, problem, "create it or fix the path", fatal=True))
+            if value and not value.startswith(SYSTEMD_CREDENTIALS):
+                findings += _present_file(value, f"[uplink] {key}")
     device = config.serial.device
     if not glob.glob(device):
         findings.append(Finding(device, "[serial] device: nothing there now", "check the "
                                 "cable, the controller's power and the udev rule; the agent "
                                 "waits for it", fatal=False))  # fmt: skip
     return findings
+
+
+def _present_file(path: str, what: str) -> list[Finding]:
+    try:
+        st = os.stat(path)
+    except PermissionError:
+        return [Finding(path, f"{what}: cannot check (permission denied)", "run check-config "
+                        "as root or as the agent's user", fatal=False)]  # fmt: skip
+    except OSError:
+        return [Finding(path, f"{what} does not exist", "create it or fix the path", fatal=True)]
+    if not stat.S_ISREG(st.st_mode):
+        return [Finding(path, f"{what} is not a regular file", "fix the path", fatal=True)]
+    return []
 
 
 def refusals(findings: list[Finding]) -> list[Finding]:

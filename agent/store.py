@@ -481,15 +481,15 @@ class EventStore(EvictionLadder):
             return False
         moves: dict[int, tuple[int, int]] = {}
         names: dict[int, str] = {}
-        for stream, position in positions.items():
-            entry = self._state.entry(stream)
-            pos = (int(position[0]), int(position[1]))
-            if entry is None:
-                continue
-            if entry.checkpoint is None or pos > entry.checkpoint:
-                moves[entry.sid] = pos
-                names[entry.sid] = stream
         try:
+            for stream, position in positions.items():
+                entry = self._state.entry(stream)  # may read the database: inside the try
+                pos = (int(position[0]), int(position[1]))
+                if entry is None:
+                    continue
+                if entry.checkpoint is None or pos > entry.checkpoint:
+                    moves[entry.sid] = pos
+                    names[entry.sid] = stream
             self.conn.execute("BEGIN IMMEDIATE")
             self.conn.executemany(
                 "INSERT INTO checkpoints (stream_id, boot_epoch, seq, acked_at) VALUES (?,?,?,?) "

@@ -86,14 +86,17 @@ def daemon_view(state: dict[str, tuple[str, float]], now: float) -> Row:
 
     `copy`: the daemon ran on another host (a database copied to a laptop); `rebooted`:
     on this host but an earlier boot. Either way its pid means nothing here and it is not
-    live, however fresh the heartbeat looks (a copy made a second ago)."""
+    live, however fresh the heartbeat looks (a copy made a second ago). The boot id
+    decides first: the same boot is this machine whatever the host names say (the unit's
+    ProtectHostname= keeps the name the daemon started with; a container has its own)."""
     beat = _number(state, "daemon.heartbeat")
     age = _age(beat, now)
     stopped = _number(state, "daemon.stopped_at")  # set by a clean stop, empty while running
     pid = _int(state, "daemon.pid")
     host, boot = _text(state, "daemon.host"), _text(state, "daemon.boot_id")
-    copy = bool(host) and host != host_name()
-    rebooted = not copy and bool(boot) and bool(boot_id()) and boot != boot_id()
+    same_boot = bool(boot) and boot == boot_id()
+    copy = not same_boot and bool(host) and host != host_name()
+    rebooted = not same_boot and not copy and bool(boot) and bool(boot_id())
     here = not copy and not rebooted
     alive = here and pid is not None and pid > 0 and not stopped and pid_alive(pid)
     live = (here and not stopped and age is not None

@@ -169,8 +169,7 @@ class Writer:
         except StoreFull:
             # At the hard cap: run the ladder now and try once more before refusing.
             try:
-                self._persist_pending()  # acked rows are the ladder's first, free step
-                room = self.store.make_room()
+                room = self.store.make_room(before=self._persist_pending)
             except (OSError, sqlite3.Error) as exc:
                 raise CommitFailed(f"eviction failed: {exc}") from exc
             if not room:
@@ -182,14 +181,13 @@ class Writer:
         if now >= self._next_space:
             self._next_space = now + SPACE_CHECK_INTERVAL
             try:
-                if self.store.needs_room():
-                    self._persist_pending()  # acked rows are the ladder's first, free step
-                    if not self.store.make_room():
-                        if not self.shared.store_full:
-                            log.error(
-                                "store_full: nothing left to evict; ACKs stop until space returns"
-                            )
-                        self.shared.store_full = True
+                # Acked rows are the ladder's first, lossless step: persist them first.
+                if self.store.needs_room() and not self.store.make_room(
+                    before=self._persist_pending
+                ):
+                    if not self.shared.store_full:
+                        log.error("store_full: nothing left to evict; ACKs stop until room returns")
+                    self.shared.store_full = True
             except OSError as exc:
                 log.warning("space_check_failed error=%r", str(exc))
         if now >= self._next_publish:

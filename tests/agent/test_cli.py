@@ -16,6 +16,7 @@ import json
 import os
 import queue
 import re
+import shutil
 import signal
 import sqlite3
 import subprocess
@@ -390,17 +391,15 @@ def test_commands_on_a_live_daemon_database(
     text = ok(*cfg, "breaker")
     assert "open (next probe in about" in text
     assert address in text
-    wait_for(
-        lambda: "ECONNREFUSED" in as_json(*cfg, "breaker")["last_error"],
-        30,
-        "a refused reconnect to be the last error",
-    )
+    # Which failure came last depends on timing (the connection's loss, a refused or an
+    # unanswered reconnect): each names the broker's address.
+    wait_for(lambda: address in as_json(*cfg, "breaker")["last_error"], 30, "a named failure")
     wait_ingest(truth, 300, "ingest goes on with the uplink down")
     status = as_json(*cfg, "status")
     assert status["backlog"]["unacked_events"] > 0
     assert status["fleet"]["broker"] == address
-    assert f"{address}: Connection refused (ECONNREFUSED)" in status["fleet"]["last_error"]
-    assert f"last error: connect failed: {address}" in ok(*cfg, "status")
+    assert address in status["fleet"]["last_error"]
+    assert f"last error: {status['fleet']['last_error']}" in ok(*cfg, "status")
     # A heartbeat is not health: events wait and the fleet has not acked for longer than
     # the bound, so doctor fails on the uplink (and only warns within the bound).
     wait_for(lambda: as_json(*cfg, "status")["fleet"]["last_ack_age_s"] > 1.5, 30, "ack age")
@@ -410,7 +409,7 @@ def test_commands_on_a_live_daemon_database(
     assert uplink["status"] == "fail"
     assert "events wait" in uplink["detail"]
     assert f"make {address} reachable" in uplink["detail"]
-    assert "ECONNREFUSED" in uplink["detail"]
+    assert f"last error: {status['fleet']['last_error']}" in uplink["detail"]
     within = run(*cfg, "doctor", "--json")
     assert {c["name"]: c for c in json.loads(within.stdout)["checks"]}["uplink"]["status"] == "warn"
     assert "FAIL  uplink" in run(*cfg, "doctor", "--max-ack-age", "1").stdout
@@ -517,16 +516,22 @@ def test_commands_on_a_live_daemon_database(
     assert "FAIL  daemon" in run(*cfg, "doctor").stdout
     assert "daemon       stopped cleanly" in ok(*cfg, "status")  # status and doctor agree
 
-    # The same database read on another machine (another host name: a UTS namespace)
-    # is a copy, not a live agent, whatever pid runs there.
-    elsewhere = subprocess.run(
-        ["unshare", "-r", "-u", "sh", "-c", 'hostname depot-laptop && exec "$@"', "sh",
-         IRONFLEET, *cfg, "status", "--json"],
-        capture_output=True, text=True, timeout=60, check=False,
-    )  # fmt: skip
-    assert elsewhere.returncode == 0, elsewhere.stderr
-    daemon = json.loads(elsewhere.stdout)["daemon"]
-    assert (daemon["condition"], daemon["live"], daemon["host"]) == ("copy", False, os.uname()[1])
+    # A copy of a vehicle's database on a laptop: what another machine's daemon wrote (its
+    # host name and boot id), with a pid that exists here, reads as a copy, not a live agent.
+    copy = tmp_path / "copied.db"
+    shutil.copy(db, copy)
+    conn = sqlite3.connect(copy)
+    with conn:
+        conn.execute("UPDATE agent_state SET value = 'truck-0042' WHERE key = 'daemon.host'")
+        conn.execute("UPDATE agent_state SET value = ? WHERE key = 'daemon.boot_id'",
+                     ("11111111-2222-3333-4444-555555555555",))  # fmt: skip
+        conn.execute("UPDATE agent_state SET value = ? WHERE key IN ('daemon.pid')",
+                     (str(os.getpid()),))  # fmt: skip
+        conn.execute("UPDATE agent_state SET value = '' WHERE key = 'daemon.stopped_at'")
+    conn.close()
+    daemon = as_json("--db", str(copy), "status")["daemon"]
+    assert (daemon["condition"], daemon["live"], daemon["host"]) == ("copy", False, "truck-0042")
+    assert "a COPY, not a live agent" in ok("--db", str(copy), "status")
 
 
 def test_shed_lists_what_the_ladder_dropped(start_sim: StartSim, start_agent: StartAgent) -> None:

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from agent.clitext import daemon_line
-from agent.doctor import check_daemon
+from agent.doctor import check_daemon, check_uplink
 from agent.identity import boot_id, host_name
 from agent.views import daemon_view
 
@@ -35,8 +35,10 @@ def published(**values: object) -> dict[str, tuple[str, float]]:
 CASES = [
     # (what changed, condition, live, line says, doctor status, doctor says)
     ({}, "live", True, "running, pid", "ok", "heartbeat"),
-    ({"daemon_host": "depot-laptop"}, "copy", False, "a COPY, not a live agent", "warn",
-     "a copy, not a live agent"),
+    ({"daemon_host": "truck-0042", "daemon_boot_id": "11111111-2222-3333-4444-555555555555"},
+     "copy", False, "a COPY, not a live agent", "warn", "a copy, not a live agent"),
+    # Same boot, another name (ProtectHostname=, a container, a renamed host): this machine.
+    ({"daemon_host": "localhost"}, "live", True, "running, pid", "ok", "heartbeat"),
     ({"daemon_boot_id": "00000000-0000-0000-0000-000000000000"}, "rebooted", False,
      "NOT RUNNING since this machine rebooted", "fail", "not running since this machine"),
     ({"daemon_stopped_at": f"{NOW - 3:.3f}"}, "stopped", False, "stopped cleanly", "fail",
@@ -48,7 +50,7 @@ CASES = [
 ]  # fmt: skip
 
 
-@pytest.mark.parametrize("case", CASES, ids=[c[1] for c in CASES])
+@pytest.mark.parametrize("case", CASES, ids=[f"{c[1]}-{i}" for i, c in enumerate(CASES)])
 def test_one_condition_printed_alike(case: tuple[dict[str, str], str, bool, str, str, str]) -> None:
     change, condition, live, line, status, says = case
     view = daemon_view(published(**change), NOW)
@@ -71,3 +73,29 @@ def test_a_database_from_an_agent_that_published_no_host_reads_as_before() -> No
 def test_the_boot_id_is_this_boots() -> None:
     assert boot_id() == Path("/proc/sys/kernel/random/boot_id").read_text().strip()
     assert len(boot_id()) == 36
+
+
+def _found(condition: str, uplink: str = "disconnected") -> dict[str, object]:
+    fleet = {"broker": "10.0.0.5:8883", "uplink": uplink, "breaker": "open",
+             "last_error": "connect failed: 10.0.0.5:8883: Connection refused (ECONNREFUSED)",
+             "last_ack_age_s": 1985.0, "cursor": 5}  # fmt: skip
+    return {"daemon": {"condition": condition}, "fleet": fleet, "waiting": 195_596,
+            "oldest_waiting_at": NOW - 1985}  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("condition", "uplink", "status", "action"),
+    [
+        ("live", "disconnected", "fail", "make 10.0.0.5:8883 reachable"),
+        ("live", "connected", "fail", "is a collector subscribed"),
+        ("stuck", "disconnected", "fail", "make 10.0.0.5:8883 reachable"),
+        ("stopped", "disconnected", "fail", "the agent is not running"),
+        ("rebooted", "disconnected", "fail", "the agent is not running"),
+        ("copy", "disconnected", "skip", "run doctor there"),
+    ],
+)
+def test_doctor_names_the_action_that_gets_events_to_the_fleet(
+    condition: str, uplink: str, status: str, action: str
+) -> None:
+    check = check_uplink(None, _found(condition, uplink), NOW, 600.0)
+    assert (check.status, action in check.detail) == (status, True), check
