@@ -7,7 +7,7 @@ whatever else shares this machine's CPUs).
 
 The agent is the real `ironfleet-agent run` process (uplink off: no broker here) on one
 side of a pseudo-terminal; this process is the controller on the other side
-(`firmware_bridge.controller.ControllerLink` through `bench_store.Controller`, as in
+(`firmware_bridge.controller.ControllerLink` through `store_e2e.Controller`, as in
 bench_store section 2), paced at a fixed frame rate. ACK latency = the controller's first
 send of a frame -> its ACK decoded by the controller (`ControllerLink.ack_latencies`). One
 agent and one growing database serve every phase, in this order:
@@ -57,15 +57,8 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from bench_store import (
-    Controller,
-    cpu_seconds_of,
-    make_bodies,
-    own_cpu_seconds,
-    settle_heap,
-    start_real_agent,
-    stop,
-)
+from store_common import cpu_seconds_of, own_cpu_seconds, settle_heap
+from store_e2e import Controller, make_bodies, start_real_agent, stop
 
 IRONFLEET = str(Path(sys.executable).with_name("ironfleet"))
 THIS = str(Path(__file__).resolve())

@@ -5,7 +5,7 @@ Issue 12, part B. Three sections, each printed with the figures of a given "befo
 the current `ironfleet`:
 
   1 wal      the real daemon (`ironfleet-agent run`) ingests at --rate events/s from a
-             controller on a pty (bench_store.Controller) for --seconds; a hostile reader
+             controller on a pty (store_e2e.Controller) for --seconds; a hostile reader
              loops `ironfleet --timeout T query <endless CTE>` the whole time (T = 60 for the
              before CLI, which accepted it; the cap for the current one). Reported: the
              peak WAL size, sampled every 5 ms, against a phase with no reader. Each phase
@@ -34,7 +34,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from bench_store import Controller, make_bodies, start_real_agent, stop
+from store_e2e import Controller, make_bodies, start_real_agent, stop
 
 from agent.cliaccess import MAX_TIMEOUT
 from agent.readsafe import WAL_CEILING_BYTES, WAL_GROWTH_BYTES, wal_bytes
