@@ -144,9 +144,16 @@ def test_fleet_view_converges_before_the_backlog(
     broker.start()
     wait_for(lambda: collector.snapshots, 30, "the first backlog batch")
     with collector.lock:
-        first_kinds = [kind for kind, _, _ in collector.arrivals[:2]]
+        arrivals = list(collector.arrivals)
         snapshot = collector.snapshots[0]
-    assert first_kinds[0] == "state"
+    backlog_at = next(i for i, (kind, old, _) in enumerate(arrivals) if kind == "events" and old)
+    # State first: the compacted replay comes before the backlog. Only live batches that were
+    # in flight when the broker died may come earlier (paho resends its unacknowledged QoS 1
+    # messages as the new connection opens; seen once in eight loaded CI runs), and at most
+    # paho's in-flight window of them (agent/uplink.py: max(20, 4 x max_in_flight) = 32).
+    ahead = [kind for kind, _, _ in arrivals[:backlog_at]]
+    assert "state" in ahead, arrivals[:5]
+    assert ahead.count("events") <= 32, arrivals[:40]
     # When the first historical event arrives, the fleet already shows every stream at or
     # past where it was when the link came back: the view converged within one batch.
     for stream, position in before.items():
