@@ -23,6 +23,8 @@ from typing import Any
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode, MQTTProtocolVersion
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
 
 from agent.config import UplinkSection
 from agent.errors import ConfigError
@@ -237,15 +239,23 @@ class FleetSubscriber:
         client_id: str = "ironfleet-collector",
         vehicles: tuple[str, ...] = (),
         keepalive: int = 30,
+        share_group: str = "",
+        session_expiry: int = 60,
     ) -> None:
         self.host, self.port, self.keepalive = host, port, keepalive
         self.on_message = on_message
         self.vehicles = vehicles or ("+",)
+        # With a share group, N collectors split the vehicles ($share/<group>/...). MQTT 5
+        # then, for its session expiry: mosquitto keeps dealing a disconnected member its
+        # round-robin share, queued, until its session ends (docs/fleet-deployment.md).
+        self.share_group = share_group
+        self._v5 = bool(share_group)
+        self._session_expiry = session_expiry
         self.client = mqtt.Client(
             CallbackAPIVersion.VERSION2,
             client_id=client_id,
-            clean_session=False,
-            protocol=MQTTProtocolVersion.MQTTv311,
+            clean_session=None if self._v5 else False,
+            protocol=MQTTProtocolVersion.MQTTv5 if self._v5 else MQTTProtocolVersion.MQTTv311,
         )
         self.client.connect_timeout = CONNECT_TIMEOUT
         self.client.reconnect_delay_set(1, 2)
@@ -258,6 +268,13 @@ class FleetSubscriber:
 
     def start(self) -> None:
         """Connect (retrying in the background) and start paho's network thread."""
+        if self._v5:
+            props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
+            props.SessionExpiryInterval = self._session_expiry
+            self.client.connect_async(self.host, self.port, self.keepalive, clean_start=False,
+                                      properties=props)  # fmt: skip
+            self.client.loop_start()
+            return
         self.client.connect_async(self.host, self.port, self.keepalive)
         self.client.loop_start()
 
@@ -276,8 +293,11 @@ class FleetSubscriber:
             log.warning("collector_connect_refused reason=%s", reason)
             return
         self.connected = True
+        share = f"$share/{self.share_group}/" if self.share_group else ""
         subs = [
-            (topic(v, kind), 1) for v in self.vehicles for kind in ("events", "state", "status")
+            (share + topic(v, kind), 1)
+            for v in self.vehicles
+            for kind in ("events", "state", "status")
         ]
         self.client.subscribe(subs)
         log.info("collector_connected broker=%s:%d", self.host, self.port)
