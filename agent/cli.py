@@ -6,8 +6,8 @@ one short transaction under a deadline (`--timeout`), closes the connection, and
 prints. A reader never holds a transaction across output, so it never holds back the
 daemon's WAL checkpoints (DESIGN.md invariant 12 and "Readers must be brief").
 
-Live values (serial link, uplink, breaker, counters) come from `agent_state`, which the
-daemon rewrites about once a second (`Writer._publish`); `daemon.heartbeat` dates them and
+Live values (serial link, uplink, breaker, counters) come from the daemon's live snapshot
+(`agent.livestate`), which it rewrites about once a second; its heartbeat dates them and
 every view shows its age, so a stale picture is obvious.
 
 This module holds the click commands, which only parse, call and format. Guarded access
@@ -55,10 +55,31 @@ from agent.clitext import (
 )
 from agent.config import Config
 from agent.doctor import doctor_checks
-from agent.errors import ConfigError
+from agent.errors import AgentError, ConfigError
+from agent.export import (
+    CHUNK_EVENTS,
+    EXPORT_NICE,
+    EXPORTS_DIR,
+    MAX_CHUNK_EVENTS,
+    export_bundle,
+    export_summary,
+    export_text,
+    plan,
+    plan_text,
+)
+from agent.fleet_auth import load_fleet_auth
 from agent.pages import PAGE_ROWS, Page, read_checkpoints, read_replay, read_streams
 from agent.readsafe import limit_process_heap
+from agent.receipts import (
+    MAX_LEDGERS,
+    exports_text,
+    exports_view,
+    prune_ledgers,
+    queue_receipt,
+    receipt_text,
+)
 from agent.render import echo_hint, emit, json_text, table
+from agent.store import read_cursor
 from agent.version import DISTRIBUTION
 from agent.views import (
     FOLLOW_BATCH,
@@ -412,6 +433,86 @@ def query(opts: Options, sql: str, limit: int, as_json: bool) -> None:
     emit(rows, as_json, lambda: query_text(columns, rows, cut, limit))
     if cut and as_json:
         echo_hint(cut_note(cut, len(rows), limit), as_json)
+
+
+@cli.command("export")
+@click.argument("directory", required=False, type=click.Path(file_okay=False, path_type=Path))
+@click.option("--chunk-events", default=CHUNK_EVENTS, show_default=True,
+              type=click.IntRange(1, MAX_CHUNK_EVENTS), help="Events per chunk file.")  # fmt: skip
+@click.option("--max-events", type=click.IntRange(min=1), help="Stop after this many events.")
+@click.option("--same-filesystem", is_flag=True,
+              help="Allow DIRECTORY on the database's file system (off the vehicle).")  # fmt: skip
+@json_option
+@click.pass_obj
+def export(
+    opts: Options,
+    directory: Path | None,
+    *,
+    chunk_events: int,
+    max_events: int | None,
+    same_filesystem: bool,
+    as_json: bool,
+) -> None:
+    """Write what the fleet has not acknowledged, and the latest state, to DIRECTORY (a USB
+    stick) for `ironfleet-collector import`; without DIRECTORY, show what it would hold.
+
+    One short read per chunk: the agent keeps ingesting. Nothing is deleted: the rows stay
+    until the fleet's receipt comes back (`ironfleet import-receipt`).
+    """
+    db = opts.database()
+    if directory is None:
+        view = opts.read(plan)
+        emit(view, as_json, lambda: plan_text(view))
+        return
+    try:
+        vehicle = opts.config().agent.vehicle_id
+    except ConfigError as exc:
+        raise CliError(f"export needs the vehicle id of the configuration: {exc}") from None
+    if len(prune_ledgers(db.parent, opts.read(read_cursor))) >= MAX_LEDGERS:
+        raise CliError(f"{MAX_LEDGERS} exports await a receipt ({db.parent / EXPORTS_DIR}): "
+                       "import their receipts first (ironfleet import-receipt)")  # fmt: skip
+    with contextlib.suppress(OSError):
+        os.nice(EXPORT_NICE)  # the vehicle's two cores belong to ingest first
+    started = time.monotonic()
+    read = functools.partial(reading, db, opts.timeout)
+    try:
+        m = export_bundle(read, directory, db.parent / EXPORTS_DIR, vehicle,
+                          chunk_events=chunk_events, max_events=max_events,
+                          database=None if same_filesystem else db)  # fmt: skip
+    except (AgentError, OSError) as exc:
+        raise CliError(str(exc)) from None
+    data = export_summary(directory, m, time.monotonic() - started)
+    emit(data, as_json, lambda: export_text(data))
+
+
+@cli.command("import-receipt")
+@click.argument("receipt", required=False, type=click.Path(exists=True, path_type=Path))
+@json_option
+@click.pass_obj
+def import_receipt(opts: Options, receipt: Path | None, as_json: bool) -> None:
+    """Hand the fleet's receipt for an export (a file, or the bundle directory holding it)
+    to the agent, once its acks check out against the fleet key and the export's ledger;
+    without RECEIPT, list the exports and the receipts waiting for the agent.
+
+    The agent checks the receipt again, moves its delivery cursor, and only then frees the
+    rows; a stopped agent does it at its next start.
+    """
+    db = opts.database()
+    if receipt is None:
+        view = opts.read(lambda conn: exports_view(conn, db.parent))
+        emit(view, as_json, lambda: exports_text(view))
+        return
+    try:
+        config = opts.config()
+        if not config.uplink.enabled:
+            raise CliError(
+                "[uplink] enabled = false: the agent applies receipts on its uplink "
+                "thread, which is off; enable it (an unreachable broker will do)"
+            )
+        done = queue_receipt(receipt, db.parent, load_fleet_auth(config))
+    except AgentError as exc:
+        raise CliError(str(exc)) from None
+    emit(done, as_json, lambda: receipt_text(done))
 
 
 def main(argv: Sequence[str] | None = None) -> int:

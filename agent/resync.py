@@ -21,7 +21,7 @@ import random
 import sqlite3
 from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from enum import StrEnum
 from typing import Protocol
 
@@ -99,7 +99,6 @@ class ResyncCounters:
     # acknowledged for them: a replay that would move the fleet's state backwards (the
     # newest rows were lost locally, e.g. by a salvage). The fleet refuses the older state.
     state_backwards: int = 0
-    extra: dict[str, int] = field(default_factory=dict)
 
 
 class Resync:
@@ -216,11 +215,18 @@ class Resync:
             return False
         self._inflight.pop(batch_id, None)
         self.counters.acks += 1
-        moved = self._cursor.ack(AckedRun(entry.from_rowid, entry.upto_rowid, entry.positions))
-        if moved is not None:
-            upto, positions = moved
-            self._send_after = max(self._send_after, upto)  # never resend what is held
-            self.deliver(upto, positions)
+        self.apply_run(AckedRun(entry.from_rowid, entry.upto_rowid, entry.positions))
+        return True
+
+    def apply_run(self, run: AckedRun) -> bool:
+        """Feed an acked run to the cursor (an MQTT ack's, or a receipt's checked by
+        agent/receipts.py); persist what it passes. True if the cursor moved."""
+        moved = self._cursor.ack(run)
+        if moved is None:
+            return False
+        upto, positions = moved
+        self._send_after = max(self._send_after, upto)  # never resend what is held
+        self.deliver(upto, positions)
         return True
 
     # -- sending -------------------------------------------------------------------------
