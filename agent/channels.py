@@ -23,7 +23,11 @@ from firmware_bridge.link import Received, Token
 class Shared:
     """State both threads read: flags and counters (single writers, GIL-atomic updates)."""
 
-    stop_reading: threading.Event = field(default_factory=threading.Event)
+    # A stop, in its three stages (each set once, in this order): asked for (every loop
+    # leaves its main loop); the serial loop hands nothing more to the writer; the writer
+    # committed and reported everything (the serial loop sends the last ACKs, then closes).
+    stopping: threading.Event = field(default_factory=threading.Event)
+    reading_done: threading.Event = field(default_factory=threading.Event)
     writer_done: threading.Event = field(default_factory=threading.Event)
     alarm: str = ""
     store_full: bool = False

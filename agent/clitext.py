@@ -12,7 +12,7 @@ import time
 from typing import Final
 
 from agent.cliaccess import MAX_LIMIT
-from agent.doctor import Check
+from agent.doctor import Check, flash_text
 from agent.pages import PAGE_ROWS, Page
 from agent.readsafe import MAX_FETCH_BYTES
 from agent.render import age_of as _age
@@ -101,6 +101,8 @@ def status_text(s: Row) -> str:
     if counters:
         items.append(("commits", f"{n(counters.get('batches'))} batches, "
                                  f"{n(counters.get('commit_failures'))} failed"))  # fmt: skip
+    if s["flash"]["write_bytes_per_s"] is not None:
+        items.append(("flash", flash_text(s["flash"])))
     return pairs(items)
 
 

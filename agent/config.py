@@ -22,6 +22,9 @@ class AgentSection:
 
     vehicle_id: str = "vehicle-0001"
     state_dir: str = "/var/lib/ironfleet"
+    # Where the live snapshot is also written (tmpfs; systemd RuntimeDirectory=ironfleet):
+    # it stays current while the database cannot be written. "" writes it nowhere.
+    runtime_dir: str = "/run/ironfleet"
     log_level: str = "INFO"
 
     def validate(self) -> dict[str, str]:
@@ -30,6 +33,8 @@ class AgentSection:
             problems["vehicle_id"] = "must be non-empty without '/', '+' or '#' (MQTT topic part)"
         elif len(self.vehicle_id.encode()) > 64:  # sent in the serial HELLO (MAX_ID_LEN)
             problems["vehicle_id"] = "must be at most 64 bytes"
+        if self.runtime_dir and not self.runtime_dir.startswith("/"):
+            problems["runtime_dir"] = "must be an absolute path, or empty for none"
         if self.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
             problems["log_level"] = "must be one of DEBUG, INFO, WARNING, ERROR"
         return problems
@@ -46,6 +51,9 @@ class SerialSection:
     reconnect_min: float = 0.25
     reconnect_max: float = 10.0
     read_size: int = 65_536
+    # Record the port's raw bytes both ways (firmware_bridge/capture.py); SIGHUP applies it.
+    capture: bool = False
+    capture_max_bytes: int = 64 * 2**20  # the capture and its rotated predecessor together
 
     def validate(self) -> dict[str, str]:
         problems = {}
@@ -61,6 +69,8 @@ class SerialSection:
             problems["reconnect_min"] = "must be > 0 and <= reconnect_max"
         if not 512 <= self.read_size <= 2**20:
             problems["read_size"] = "must be within [512, 1048576] bytes"
+        if not 2**16 <= self.capture_max_bytes <= 2**34:
+            problems["capture_max_bytes"] = "must be within [65536, 17179869184] bytes"
         return problems
 
 
@@ -78,6 +88,10 @@ class StoreSection:
     commit_delay_ms: float = 0.0
     queue_max_batches: int = 64
     max_cached_streams: int = 10_000
+    # Bytes the storage may take in its life (capacity x P/E cycles / write amplification
+    # of the card): status projects the years left at the agent's rate; 0: not known.
+    flash_endurance_bytes: int = 0
+    flash_warn_years: float = 5.0  # doctor warns below this projection
 
     def validate(self) -> dict[str, str]:
         problems = {}
@@ -101,6 +115,10 @@ class StoreSection:
             problems["commit_delay_ms"] = "must be within [0, 1000] milliseconds"
         if not 1 <= self.queue_max_batches <= 10_000:
             problems["queue_max_batches"] = "must be within [1, 10000]"
+        if self.flash_endurance_bytes < 0:
+            problems["flash_endurance_bytes"] = "must be >= 0 (0: not known)"
+        if not 0 <= self.flash_warn_years <= 100:
+            problems["flash_warn_years"] = "must be within [0, 100] years"
         return problems
 
 
@@ -226,6 +244,11 @@ class Config:
         """The event store file."""
         return Path(self.agent.state_dir) / "agent.db"
 
+    @property
+    def live_file(self) -> Path | None:
+        """The runtime copy of the live snapshot, or None ([agent] runtime_dir empty)."""
+        return Path(self.agent.runtime_dir) / "live.json" if self.agent.runtime_dir else None
+
 
 SECTIONS: dict[str, type] = {
     "agent": AgentSection,
@@ -254,15 +277,21 @@ def _coerce(section: str, key: str, value: Any, expected: type, source: str) -> 
 
 
 def from_mapping(data: dict[str, Any], source: str = "<mapping>") -> Config:
-    """Build and validate a Config from parsed TOML; errors name the key and `source`."""
+    """Build and validate a Config from parsed TOML; errors name the key and `source`.
+
+    Every problem is found in one pass: the ConfigError lists them one per line (most
+    files have one), so `check-config` shows all of them at once, not the first."""
+    problems: list[str] = []
     sections: dict[str, Any] = {}
     for name, value in data.items():
         if name not in SECTIONS:
-            raise ConfigError(
+            problems.append(
                 f"{source}: unknown section [{name}]; known sections: {', '.join(SECTIONS)}"
             )
+            continue
         if not isinstance(value, dict):
-            raise ConfigError(f"{source}: [{name}] must be a table")
+            problems.append(f"{source}: [{name}] must be a table")
+            continue
         cls = SECTIONS[name]
         hints = get_type_hints(cls)
         known = {f.name for f in dataclasses.fields(cls)}
@@ -270,12 +299,18 @@ def from_mapping(data: dict[str, Any], source: str = "<mapping>") -> Config:
         for key, raw in value.items():
             if key not in known:
                 listing = ", ".join(sorted(known))
-                raise ConfigError(f"{source}: [{name}] unknown key {key!r}; known keys: {listing}")
-            kwargs[key] = _coerce(name, key, raw, hints[key], source)
+                problems.append(f"{source}: [{name}] unknown key {key!r}; known keys: {listing}")
+                continue
+            try:
+                kwargs[key] = _coerce(name, key, raw, hints[key], source)
+            except ConfigError as exc:
+                problems.append(str(exc))
         section = cls(**kwargs)
         for key, problem in section.validate().items():
-            raise ConfigError(f"{source}: [{name}] {key} = {getattr(section, key)!r}: {problem}")
+            problems.append(f"{source}: [{name}] {key} = {getattr(section, key)!r}: {problem}")
         sections[name] = section
+    if problems:
+        raise ConfigError("\n".join(problems))
     config = Config(**sections, source=source)
     for name in SECTIONS:  # defaults are validated too, so a bad default cannot ship
         for key, problem in getattr(config, name).validate().items():

@@ -16,20 +16,23 @@ are never ACKed and the controller resends them.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import dataclasses
-import json
 import logging
 import os
+import pwd
 import queue
 import signal
+import socket
 import sys
 import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
 from types import FrameType
+from typing import Final
+
+import click
 
 from agent import config as config_mod
 from agent import filecheck
@@ -41,7 +44,7 @@ from agent.notify import Notifier
 from agent.serial_side import SerialSide
 from agent.store import EventStore
 from agent.uplink_side import UplinkSide
-from agent.version import agent_version
+from agent.version import DISTRIBUTION, agent_version
 from agent.writer import Writer, store_config
 
 log = logging.getLogger("agent.daemon")
@@ -54,6 +57,7 @@ class Daemon:
 
     def __init__(self, config: Config, flags: dict[str, bool] | None = None) -> None:
         self.config = config
+        self.pinned_level: str | None = None  # --log-level / -v: wins over the file
         self.shared = Shared()
         self.waker = Waker()
         channels = Channels(
@@ -61,6 +65,12 @@ class Daemon:
         )
         self.channels = channels
         os.makedirs(config.agent.state_dir, exist_ok=True)
+        if config.agent.runtime_dir:  # systemd makes it (RuntimeDirectory=); a shell may not
+            try:
+                os.makedirs(config.agent.runtime_dir, mode=0o750, exist_ok=True)
+            except OSError as exc:
+                log.warning("runtime_dir_unusable path=%s error=%r (the live snapshot goes to "
+                            "the database only)", config.agent.runtime_dir, str(exc))  # fmt: skip
         # SQLite follows symlinks: lstat right before the open, and check after it that
         # the file this process holds is the one at the path (docs/operations.md).
         before = filecheck.stat_before_open(config.database)
@@ -73,13 +83,12 @@ class Daemon:
         self.writer = Writer(self.store, config, channels, self.serial)
         self.uplink = UplinkSide(config, channels) if config.uplink.enabled else None
         self.writer.uplink = self.uplink
-        self._uplink_stop = threading.Event()
         self.flags = flags if flags is not None else {"stop": False, "reload": False}
         self.notifier = Notifier()
         m = config.metrics
         self.metrics = (
             Metrics(
-                lambda: self.writer.last_state,
+                lambda: self.writer.last_live,
                 host=m.host,
                 port=m.port if m.enabled else None,
                 textfile=m.textfile,
@@ -94,17 +103,15 @@ class Daemon:
         if self.uplink is not None:
             self.progress["uplink"] = now
         self._threads: list[threading.Thread] = []
-        self._serial_stop = threading.Event()
-        self._reading_stopped = threading.Event()
-        self._writer_stop = threading.Event()
 
     def _serial_loop(self) -> None:
         self.serial.start(time.monotonic())
-        while not self._serial_stop.is_set():
+        shared = self.shared
+        while not shared.stopping.is_set():
             self.serial.run_once(time.monotonic())
             self.progress["serial"] = time.monotonic()
         # Nothing more is handed to the writer after this point (its drain waits for it).
-        self._reading_stopped.set()
+        shared.reading_done.set()
         # Shutdown: wait for the writer's last reports and send their ACKs.
         deadline = time.monotonic() + STOP_TIMEOUT
         while time.monotonic() < deadline and (
@@ -121,24 +128,37 @@ class Daemon:
 
     def _uplink_loop(self) -> None:
         assert self.uplink is not None
-        while not self._uplink_stop.is_set():
+        while not self.shared.stopping.is_set():
             self.uplink.run_once(time.monotonic())
             self.progress["uplink"] = time.monotonic()
         self.uplink.close()
 
     def _writer_loop(self) -> None:
-        while not self._writer_stop.is_set():
-            self.writer.run_once(time.monotonic())
+        # Past the stop, until the uplink thread is gone (STOP_TIMEOUT at most): the
+        # checkpoints it reported on its way out must reach the drain below.
+        asked: float | None = None
+        while True:
+            now = time.monotonic()
+            if self.shared.stopping.is_set():
+                asked = asked or now
+                if not self._alive("uplink") or now - asked > STOP_TIMEOUT:
+                    break
+            self.writer.run_once(now)
             self.progress["writer"] = time.monotonic()
+            time.sleep(self.writer.pause(time.monotonic()))  # a failing disk: its backoff
         # Keep committing until the serial side has stopped handing over (a batch it read
         # just before the stop must be committed and ACKed, not stranded).
         deadline = time.monotonic() + STOP_TIMEOUT
-        while time.monotonic() < deadline and not self._reading_stopped.is_set():
+        while time.monotonic() < deadline and not self.shared.reading_done.is_set():
             self.writer.run_once(time.monotonic(), timeout=0.01)
+            time.sleep(min(self.writer.pause(time.monotonic()), 0.05))
         self.writer.drain()
         self.writer._publish()
         self.shared.writer_done.set()
         self.waker.wake()
+
+    def _alive(self, name: str) -> bool:
+        return any(t.name == name and t.is_alive() for t in self._threads)
 
     def start(self) -> None:
         loops = [("serial", self._serial_loop), ("writer", self._writer_loop)]
@@ -161,26 +181,11 @@ class Daemon:
     def stop(self) -> None:
         """Stop reading, commit and ACK what is pending, close cleanly."""
         log.info("agent_stopping")
-        self.shared.stop_reading.set()
-        self._serial_stop.set()
-        # The uplink stops first, so the checkpoints it reported reach the writer's drain.
-        self._uplink_stop.set()
-        for t in self._threads:
-            if t.name == "uplink":
-                t.join(timeout=STOP_TIMEOUT + 1)
-        self._writer_stop.set()
+        self.shared.stopping.set()  # the one signal; the loops order the rest themselves
         for t in self._threads:
             t.join(timeout=STOP_TIMEOUT + 1)
         # The loops are gone: say so, or the CLI would show the last live values forever.
-        with contextlib.suppress(AgentError):
-            self.store.publish(
-                {
-                    "daemon.stopped_at": f"{time.time():.3f}",
-                    "link.state": "down",
-                    "link.port": "closed",
-                    "uplink.state": "disconnected" if self.uplink is not None else "disabled",
-                }
-            )
+        self.writer.publish(self.writer.last_live.stopped(round(time.time(), 3)))
         self.store.close()
         self.waker.close()
         log.info("agent_stopped")
@@ -192,12 +197,22 @@ class Daemon:
         except ConfigError as exc:
             log.error("reload_failed %s (keeping the running configuration)", exc)
             return
-        logging.getLogger().setLevel(fresh.agent.log_level.upper())
-        log.info("reloaded log_level=%s", fresh.agent.log_level.upper())
-        # Everything but log_level needs a restart: say so rather than ignore it silently.
+        if self.pinned_level:
+            log.info("reloaded log_level=%s (from the command line; the file says %s)",
+                     self.pinned_level, fresh.agent.log_level.upper())  # fmt: skip
+        else:
+            logging.getLogger().setLevel(fresh.agent.log_level.upper())
+            log.info("reloaded log_level=%s", fresh.agent.log_level.upper())
+        if fresh.serial.capture != self.config.serial.capture:
+            self.serial.want_capture = fresh.serial.capture  # the serial thread applies it
+            self.config = dataclasses.replace(self.config, serial=dataclasses.replace(
+                self.config.serial, capture=fresh.serial.capture))  # fmt: skip
+            log.info("reloaded capture=%s", str(fresh.serial.capture).lower())
+        # Everything else needs a restart: say so rather than ignore it silently.
         live = dataclasses.replace(fresh.agent, log_level=self.config.agent.log_level)
         if dataclasses.replace(fresh, agent=live, source=self.config.source) != self.config:
-            log.warning("reload_needs_restart: only log_level applies live; restart for the rest")
+            log.warning("reload_needs_restart: only log_level and [serial] capture apply "
+                        "live; restart for the rest")  # fmt: skip
 
     def run(self) -> int:
         """Main loop: react to flags set by signal handlers; talk to systemd."""
@@ -247,10 +262,9 @@ class Daemon:
         """One line for `systemctl status`: link, backlog, breaker."""
         link = self.serial.link
         # From the published snapshot: the uplink's connection belongs to its thread.
-        snap = self.writer.last_state
-        stats = json.loads(snap.get("store.stats", "{}") or "{}")
-        backlog = max(0, int(stats.get("top_rowid", 0)) - int(stats.get("cursor", 1)) + 1)
-        breaker = snap.get("breaker.state", "disabled" if self.uplink is None else "-")
+        live = self.writer.last_live
+        backlog = max(0, int(live.store.get("top_rowid", 0)) - int(live.store.get("cursor", 1)) + 1)
+        breaker = live.breaker.state if live.published else "-"
         text = (
             f"link={link.state} controller={link.controller_id or '-'} "
             f"events={self.store.event_count} backlog={backlog} breaker={breaker}"
@@ -271,45 +285,123 @@ def setup_logging(level: str) -> None:
     root.setLevel(level.upper())
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="ironfleet-agent",
-        description="IronFleet edge agent: serial ingest, durable buffer, fleet uplink.",
-    )
-    parser.add_argument("--version", action="version", version=f"%(prog)s {agent_version()}")
-    sub = parser.add_subparsers(dest="command", required=True)
-    run = sub.add_parser("run", help="run the daemon")
-    run.add_argument("--config", required=True, help="TOML configuration file")
-    check = sub.add_parser("check-config", help="validate a configuration file and exit")
-    check.add_argument("--config", required=True, help="TOML configuration file")
-    return parser
+LOG_LEVELS: Final = ("DEBUG", "INFO", "WARNING", "ERROR")
+AGENT_USER: Final = "ironfleet"  # the unit's User=: what check-config run as root checks for
+BROKER_PROBE_TIMEOUT: Final = 3.0  # seconds check-config waits for a TCP connect
 
 
-def check_config(path: str, config: Config) -> int:
-    """`check-config` after the file loaded: every file problem on stderr, then ok (0) or 2."""
-    findings = filecheck.check_all(config) + filecheck.check_present(config)
+CONFIG_OPTION: Final = click.option(
+    "--config", "config_path", required=True, metavar="FILE", help="TOML configuration file."
+)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name=DISTRIBUTION, prog_name="ironfleet-agent",
+                      message="%(prog)s %(version)s")  # fmt: skip
+def cli() -> None:
+    """IronFleet edge agent: serial ingest, durable buffer, fleet uplink."""
+
+
+@cli.command("run")
+@CONFIG_OPTION
+@click.option("--log-level", type=click.Choice(LOG_LEVELS, case_sensitive=False),
+              help="Log level, over [agent] log_level (kept across SIGHUP).")  # fmt: skip
+@click.option("-v", "--verbose", is_flag=True, help="The same as --log-level DEBUG.")
+@click.pass_context
+def run_command(ctx: click.Context, config_path: str, log_level: str | None,
+                verbose: bool) -> None:  # fmt: skip
+    """Run the daemon (under systemd: systemd/ironfleet-agent.service)."""
+    if verbose and log_level:
+        raise click.UsageError("give --log-level or -v, not both")
+    ctx.exit(run_daemon(config_path, "DEBUG" if verbose else log_level))
+
+
+@cli.command("check-config")
+@CONFIG_OPTION
+@click.option("--strict", is_flag=True, help="Warnings fail too (exit 2): a missing "
+              "device, an unreachable broker, a file that cannot be checked.")  # fmt: skip
+@click.pass_context
+def check_config_command(ctx: click.Context, config_path: str, strict: bool) -> None:
+    """Validate a configuration file and what it names, then exit (0 ok, 2 refused)."""
+    try:
+        config = config_mod.load(config_path)
+    except ConfigError as exc:
+        print_config_error(exc)
+        # All problems in one run: the file's own too.
+        for finding in filecheck.check_config_file(Path(config_path), euid=os.geteuid()):
+            print(f"ironfleet-agent: {finding}", file=sys.stderr)
+        ctx.exit(2)
+    ctx.exit(check_config(config_path, config, strict=strict))
+
+
+def print_config_error(exc: ConfigError) -> None:
+    for line in str(exc).splitlines():  # every problem of the file, one per line
+        print(f"ironfleet-agent: {line}", file=sys.stderr)
+
+
+def check_broker(config: Config, timeout: float = BROKER_PROBE_TIMEOUT) -> list[filecheck.Finding]:
+    """`check-config`: can this machine open a TCP connection to the broker now? Only TCP:
+    an MQTT CONNECT with the agent's client id would take over the running agent's session
+    (TLS and credentials show in `ironfleet doctor` and `breaker` once it runs)."""
+    up = config.uplink
+    if not up.enabled:
+        return []
+    address = f"{up.host}:{up.port}"
+    try:
+        with socket.create_connection((up.host, up.port), timeout=timeout):
+            return []
+    except OSError as exc:
+        why = exc.strerror or str(exc) or type(exc).__name__
+        return [filecheck.Finding(address, f"[uplink] broker not reachable now: {why}",
+                                  "check the network, the broker and [uplink] host/port; the "
+                                  "agent buffers and retries meanwhile", fatal=False)]  # fmt: skip
+
+
+def check_config(path: str, config: Config, *, strict: bool = False) -> int:
+    """`check-config` after the file loaded: every problem on stderr, then ok (0) or 2.
+    `strict`: warnings count as problems too."""
+    euid = os.geteuid()
+    if euid == 0:  # root checks for the unit's user, who will own the state (User=)
+        with contextlib.suppress(KeyError):
+            euid = pwd.getpwnam(AGENT_USER).pw_uid
+    findings = (filecheck.check_all(config, euid=euid) + filecheck.check_present(config)
+                + check_broker(config))  # fmt: skip
     for finding in findings:
         print(f"ironfleet-agent: {finding}", file=sys.stderr)
-    if filecheck.refusals(findings):
+    if filecheck.refusals(findings) or (strict and findings):
         return 2
     print(f"{path}: ok (database {config.database}, device {config.serial.device})")
     return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Console entry point of `ironfleet-agent`."""
-    args = build_parser().parse_args(argv)
+    """Console entry point of `ironfleet-agent`: the exit status of the command, 2 for a
+    usage error (as click's standalone mode would, but returned, for in-process callers)."""
     try:
-        config = config_mod.load(args.config)
+        code = cli.main(args=list(argv) if argv is not None else None,
+                        prog_name="ironfleet-agent", standalone_mode=False)  # fmt: skip
+    except click.ClickException as exc:
+        exc.show()
+        return exc.exit_code
+    except click.Abort:
+        return 1
+    return code if isinstance(code, int) else 0
+
+
+def run_daemon(config_path: str, log_level: str | None) -> int:
+    """`run`: load, check the files, start the threads; the exit status."""
+    try:
+        config = config_mod.load(config_path)
     except ConfigError as exc:
-        print(f"ironfleet-agent: {exc}", file=sys.stderr)
-        if args.command == "check-config":  # all problems in one run: the file's own too
-            for finding in filecheck.check_config_file(Path(args.config), euid=os.geteuid()):
-                print(f"ironfleet-agent: {finding}", file=sys.stderr)
+        print_config_error(exc)
         return 2
-    if args.command == "check-config":
-        return check_config(args.config, config)
+    if log_level:  # the command line wins over the file, SIGHUP included
+        config = dataclasses.replace(
+            config, agent=dataclasses.replace(config.agent, log_level=log_level.upper())
+        )
     setup_logging(config.agent.log_level)
+    log.debug("log_level=%s from=%s", config.agent.log_level.upper(),
+              "command line" if log_level else config.source)  # fmt: skip
     flags = {"stop": False, "reload": False}
 
     def on_signal(signum: int, _frame: FrameType | None) -> None:
@@ -327,6 +419,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         for finding in filecheck.refuse_unsafe(config):
             log.warning("file_check %s", finding)
         daemon = Daemon(config, flags)
+        daemon.pinned_level = log_level.upper() if log_level else None
     except filecheck.UnsafeFile as exc:
         log.error("start_refused %s", exc)
         return 2

@@ -25,9 +25,12 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, Final
 
+from agent import livestate
 from agent.collector import Collector, CollectorStore
 from agent.fleet import Batch
 from agent.fleet_auth import FleetSigner, keygen, load_private_key
+from agent.livestate import LiveState
+from agent.storedb import read_cursor
 from agent.uplink import FleetSubscriber
 
 VEHICLE = "demo-truck-7"
@@ -106,32 +109,33 @@ class DemoCollector:
         self.sub.stop()
 
 
-def read_state(db: Path) -> dict[str, str]:
+def read_agent(db: Path) -> tuple[LiveState, int]:
+    """The agent's live snapshot and its persisted fleet cursor (empty, 1 if unreadable)."""
     if not db.exists():
-        return {}
+        return LiveState(), 1
     try:
         conn = sqlite3.connect(db.absolute().as_uri() + "?mode=ro", uri=True, timeout=1)
         try:
-            return dict(conn.execute("SELECT key, value FROM agent_state").fetchall())
+            return livestate.read(conn), read_cursor(conn)
         finally:
             conn.close()
     except sqlite3.Error:
-        return {}
+        return LiveState(), 1
 
 
-def status_line(t: float, state: dict[str, str], delivered: int) -> str:
+def status_line(t: float, agent: tuple[LiveState, int], delivered: int) -> str:
     """One meaning per figure: `stored` events the agent stored (duplicates not counted);
     `published` events it published to the broker, resends after a lost link counted
     again; `fleet_acked` events below the fleet's persisted cursor (up to 1 s behind: the
     checkpoint cadence); `at_collector` distinct events in the collector's database."""
-    store = json.loads(state.get("store.stats", "{}"))
-    uplink = json.loads(state.get("uplink.counters", "{}"))
-    fleet_acked = int(state.get("uplink.cursor", "1")) - 1  # rowids: arrival order from 1
+    live, cursor = agent
+    store, uplink = live.store, live.uplink.counters
+    fleet_acked = cursor - 1  # rowids: arrival order from 1
     return (
-        f"t={t:5.1f}s stored={store.get('stored', 0):6d} "
-        f"published={uplink.get('events_sent', 0):6d} fleet_acked={fleet_acked:6d} "
-        f"at_collector={delivered:6d} breaker={state.get('breaker.state', '-'):9s} "
-        f"serial={state.get('link.state', '-'):4s} mqtt={state.get('uplink.state', '-')}"
+        f"t={t:5.1f}s stored={int(store.get('stored', 0)):6d} "
+        f"published={int(uplink.get('events_sent', 0)):6d} fleet_acked={fleet_acked:6d} "
+        f"at_collector={delivered:6d} breaker={live.breaker.state:9s} "
+        f"serial={live.link.state:4s} mqtt={live.uplink.state}"
     )
 
 
@@ -211,6 +215,7 @@ class Demo:
         config = self.workdir / "agent.toml"
         config.write_text(
             f'[agent]\nvehicle_id = "{VEHICLE}"\nstate_dir = "{self.workdir / "state"}"\n'
+            f'runtime_dir = "{self.workdir / "run"}"\n'
             f'[serial]\ndevice = "{device}"\nheartbeat_interval = 0.25\n'
             "[store]\nmin_free_bytes = 0\n"
             f"[uplink]\nport = {self.port}\nkeepalive = 5\nack_timeout = 5.0\n"
@@ -258,10 +263,10 @@ class Demo:
                 time.sleep(0.5)
 
     def _status(self) -> None:
-        state = read_state(self.agent_db)
+        agent = read_agent(self.agent_db)
         delivered = len(self.collector.store.keys(VEHICLE)) if self.collector else 0
         now = time.monotonic()
-        line = status_line(now - self.start, state, delivered)
+        line = status_line(now - self.start, agent, delivered)
         if LIVE:
             sys.stdout.write("\r\033[K" + line)
         elif now >= self._next_plain:
@@ -273,9 +278,8 @@ class Demo:
         """Wait until the fleet acknowledged everything the agent stored."""
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
-            state = read_state(self.agent_db)
-            stats = json.loads(state.get("store.stats", "{}"))
-            if stats and int(state.get("uplink.cursor", "1")) > stats.get("stored", 0) > 0:
+            live, cursor = read_agent(self.agent_db)
+            if cursor > live.store.get("stored", 0) > 0:
                 return
             self._status()
             time.sleep(0.5)
@@ -308,15 +312,13 @@ class Demo:
                 summary = r
         conn = sqlite3.connect(self.agent_db.absolute().as_uri() + "?mode=ro", uri=True)
         stored = conn.execute("SELECT count(*) FROM events").fetchone()[0]
-        state = dict(conn.execute("SELECT key, value FROM agent_state").fetchall())
+        live = livestate.read(conn)
         conn.close()
         delivered = self.collector.store.keys(VEHICLE)
         lost = acked - delivered
         rows = self.collector.store.report()
         row = rows[0] if rows else {}
-        link = json.loads(state.get("link.counters", "{}"))
-        store_stats = json.loads(state.get("store.stats", "{}"))
-        uplink = json.loads(state.get("uplink.counters", "{}"))
+        link, store_stats, uplink = live.link.counters, live.store, live.uplink.counters
         restored = self.restored_at
         converge = [
             t - restored for t in self.collector.state_batches_at if restored and t >= restored
@@ -326,7 +328,7 @@ class Demo:
             + link.get("retransmits_reacked", 0)
             + store_stats.get("duplicates", 0)
         )
-        rejected = sum(json.loads(state.get("link.rejects", "{}")).values())
+        rejected = int(sum(live.link.rejects.values()))
         lines = [
             "",
             "IronFleet demo report",

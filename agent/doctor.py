@@ -1,7 +1,8 @@
 """`ironfleet doctor`: the checks a technician runs first, in the order they fix things.
 
-Each check (configuration, fleet trust, permissions, database, WAL, device, disk, clock,
-daemon) returns one `Check` with a status and a line of detail. They live apart from the
+Each check (configuration, fleet trust and its key, permissions, database, WAL, device,
+disk, clock, daemon, uplink: does what is stored reach the fleet) returns one `Check`
+with a status and a line of detail naming the action that fixes a failure. They live apart from the
 click commands because they look at the host (files, devices, clock, free space) as well
 as at the store, and so that each can be called and tested on its own.
 """
@@ -27,8 +28,9 @@ from agent.config import Config
 from agent.errors import ConfigError
 from agent.render import CLOCK_BACK_TOLERANCE, TIME_QUALITY, human_bytes, span
 from agent.store import check_integrity
-from agent.views import Row, _text, daemon_view, file_bytes, fleet_view, read_state
+from agent.views import Row, daemon_view, file_bytes, flash_view, fleet_view, read_live
 
+CREDENTIALS: Final = "/run/credentials/"  # systemd LoadCredential=: the service's own
 MIN_SANE_YEAR: Final = 2020  # an earlier wall clock was never set (RTC without battery)
 CONTROLLER_SKEW_WARN: Final = 60.0  # seconds between a synced controller clock and ours
 WAL_WARN_BYTES: Final = 128 * 2**20  # twice the store's journal_size_limit
@@ -181,8 +183,8 @@ def check_daemon(daemon: Row) -> Check:
 def read_doctor(conn: sqlite3.Connection, now: float) -> Row:
     """What doctor needs from the live state: heartbeat, opened device, clock skew, and
     what waits for the fleet (count and oldest arrival above the persisted cursor)."""
-    state = read_state(conn)
-    fleet = fleet_view(state, conn, now)
+    live = read_live(conn)
+    fleet = fleet_view(live, conn, now)
     waiting = conn.execute(
         "SELECT count(*), min(received_at) FROM events WHERE id >= ?", (fleet["cursor"],)
     ).fetchone()
@@ -197,8 +199,11 @@ def read_doctor(conn: sqlite3.Connection, now: float) -> Row:
         if isinstance(d, float | int) and math.isfinite(d)
     ]  # fmt: skip
     return {
-        "daemon": daemon_view(state, now),
-        "device": _text(state, "link.device"),
+        "daemon": daemon_view(live, now),
+        "device": live.link.device,
+        "flash": flash_view(live),
+        "fleet_key": live.uplink.fleet_key,
+        "rejected": dict(live.uplink.rejected),
         "skew": max(skews, key=abs) if skews else None,
         "fleet": fleet,
         "waiting": int(waiting[0]),
@@ -223,21 +228,52 @@ def check_database(db: Path, read: Reader) -> Check:
     return Check("database", "ok", f"quick_check ok ({human_bytes(sum(file_bytes(db)))})")
 
 
-def check_fleet_trust(config: Config | None) -> Check:
-    """Acks and commands from the broker are verified against the fleet's key."""
+def check_fleet_trust(config: Config | None, found: Row | None) -> Check:
+    """Acks and commands from the broker are verified against the fleet's key: the key
+    file loads, is the one the running agent uses, and the fleet's messages verify."""
     if config is None:
         return Check("fleet trust", "skip", "configuration invalid")
     if not config.uplink.enabled:
         return Check("fleet trust", "skip", "[uplink] enabled = false")
     # Imported here: `cryptography` costs import time every other command need not pay.
-    from agent.fleet_auth import trust_warnings  # noqa: PLC0415
+    from agent.fleet_auth import (  # noqa: PLC0415
+        key_fingerprint,
+        load_public_key,
+        trust_warnings,
+    )
 
     warnings = trust_warnings(config.uplink)
+    running = found["fleet_key"] if found and found["daemon"]["live"] else ""
+    path = config.uplink.fleet_key_file
+    if config.uplink.allow_unsigned:
+        return Check("fleet trust", "warn", "; ".join(warnings))
+    try:
+        on_disk = key_fingerprint(load_public_key(path, "[uplink] fleet_key_file"))
+    except ConfigError as exc:
+        hidden = isinstance(exc.__context__, PermissionError | FileNotFoundError) and (
+            running or path.startswith(CREDENTIALS)
+        )
+        if not hidden:
+            return Check("fleet trust", "fail", f"{exc}: install the fleet's public key there "
+                         "(`ironfleet-collector keygen` makes it), restart the agent")  # fmt: skip
+        # A systemd credential (LoadCredential=) is the service's alone: trust what it loaded.
+        on_disk = ""
+        warnings.append(f"{path} is not readable here; " + (
+            f"the running agent loaded {running}" if running
+            else "the agent is not running to show the key it loads"))  # fmt: skip
+    if running and on_disk and running != on_disk:
+        warnings.append(f"the agent runs with key {running} but {path} now holds {on_disk}: "
+                        "restart it to use the file's key")  # fmt: skip
+    refused = found["rejected"] if found else {}
+    failed = int(refused.get("bad_signature", 0) + refused.get("unsigned", 0))
+    if failed:
+        warnings.append(f"{failed:,} acks or commands failed verification since the agent "
+                        f"started (unsigned or not signed by {running or on_disk}): does the "
+                        "collector sign with this fleet's key? compare fingerprints")  # fmt: skip
     if warnings:
         return Check("fleet trust", "warn", "; ".join(warnings))
-    return Check(
-        "fleet trust", "ok", f"acks and commands verified with {config.uplink.fleet_key_file}"
-    )
+    return Check("fleet trust", "ok", f"acks and commands verified with {path} "
+                 f"(Ed25519 {on_disk or running})")  # fmt: skip
 
 
 def check_uplink(config: Config | None, found: Row, now: float, max_ack_age: float) -> Check:
@@ -279,16 +315,17 @@ def doctor_checks(
 ) -> list[Check]:
     """Every doctor check, in the order a technician fixes things."""
     config_check, config = check_config(config_path)
-    checks = [config_check, check_fleet_trust(config), check_permissions(db),
-              check_database(db, read)]  # fmt: skip
-    _, wal = file_bytes(db)
-    if wal > WAL_WARN_BYTES:
-        checks.append(Check("wal", "warn", f"{human_bytes(wal)} of WAL: a reader holding a "
-                            "transaction open starves checkpoints"))  # fmt: skip
+    database_check = check_database(db, read)
     try:
         found: Row | None = read(lambda conn: read_doctor(conn, now))
     except CliError:
         found = None  # already reported by the database check
+    checks = [config_check, check_fleet_trust(config, found), check_permissions(db),
+              database_check]  # fmt: skip
+    _, wal = file_bytes(db)
+    if wal > WAL_WARN_BYTES:
+        checks.append(Check("wal", "warn", f"{human_bytes(wal)} of WAL: a reader holding a "
+                            "transaction open starves checkpoints"))  # fmt: skip
     daemon = found["daemon"] if found else None
     checks += [
         check_device(config, found["device"] if found else ""),
@@ -298,4 +335,31 @@ def doctor_checks(
         check_uplink(config, found, now, max_ack_age) if found
         else Check("uplink", "skip", "database unreadable"),
     ]  # fmt: skip
+    flash = check_flash(config, found["flash"] if found else None)
+    if flash is not None:
+        checks.append(flash)
     return checks
+
+
+def flash_text(f: Row) -> str:
+    """Bytes written per event, per day, and the years to the endurance budget."""
+    text = f"{human_bytes(f['write_bytes_per_s'] * 86400)}/day written"
+    if f["bytes_per_event"] is not None:
+        text += f", {human_bytes(f['bytes_per_event'])} per event"
+    if f["years_left"] is not None:
+        text += f"; {f['years_left']:.1f} years to [store] flash_endurance_bytes at this rate"
+    return text
+
+
+def check_flash(config: Config | None, flash: Row | None) -> Check | None:
+    """The storage's projected life at the agent's write rate, against [store]
+    flash_warn_years; shown only once both a budget and a rate are known."""
+    if config is None or flash is None or flash["years_left"] is None:
+        return None
+    detail = flash_text(flash)
+    bound = config.store.flash_warn_years
+    if flash["years_left"] < bound:
+        return Check("flash", "warn", f"{detail}: below {bound:g} years ([store] "
+                     "flash_warn_years): fewer streams or events, a larger or more enduring "
+                     "card, or [store] commit_delay_ms to batch more per commit")  # fmt: skip
+    return Check("flash", "ok", detail)

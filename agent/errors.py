@@ -1,4 +1,8 @@
-"""Errors of the agent, classified by what the caller should do about them."""
+"""Errors of the agent, classified by what the caller should do about them.
+
+Only errors something raises and something else catches by class live here: a failed
+uplink is a state of the uplink thread (its breaker and `last_error`), not an exception,
+and a damaged database is quarantined and salvaged at start (agent/salvage.py)."""
 
 from __future__ import annotations
 
@@ -24,20 +28,3 @@ class StoreFull(StoreError):
 
 class CommitFailed(StoreError):
     """A transaction did not commit (I/O error, disk full); nothing in it is durable."""
-
-
-class StoreCorrupt(StoreError):
-    """The database file failed its integrity check."""
-
-
-class UplinkError(AgentError):
-    """The fleet link failed."""
-
-
-class UplinkRejected(UplinkError):
-    """The broker refused us (credentials, ACL): retrying will not help."""
-
-
-# Transient errors are retried with backoff; permanent ones need a person.
-TRANSIENT_ERRORS: tuple[type[AgentError], ...] = (CommitFailed, StoreFull, UplinkError)
-PERMANENT_ERRORS: tuple[type[AgentError], ...] = (ConfigError, StoreCorrupt, UplinkRejected)

@@ -17,6 +17,7 @@ bytes the agent published, so a real signature replayed onto another batch fails
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import struct
@@ -87,6 +88,11 @@ class FleetAuth:
     def signed(self) -> bool:
         return self.key is not None
 
+    @property
+    def fingerprint(self) -> str:
+        """The key's fingerprint (`key_fingerprint`), "unsigned" in lab mode."""
+        return key_fingerprint(self.key) if self.key is not None else "unsigned"
+
     def ack_ok(self, ack: Ack) -> bool:
         """True if the ack's signature is the fleet's over this vehicle and its fields."""
         return self._verify(ack.signature, ack_signed_bytes(self.vehicle, ack))
@@ -117,6 +123,15 @@ def _read_key_file(path: str, where: str) -> bytes:
     if len(data) > MAX_KEY_FILE_BYTES:
         raise ConfigError(f"{where} = {path!r}: over {MAX_KEY_FILE_BYTES} bytes, not a key")
     return data
+
+
+def key_fingerprint(key: Ed25519PublicKey | Ed25519PrivateKey) -> str:
+    """`sha256:` and the first 16 hex digits of SHA-256 over the raw public key: what a
+    technician compares between a vehicle (`ironfleet doctor`) and the collector
+    (`ironfleet-collector keygen` prints it) when acks fail verification."""
+    public = key.public_key() if isinstance(key, Ed25519PrivateKey) else key
+    raw = public.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+    return "sha256:" + hashlib.sha256(raw).hexdigest()[:16]
 
 
 def load_public_key(path: str, where: str = "fleet_key_file") -> Ed25519PublicKey:
@@ -198,4 +213,6 @@ def load_fleet_auth(config: Config) -> FleetAuth:
         key = load_public_key(section.fleet_key_file, "[uplink] fleet_key_file")
     except ConfigError as exc:
         raise ConfigError(f"{config.source}: {exc}") from None
+    log.info("fleet_key_loaded path=%s fingerprint=%s", section.fleet_key_file,
+             key_fingerprint(key))  # fmt: skip
     return FleetAuth(vehicle, key)

@@ -1,7 +1,7 @@
 """Prometheus metrics, computed at scrape time from the daemon's published snapshot.
 
 The writer thread publishes a snapshot of every live value about once a second (the
-same one the CLI reads from `agent_state`); metrics are derived from that snapshot, so
+same `agent.livestate.LiveState` the CLI reads); metrics are derived from that snapshot, so
 a scrape never touches the writer's SQLite connection or the serial link's state.
 Served on 127.0.0.1 only (off by default) and/or written as a node_exporter textfile.
 docs/operations.md lists every metric.
@@ -9,7 +9,6 @@ docs/operations.md lists every metric.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import time
@@ -20,21 +19,14 @@ from prometheus_client import start_http_server, write_to_textfile
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector, CollectorRegistry
 
+from agent.livestate import Counters, LiveState
 from agent.resilience.ladder import COMPACT_LOW_PRIORITY, DROP_OLDEST
 
 log = logging.getLogger(__name__)
 
-Snapshot = Callable[[], dict[str, str]]
+Snapshot = Callable[[], LiveState]
 BREAKER_STATES = ("closed", "open", "half_open")
 FRAME_OUTCOMES = ("cobs", "crc", "too_long", "msgpack", "schema")
-
-
-def _json(snapshot: dict[str, str], key: str) -> dict[str, Any]:
-    try:
-        value = json.loads(snapshot.get(key, "{}"))
-    except ValueError:
-        return {}
-    return value if isinstance(value, dict) else {}
 
 
 def gauge(name: str, doc: str, value: float) -> GaugeMetricFamily:
@@ -56,22 +48,17 @@ class AgentCollector(Collector):
 
     def collect(self) -> Iterator[Metric]:
         snap = self.snapshot()
-        if not snap:
+        if not snap.published:
             return
         now = self.clock()
-        store = _json(snap, "store.stats")
-        link = _json(snap, "link.counters")
-        rejects = _json(snap, "link.rejects")
-        uplink = _json(snap, "uplink.counters")
-        daemon = _json(snap, "daemon.counters")
+        store, link, rejects = snap.store, snap.link.counters, snap.link.rejects
+        uplink, daemon = snap.uplink.counters, snap.daemon.counters
 
         yield from self._replay(store, link, uplink)
         yield from self._buffer(snap, store, uplink, now)
         yield from self._transport(snap, rejects, uplink, daemon, store)
 
-    def _replay(
-        self, store: dict[str, Any], link: dict[str, Any], uplink: dict[str, Any]
-    ) -> Iterator[Metric]:
+    def _replay(self, store: Counters, link: Counters, uplink: Counters) -> Iterator[Metric]:
         yield gauge(
             "ironfleet_replay_event_loss_ratio",
             "Events that can no longer reach the fleet (shed before their ack, lost to a "
@@ -117,7 +104,7 @@ class AgentCollector(Collector):
         )
 
     def _buffer(
-        self, snap: dict[str, str], store: dict[str, Any], uplink: dict[str, Any], now: float
+        self, snap: LiveState, store: Counters, uplink: Counters, now: float
     ) -> Iterator[Metric]:
         events = store.get("events", 0)
         yield gauge("ironfleet_buffer_events", "Events held in the local store.", events)
@@ -129,7 +116,7 @@ class AgentCollector(Collector):
             "Age of the oldest event the fleet has not acknowledged (0 when none).",
             max(0.0, now - oldest) if oldest else 0.0,
         )
-        delivered = int(snap.get("uplink.delivered", "0") or 0)
+        delivered = snap.uplink.delivered
         cursor = int(store.get("cursor", 1))
         top = int(store.get("top_rowid", 0))
         lag = max(0, top - max(delivered, cursor - 1))
@@ -151,28 +138,28 @@ class AgentCollector(Collector):
 
     def _transport(
         self,
-        snap: dict[str, str],
-        rejects: dict[str, Any],
-        uplink: dict[str, Any],
-        daemon: dict[str, Any],
-        store: dict[str, Any],
+        snap: LiveState,
+        rejects: Counters,
+        uplink: Counters,
+        daemon: Counters,
+        store: Counters,
     ) -> Iterator[Metric]:
         breaker = GaugeMetricFamily(
             "ironfleet_uplink_breaker_state", "Circuit breaker state (1 = current).",
             labels=["state"],
         )  # fmt: skip
-        current = snap.get("breaker.state", "")
+        current = snap.breaker.state
         for state in BREAKER_STATES:
             breaker.add_metric([state], 1.0 if current == state else 0.0)
         yield breaker
         yield gauge("ironfleet_uplink_connected", "1 while connected to the broker.",
-                    1.0 if snap.get("uplink.state") == "connected" else 0.0)  # fmt: skip
+                    1.0 if snap.uplink.state == "connected" else 0.0)  # fmt: skip
         yield gauge("ironfleet_serial_link_up", "1 while the controller link is up.",
-                    1.0 if snap.get("link.state") == "up" else 0.0)  # fmt: skip
+                    1.0 if snap.link.state == "up" else 0.0)  # fmt: skip
         frames = CounterMetricFamily(
             "ironfleet_serial_frames", "Serial frames by outcome.", labels=["outcome"]
         )
-        frames.add_metric(["accepted"], int(snap.get("link.frames_accepted", "0") or 0))
+        frames.add_metric(["accepted"], snap.link.frames_accepted)
         for outcome in FRAME_OUTCOMES:
             frames.add_metric([outcome], rejects.get(outcome, 0))
         yield frames
@@ -195,6 +182,23 @@ class AgentCollector(Collector):
                       daemon.get("commit_failures", 0))  # fmt: skip
         yield counter("ironfleet_store_duplicates", "Events the store skipped as already stored.",
                       store.get("duplicates", 0))  # fmt: skip
+        yield from _flash(store)
+
+
+def _flash(store: Counters) -> Iterator[Metric]:
+    """Flash wear (agent/flashwear.py); a figure not known yet is left out, not 0."""
+    if "flash_write_bytes" in store:
+        yield counter("ironfleet_flash_write_bytes", "Bytes this process sent to storage "
+                      "(/proc/self/io write_bytes) since it started.",
+                      store["flash_write_bytes"])  # fmt: skip
+    if "flash_bytes_per_event" in store:
+        yield gauge("ironfleet_flash_bytes_per_event", "Bytes written per committed event "
+                    "over the last 10 minutes (WAL and checkpoints included).",
+                    store["flash_bytes_per_event"])  # fmt: skip
+    if "flash_years_left" in store:
+        yield gauge("ironfleet_flash_years_left", "Years until [store] flash_endurance_bytes "
+                    "at the write rate of the last 10 minutes.",
+                    store["flash_years_left"])  # fmt: skip
 
 
 class Metrics:

@@ -109,10 +109,23 @@ def seed_controller_epochs(conn: sqlite3.Connection) -> None:
     )
 
 
+def _m004_live_snapshot(db: sqlite_utils.Database) -> None:
+    # The live state became one JSON row (`live`, agent/livestate.py): drop the keys it
+    # replaces, which would otherwise show their last values forever. Kept: uplink.cursor
+    # and the other persisted keys (events.max_id, alarm.*, store.salvage).
+    db.execute(
+        """DELETE FROM agent_state
+           WHERE (key GLOB 'daemon.*' OR key GLOB 'link.*' OR key GLOB 'breaker.*'
+                  OR key = 'store.stats' OR key GLOB 'uplink.*')
+             AND key <> 'uplink.cursor'"""
+    )
+
+
 MIGRATIONS: list[tuple[str, Callable[[sqlite_utils.Database], None]]] = [
     ("001_initial", _m001_initial),
     ("002_open_gaps_index", _m002_open_gaps_index),
     ("003_controller_epochs", _m003_controller_epochs),
+    ("004_live_snapshot", _m004_live_snapshot),
 ]
 
 

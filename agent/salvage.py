@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Final
 
+from agent.livestate import read_row
 from agent.pagefile import PageFile, Value
 from agent.resilience.loss import SALVAGE_LOST
 
@@ -448,12 +449,12 @@ def _state_int(conn: sqlite3.Connection, key: str, default: int) -> int:
 
 
 def _published_top(conn: sqlite3.Connection) -> int:
-    """The daemon's last published top rowid (`store.stats`), 0 if unknown."""
-    row = conn.execute("SELECT value FROM agent_state WHERE key = 'store.stats'").fetchone()
+    """The daemon's last published top rowid (its live snapshot), 0 if unknown."""
     try:
-        return int(json.loads(row[0]).get("top_rowid", 0)) if row else 0
-    except (TypeError, ValueError, AttributeError):
+        top = read_row(conn).store.get("top_rowid", 0)
+    except sqlite3.Error:  # agent_state itself unreadable
         return 0
+    return top if isinstance(top, int) else 0
 
 
 def _rebuild_stream_epochs(conn: sqlite3.Connection) -> None:

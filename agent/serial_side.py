@@ -5,15 +5,22 @@ Steppable: `run_once(now)` does one read-and-react, so a test can drive it.
 
 from __future__ import annotations
 
+import logging
 import queue
+import re
 import select
 import time
+from pathlib import Path
 
 from agent.channels import Channels
 from agent.config import Config
 from agent.resilience import Backoff
+from firmware_bridge.capture import FROM_CONTROLLER, SUFFIX, TO_CONTROLLER, CaptureWriter
 from firmware_bridge.link import AgentLink, Received
 from firmware_bridge.serial_port import PortState, SerialPort
+
+log = logging.getLogger("agent.daemon")
+CAPTURE_FLUSH_INTERVAL = 1.0  # seconds between flushes of a wire capture
 
 
 class SerialSide:
@@ -39,6 +46,15 @@ class SerialSide:
         self.shared = channels.shared
         self._reopened = False
         self.in_flight = 0  # batches handed to the writer and not yet reported
+        self.pending: list[Received] = []  # received, waiting for room in the writer's queue
+        # [serial] capture: the port's raw bytes both ways (firmware_bridge/capture.py).
+        name = re.sub(r"[^A-Za-z0-9._-]", "_", Path(s.device).name) or "serial"
+        self.capture_path = Path(config.agent.state_dir) / "capture" / f"{name}{SUFFIX}"
+        self.capture_max_bytes = s.capture_max_bytes
+        self.capture: CaptureWriter | None = None
+        self._capture_flush_at = 0.0
+        self.want_capture = s.capture  # set by SIGHUP (main thread); applied in run_once
+        self.set_capture(s.capture)
 
     def _on_port_state(self, state: PortState, detail: str) -> None:
         if state is PortState.OPEN:
@@ -49,13 +65,20 @@ class SerialSide:
         self.link.start(now)
 
     def run_once(self, now: float, timeout: float = 0.05) -> None:
-        """Read (or wait), apply durability reports, hand over new events, send frames."""
+        """Read (or wait), apply durability reports, hand over new events, send frames.
+
+        Waits at most `timeout` in one place: for input, or, while the writer's queue is
+        full, for room in it. Events that found no room stay `pending` and nothing more is
+        read meanwhile, so the controller's window fills and it holds the rest in its ring
+        buffer (backpressure); the thread never sleeps elsewhere."""
         self.port.poll(now)
         if self._reopened:
             self._reopened = False
             self.link.port_reopened(now)
         data = b""
-        if self.shared.stop_reading.is_set():
+        if self.pending:
+            self._offer(timeout)
+        elif self.shared.stopping.is_set():
             select.select([self.waker.read_fd], [], [], timeout)
         elif self.port.state is PortState.OPEN:
             data = self.port.read(timeout, wake_fd=self.waker.read_fd)
@@ -64,12 +87,37 @@ class SerialSide:
         self.waker.drain()
         now = time.monotonic()
         self._apply_reports(now)
+        if data and self.capture is not None:
+            self.capture.record(now, FROM_CONTROLLER, data)
         if data:
             received = self.link.receive(data, now)
             if received:
-                self._hand_over(received, now)
+                self.pending = received
+                self._offer(0.0)
         self.link.poll(now)
         self._flush()
+        if self.want_capture != (self.capture is not None):
+            self.set_capture(self.want_capture)
+        if self.capture is not None and now >= self._capture_flush_at:
+            self._capture_flush_at = now + CAPTURE_FLUSH_INTERVAL
+            self.capture.flush()
+            if self.capture.failed:
+                log.warning("capture_failed %s (capture off)", self.capture.failed)
+                self.capture = None
+
+    def set_capture(self, on: bool) -> None:
+        """Start or stop the wire capture (at start, and on SIGHUP)."""
+        if on and self.capture is None:
+            try:
+                self.capture = CaptureWriter(self.capture_path, self.capture_max_bytes)
+            except OSError as exc:
+                log.warning("capture_failed %s: %s (capture off)", self.capture_path, exc)
+                return
+            log.info("capture_on path=%s max_bytes=%d", self.capture_path, self.capture_max_bytes)
+        elif not on and self.capture is not None:
+            capture, self.capture = self.capture, None
+            capture.close()
+            log.info("capture_off path=%s records=%d", self.capture_path, capture.records)
 
     def _apply_reports(self, now: float) -> None:
         while True:
@@ -83,25 +131,30 @@ class SerialSide:
             else:
                 self.link.forget(tokens)
 
-    def _hand_over(self, received: list[Received], now: float) -> None:
-        while True:
-            try:
-                self.to_writer.put(received, timeout=0.05)
-                self.in_flight += 1
-                return
-            except queue.Full:
-                # The writer is behind (slow disk). Waiting here stops reading, so the
-                # controller's window fills and it holds the events in its ring buffer.
-                self._apply_reports(time.monotonic())
-                self._flush()
-                if self.shared.stop_reading.is_set() and self.shared.writer_done.is_set():
-                    self.link.forget([r.token for r in received])
-                    return
+    def _offer(self, timeout: float) -> None:
+        """Hand `pending` to the writer if its queue has room within `timeout`. Once the
+        writer is done (a stop), what is still pending is forgotten: never ACKed, the
+        controller resends it to the next run."""
+        try:
+            if timeout > 0:
+                self.to_writer.put(self.pending, timeout=timeout)
+            else:
+                self.to_writer.put_nowait(self.pending)
+        except queue.Full:
+            if self.shared.stopping.is_set() and self.shared.writer_done.is_set():
+                self.link.forget([r.token for r in self.pending])
+                self.pending = []
+            return
+        self.in_flight += 1
+        self.pending = []
 
     def _flush(self) -> None:
         out = self.link.outgoing()
         if out and self.port.state is PortState.OPEN:
             self.port.write(out)
+            if self.capture is not None:
+                self.capture.record(time.monotonic(), TO_CONTROLLER, out)
 
     def close(self) -> None:
+        self.set_capture(False)
         self.port.close()

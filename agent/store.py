@@ -48,6 +48,7 @@ from typing import Final
 from agent.errors import CommitFailed, StoreError, StoreFull
 from agent.eviction import EvictionLadder
 from agent.fsprobe import JournalProbe
+from agent.livestate import write_row
 from agent.resilience import Event
 from agent.storedb import (
     PAGE_SIZE,
@@ -56,6 +57,7 @@ from agent.storedb import (
     StoreConfig,
     check_integrity,
     connect,
+    damaged,
     disk_free_bytes,
     load_loss,
     read_cursor,
@@ -197,6 +199,11 @@ class EventStore(EvictionLadder):
                 return conn
             conn.close()
         except sqlite3.DatabaseError as exc:
+            if not damaged(exc):
+                # A full disk, an I/O error, a lock, a permission: the file may be fine.
+                # Quarantining it would move a healthy buffer aside (and the salvage would
+                # need the space that is missing): refuse to start, loudly, instead.
+                raise StoreError(f"cannot open {self.path}: {exc}") from exc
             problems = [str(exc)]
         self.quarantined = self._quarantine(problems)
         conn = self._connect()
@@ -523,14 +530,13 @@ class EventStore(EvictionLadder):
 
     # -- state and stats ---------------------------------------------------------------------
 
-    def publish(self, values: Mapping[str, str], now: float | None = None) -> None:
-        """Write the daemon's live state (link, breaker, counters) for the CLI to read."""
+    def publish(self, live: str, now: float | None = None) -> None:
+        """Write the daemon's live snapshot (`agent.livestate`, encoded) for the CLI."""
         at = time.time() if now is None else now
         seen, self._last_seen = self._last_seen, {}
         try:
             self.conn.execute("BEGIN IMMEDIATE")
-            for key, value in values.items():
-                self._set_state(self.conn, key, value, at)
+            write_row(self.conn, live, at)
             self._write_last_seen(seen)
             self.conn.execute("COMMIT")
         except sqlite3.Error as exc:

@@ -8,8 +8,6 @@ need no writer state, `read_cursor` and `read_latest` (point reads, paginated on
 
 from __future__ import annotations
 
-import contextlib
-import json
 import os
 import sqlite3
 import time
@@ -19,6 +17,7 @@ from typing import Final
 
 from agent.config import StoreSection
 from agent.errors import StoreError
+from agent.livestate import read_row
 from agent.resilience import Event
 from agent.resilience.loss import LossLedger
 
@@ -76,11 +75,9 @@ def load_loss(conn: sqlite3.Connection) -> LossLedger:
     ledger.received = exact_sum(
         *conn.execute(f"SELECT {exact_sum_sql('events')} FROM stream_epochs").fetchone()
     )
-    row = conn.execute("SELECT value FROM agent_state WHERE key = 'store.stats'").fetchone()
-    with contextlib.suppress(ValueError, TypeError, AttributeError):
-        published = json.loads(row[0]).get("loss_received", 0) if row else 0
-        if isinstance(published, int):
-            ledger.received = max(ledger.received, published)
+    published = read_row(conn).store.get("loss_received", 0)
+    if isinstance(published, int):
+        ledger.received = max(ledger.received, published)
     shed = f"SELECT reason, {exact_sum_sql('count')} FROM shed GROUP BY reason"
     for reason, high, low in conn.execute(shed):
         ledger.on_shed(str(reason), exact_sum(high, low))
@@ -183,3 +180,17 @@ def set_state(conn: sqlite3.Connection, key: str, value: str, now: float | None 
         "updated_at = excluded.updated_at",
         (key, value, time.time() if now is None else now),
     )
+
+
+# SQLite's primary result codes that mean the file itself is damaged (sqlite.org/rescode.html).
+SQLITE_CORRUPT: Final = 11
+SQLITE_NOTADB: Final = 26
+
+
+def damaged(exc: sqlite3.DatabaseError) -> bool:
+    """True if SQLite says the file is corrupt or not a database (quarantine it); False for
+    an error of the moment (full, locked, I/O, permission), where the file may be intact."""
+    code = getattr(exc, "sqlite_errorcode", None)
+    if code is None:  # raised by Python's module itself, not by SQLite
+        return not isinstance(exc, sqlite3.OperationalError)
+    return code & 0xFF in (SQLITE_CORRUPT, SQLITE_NOTADB)

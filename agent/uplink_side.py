@@ -6,12 +6,13 @@ writer, which persists them (it is the store's only writer).
 
 from __future__ import annotations
 
-import json
 import time
 
 from agent.channels import Channels, Delivered
 from agent.config import Config
 from agent.fleet_auth import load_fleet_auth
+from agent.livestate import BreakerLive, UplinkLive
+from agent.receipts import ReceiptInbox
 from agent.resilience import Backoff, CircuitBreaker
 from agent.resync import FleetSync, Resync
 from agent.store import connect
@@ -24,10 +25,13 @@ class UplinkSide:
     def __init__(self, config: Config, channels: Channels) -> None:
         c = config.uplink
         auth = load_fleet_auth(config)  # first: a bad key file names itself before any I/O
+        self.fleet_key = auth.fingerprint
         self.tasks = channels.tasks
         self.reader = connect(config.database, readonly=True)
         self.breaker = CircuitBreaker(c.breaker_failure_threshold, c.breaker_recovery_timeout)
         self.resync = Resync(self.reader, config.agent.vehicle_id, c, self._deliver)
+        # Receipts of bundles carried home (`ironfleet import-receipt`), through the cursor.
+        self.receipts = ReceiptInbox(config.database.parent, self.reader, auth, self.resync)
         self.transport = MqttTransport(c, config.agent.vehicle_id)
         self.sync = FleetSync(
             self.transport,
@@ -44,27 +48,32 @@ class UplinkSide:
 
     def run_once(self, now: float) -> None:
         self.sync.run_once(now)
+        self.receipts.run_once(now)
 
-    def state(self) -> dict[str, str]:
-        """Live values for the CLI (read from another thread: plain attribute reads)."""
+    def live(self) -> tuple[UplinkLive, BreakerLive]:
+        """Live values for the snapshot (read from the writer thread: plain attribute reads)."""
         snap = self.breaker.snapshot()
-        counters = vars(self.resync.counters).copy()
-        return {
-            "uplink.state": "connected" if self.transport.connected else "disconnected",
-            "uplink.phase": str(self.resync.phase),
-            "uplink.delivered": str(self.resync.delivered),
-            "uplink.in_flight": str(self.resync.in_flight),
-            "uplink.counters": json.dumps(counters, sort_keys=True),
-            "uplink.rejected": json.dumps(self.sync.inbox.rejected, sort_keys=True),
-            "uplink.last_error": self.sync.last_error,
-            "uplink.broker": self.transport.address,
-            "uplink.next_attempt_in": f"{self.sync.next_attempt_in(time.monotonic()):.1f}",
-            "breaker.state": str(snap.state),
-            "breaker.failures": str(snap.failures),
-            "breaker.successes": str(snap.successes),
-            "breaker.retry_in": f"{self.breaker.retry_in():.1f}",
-            "breaker.transitions": str(self.breaker.transitions),
-        }
+        uplink = UplinkLive(
+            state="connected" if self.transport.connected else "disconnected",
+            phase=str(self.resync.phase),
+            broker=self.transport.address,
+            fleet_key=self.fleet_key,
+            last_error=self.sync.last_error,
+            delivered=self.resync.delivered,
+            in_flight=self.resync.in_flight,
+            next_attempt_in=round(self.sync.next_attempt_in(time.monotonic()), 1),
+            counters=vars(self.resync.counters)
+            | {f"receipts_{k}": v for k, v in self.receipts.counters.items()},
+            rejected=dict(self.sync.inbox.rejected),
+        )
+        breaker = BreakerLive(
+            state=str(snap.state),
+            failures=snap.failures,
+            successes=snap.successes,
+            retry_in=round(self.breaker.retry_in(), 1),
+            transitions=self.breaker.transitions,
+        )
+        return uplink, breaker
 
     def close(self) -> None:
         self.transport.close()

@@ -1,15 +1,14 @@
 """What `ironfleet` reads from the agent's store and live state, shaped into plain rows.
 
-The daemon publishes its live values (serial link, uplink, breaker, counters) to
-`agent_state`; the functions here read them and the event, gap and shed tables inside
-the caller's short read transaction (`agent.cliaccess.reading`) and return dicts that
+The daemon publishes its live values (serial link, uplink, breaker, counters) as one
+snapshot (`agent.livestate`); the functions here read it and the event, gap and shed
+tables inside the caller's short read transaction (`agent.cliaccess.reading`) and return dicts that
 `--json` prints as they are and `agent.clitext` renders as text. They are kept apart from
 the click commands so that reading and shaping data can be used and tested without them.
 """
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import re
@@ -20,8 +19,10 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, Final
 
+from agent import livestate
 from agent.cliaccess import CliError
 from agent.identity import boot_id, host_name
+from agent.livestate import LiveState
 from agent.pages import decode_signals
 from agent.readsafe import exact_sum, exact_sum_sql, fetch_bounded
 from agent.render import CLOCK_BACK_TOLERANCE
@@ -38,36 +39,18 @@ RATE_SCAN_ROWS: Final = 100_000  # ... reading at most this many of the newest r
 Row = dict[str, Any]
 
 
-def read_state(conn: sqlite3.Connection) -> dict[str, tuple[str, float]]:
-    """Every `agent_state` key as (value, updated_at)."""
-    return {
-        key: (value, float(at or 0.0))
-        for key, value, at in conn.execute("SELECT key, value, updated_at FROM agent_state")
-    }
+def read_live(conn: sqlite3.Connection) -> LiveState:
+    """The daemon's live snapshot for this database (`agent.livestate.read`)."""
+    return livestate.read(conn)
 
 
-def _text(state: dict[str, tuple[str, float]], key: str) -> str:
-    return state[key][0] if key in state else ""
-
-
-def _number(state: dict[str, tuple[str, float]], key: str) -> float | None:
-    try:
-        return float(state[key][0])
-    except (KeyError, ValueError):
-        return None
-
-
-def _int(state: dict[str, tuple[str, float]], key: str) -> int | None:
-    value = _number(state, key)
-    return None if value is None or not math.isfinite(value) else int(value)
-
-
-def _json(state: dict[str, tuple[str, float]], key: str) -> dict[str, Any]:
-    try:
-        value = json.loads(state[key][0])
-    except (KeyError, ValueError):
-        return {}
-    return value if isinstance(value, dict) else {}
+def last_ack_at(conn: sqlite3.Connection) -> float | None:
+    """When the persisted fleet cursor last moved (else the newest checkpoint's time)."""
+    row = conn.execute("SELECT updated_at FROM agent_state WHERE key = 'uplink.cursor'").fetchone()
+    if row is None:
+        row = conn.execute("SELECT max(acked_at) FROM checkpoints").fetchone()
+    value = row[0] if row else None
+    return float(value) if isinstance(value, int | float) and math.isfinite(value) else None
 
 
 def pid_alive(pid: int) -> bool:
@@ -81,7 +64,7 @@ def pid_alive(pid: int) -> bool:
     return True
 
 
-def daemon_view(state: dict[str, tuple[str, float]], now: float) -> Row:
+def daemon_view(live: LiveState, now: float) -> Row:
     """Who published the live values and how long ago (`live` if within HEARTBEAT_STALE).
 
     `copy`: the daemon ran on another host (a database copied to a laptop); `rebooted`:
@@ -89,28 +72,26 @@ def daemon_view(state: dict[str, tuple[str, float]], now: float) -> Row:
     live, however fresh the heartbeat looks (a copy made a second ago). The boot id
     decides first: the same boot is this machine whatever the host names say (the unit's
     ProtectHostname= keeps the name the daemon started with; a container has its own)."""
-    beat = _number(state, "daemon.heartbeat")
+    d = live.daemon
+    beat, stopped, pid, host, boot = d.heartbeat, d.stopped_at, d.pid, d.host, d.boot_id
     age = _age(beat, now)
-    stopped = _number(state, "daemon.stopped_at")  # set by a clean stop, empty while running
-    pid = _int(state, "daemon.pid")
-    host, boot = _text(state, "daemon.host"), _text(state, "daemon.boot_id")
     same_boot = bool(boot) and boot == boot_id()
     copy = not same_boot and bool(host) and host != host_name()
     rebooted = not same_boot and not copy and bool(boot) and bool(boot_id())
     here = not copy and not rebooted
-    alive = here and pid is not None and pid > 0 and not stopped and pid_alive(pid)
-    live = (here and not stopped and age is not None
-            and -CLOCK_BACK_TOLERANCE <= age <= HEARTBEAT_STALE)  # fmt: skip
+    alive = here and pid > 0 and not stopped and pid_alive(pid)
+    fresh = (here and not stopped and age is not None
+             and -CLOCK_BACK_TOLERANCE <= age <= HEARTBEAT_STALE)  # fmt: skip
     # One classification that status, doctor, breaker and link all print from.
     if beat is None:
         condition = "never"
     elif copy or rebooted or stopped:
         condition = "copy" if copy else "stopped" if stopped else "rebooted"
     else:
-        condition = "live" if live else "stuck" if alive else "gone"
+        condition = "live" if fresh else "stuck" if alive else "gone"
     return {
         "condition": condition,
-        "pid": pid,
+        "pid": pid or None,
         "host": host,
         "copy": copy,
         "rebooted": rebooted,
@@ -120,38 +101,39 @@ def daemon_view(state: dict[str, tuple[str, float]], now: float) -> Row:
         "heartbeat_age_s": age,
         "stopped_at": stopped,
         "stopped_age_s": _age(stopped, now),
-        "live": live,
-        "alarm": _text(state, "daemon.alarm"),
-        "counters": _json(state, "daemon.counters"),
+        "live": fresh,
+        "alarm": d.alarm,
+        "counters": dict(d.counters),
+        # Where these values were read: the database, or the runtime file that keeps
+        # updating while the database cannot be written.
+        "source": live.source,
     }
 
 
-def fleet_view(state: dict[str, tuple[str, float]], conn: sqlite3.Connection, now: float) -> Row:
+def fleet_view(live: LiveState, conn: sqlite3.Connection, now: float) -> Row:
     """What the fleet has acknowledged and when (the persisted cursor), and the uplink."""
-    last = state["uplink.cursor"][1] if "uplink.cursor" in state else None
-    if last is None:
-        last = conn.execute("SELECT max(acked_at) FROM checkpoints").fetchone()[0]
+    last = last_ack_at(conn)
     return {
         "cursor": read_cursor(conn),
         "last_ack_at": last,
         "last_ack_age_s": _age(last, now),
-        "uplink": _text(state, "uplink.state") or "unknown",
-        "phase": _text(state, "uplink.phase"),
-        "breaker": _text(state, "breaker.state"),
-        "broker": _text(state, "uplink.broker"),
-        "last_error": _text(state, "uplink.last_error"),
+        "uplink": live.uplink.state,
+        "phase": live.uplink.phase,
+        "breaker": live.breaker.state if live.published else "",
+        "broker": live.uplink.broker,
+        "last_error": live.uplink.last_error,
     }
 
 
-def link_view(state: dict[str, tuple[str, float]]) -> Row:
+def link_view(live: LiveState) -> Row:
     """The serial side as last published."""
-    epoch = _text(state, "link.boot_epoch")
+    link = live.link
     return {
-        "state": _text(state, "link.state") or "unknown",
-        "controller": _text(state, "link.controller"),
-        "boot_epoch": int(epoch) if epoch.isdigit() else None,
-        "port": _text(state, "link.port"),
-        "device": _text(state, "link.device"),
+        "state": link.state,
+        "controller": link.controller,
+        "boot_epoch": link.boot_epoch,
+        "port": link.port,
+        "device": link.device,
     }
 
 
@@ -168,7 +150,7 @@ def file_bytes(path: Path) -> tuple[int, int]:
 
 def read_status(conn: sqlite3.Connection, path: Path, now: float) -> Row:
     """The one-screen answer: daemon alive, controller, buffer, backlog, fleet, gaps, shed."""
-    state = read_state(conn)
+    live = read_live(conn)
     cursor = read_cursor(conn)
     events = conn.execute("SELECT count(*) FROM events").fetchone()[0]
     unacked = conn.execute("SELECT count(*) FROM events WHERE id >= ?", (cursor,)).fetchone()[0]
@@ -192,8 +174,8 @@ def read_status(conn: sqlite3.Connection, path: Path, now: float) -> Row:
     return {
         "database": str(path),
         "now": now,
-        "daemon": daemon_view(state, now),
-        "link": {**link_view(state), "last_event_at": newest_at,
+        "daemon": daemon_view(live, now),
+        "link": {**link_view(live), "last_event_at": newest_at,
                  "last_event_age_s": _age(newest_at, now)},
         "buffer": {
             "events": events,
@@ -207,10 +189,22 @@ def read_status(conn: sqlite3.Connection, path: Path, now: float) -> Row:
             "oldest_unacked_received_at": oldest_at,
             "oldest_unacked_age_s": _age(oldest_at, now),
         },
-        "fleet": fleet_view(state, conn, now),
+        "fleet": fleet_view(live, conn, now),
         "gaps": {"open": gaps_open, "missing": missing, "total": gaps_total},
         "shed": {"records": shed_records, "events": shed_events},
+        "flash": flash_view(live),
     }  # fmt: skip
+
+
+def flash_view(live: LiveState) -> Row:
+    """Flash wear as the daemon measured it (agent/flashwear.py): None where not known."""
+    store = live.store
+    return {
+        "write_bytes": store.get("flash_write_bytes"),
+        "write_bytes_per_s": store.get("flash_write_bytes_per_s"),
+        "bytes_per_event": store.get("flash_bytes_per_event"),
+        "years_left": store.get("flash_years_left"),
+    }
 
 
 @dataclass(frozen=True)
@@ -320,13 +314,12 @@ def read_gap_counts(conn: sqlite3.Connection) -> Row:
 
 def read_gap_summary(conn: sqlite3.Connection) -> Row:
     """Counts over every gap, plus the serial link's own frame gaps (NACKed, resent)."""
-    link = _json(read_state(conn), "link.counters")
-    return {**read_gap_counts(conn), "link_gaps": link.get("gaps")}
+    return {**read_gap_counts(conn), "link_gaps": read_live(conn).link.counters.get("gaps")}
 
 
 def read_fleet(conn: sqlite3.Connection, now: float) -> Row:
     """The fleet cursor and the time of the last acknowledgement."""
-    return fleet_view(read_state(conn), conn, now)
+    return fleet_view(read_live(conn), conn, now)
 
 
 def read_shed(conn: sqlite3.Connection, limit: int, now: float) -> list[Row]:
@@ -361,7 +354,7 @@ def read_shed_totals(conn: sqlite3.Connection) -> list[tuple[str, int, int, floa
 
 def read_link(conn: sqlite3.Connection, now: float) -> Row:
     """Serial link as published, plus the newest stored event and the recent event rate."""
-    state = read_state(conn)
+    live = read_live(conn)
     newest = conn.execute(
         "SELECT e.received_at, s.name FROM events AS e CROSS JOIN streams AS s "
         "WHERE s.id = e.stream_id ORDER BY e.id DESC LIMIT 1"
@@ -371,39 +364,40 @@ def read_link(conn: sqlite3.Connection, now: float) -> Row:
         f"LIMIT {RATE_SCAN_ROWS}) WHERE received_at >= ?",
         (now - RATE_WINDOW,),
     ).fetchone()[0]
-    published = state["link.state"][1] if "link.state" in state else None
+    published = live.daemon.heartbeat
     return {
-        **link_view(state),
+        **link_view(live),
         "published_at": published,
         "published_age_s": _age(published, now),
-        "daemon": daemon_view(state, now),
+        "daemon": daemon_view(live, now),
         "last_event_at": newest[0] if newest else None,
         "last_event_age_s": _age(newest[0] if newest else None, now),
         "last_event_stream": newest[1] if newest else None,
         "events_last_10s": recent,
-        "counters": _json(state, "link.counters"),
-        "rejects": _json(state, "link.rejects"),
+        "frames_accepted": live.link.frames_accepted,
+        "counters": dict(live.link.counters),
+        "rejects": dict(live.link.rejects),
     }
 
 
 def read_breaker(conn: sqlite3.Connection, now: float) -> Row:
     """The uplink breaker as published, the uplink around it, and the likely reasons."""
-    state = read_state(conn)
-    daemon = daemon_view(state, now)
-    counters = _json(state, "uplink.counters")
-    retry = _number(state, "breaker.retry_in")
+    live = read_live(conn)
+    daemon = daemon_view(live, now)
+    up, br = live.uplink, live.breaker
+    counters = dict(up.counters)
     age = daemon["heartbeat_age_s"] or 0.0
     view: Row = {
-        "state": _text(state, "breaker.state") or "unknown",
-        "failures": _int(state, "breaker.failures"),
-        "successes": _int(state, "breaker.successes"),
-        "retry_in_s": None if retry is None else max(0.0, round(retry - age, 1)),
-        "transitions": _int(state, "breaker.transitions"),
-        "uplink": _text(state, "uplink.state") or "unknown",
-        "phase": _text(state, "uplink.phase"),
-        "broker": _text(state, "uplink.broker"),
-        "last_error": _text(state, "uplink.last_error"),
-        "in_flight": _int(state, "uplink.in_flight"),
+        "state": br.state,
+        "failures": br.failures,
+        "successes": br.successes,
+        "retry_in_s": None if br.retry_in is None else max(0.0, round(br.retry_in - age, 1)),
+        "transitions": br.transitions,
+        "uplink": up.state,
+        "phase": up.phase,
+        "broker": up.broker,
+        "last_error": up.last_error,
+        "in_flight": up.in_flight if live.published else None,
         "ack_timeouts": counters.get("ack_timeouts"),
         "uplink_counters": counters,
         "daemon": daemon,

@@ -9,18 +9,28 @@ ACKed and the controller resends them. Steppable: `run_once(now)` commits one gr
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import queue
 import sqlite3
 import time
 from collections.abc import Sequence
+from pathlib import Path
 
 from agent.channels import Channels, Delivered
 from agent.config import Config
 from agent.errors import AgentError, CommitFailed, StoreFull
+from agent.flashwear import FlashWear, process_write_bytes
 from agent.identity import boot_id, host_name
+from agent.livestate import (
+    BreakerLive,
+    DaemonLive,
+    LinkLive,
+    LiveState,
+    UplinkLive,
+    encode,
+    write_file,
+)
 from agent.resilience.checkpoint import CheckpointCadence
 from agent.serial_side import SerialSide
 from agent.store import EventStore, StoreConfig
@@ -62,18 +72,27 @@ class Writer:
         self.shared = channels.shared
         self.serial = serial
         self.uplink: UplinkSide | None = None
-        self.last_state: dict[str, str] = {}
+        self.last_live = LiveState()
+        self.flash = FlashWear()
+        self._live_file_failed = False
         self._next_publish = 0.0
         self._next_space = 0.0
         self._failure_streak = 0
+        self.retry_at = 0.0  # monotonic time before which no commit is tried (backoff)
         # What the fleet acknowledged and the store has not persisted yet (coalesced).
         self._cadence = CheckpointCadence()
         self._delivered = -1
         self._positions: dict[str, tuple[int, int]] = {}
 
     def run_once(self, now: float, timeout: float = 0.1) -> bool:
-        """Run queued tasks, then commit whatever is queued (waiting up to `timeout`)."""
+        """Run queued tasks, then commit whatever is queued (waiting up to `timeout`).
+
+        After a failed commit nothing is taken from the queue until `retry_at`: the
+        caller's loop waits (`pause`); the writer itself never sleeps."""
         self._run_tasks(now)
+        if now < self.retry_at:
+            self._housekeeping(now)
+            return False
         try:
             first = self.to_writer.get(timeout=timeout)
         except queue.Empty:
@@ -96,6 +115,10 @@ class Writer:
         self._commit(groups)
         self._housekeeping(time.monotonic())
         return True
+
+    def pause(self, now: float) -> float:
+        """Seconds the caller's loop should wait before the next `run_once` (0: none)."""
+        return max(0.0, self.retry_at - now)
 
     def _run_tasks(self, now: float | None = None, *, flush: bool = False) -> None:
         """Run queued tasks; persist fleet acks when the cadence says so (or `flush`)."""
@@ -150,7 +173,8 @@ class Writer:
             for g in groups:
                 self.reports.put((False, [r.token for r in g]))
             self.waker.wake()
-            time.sleep(min(0.05 * self._failure_streak, 1.0))  # a failing disk: back off
+            # A failing disk: back off, 50 ms more per failure in a row, at most 1 s.
+            self.retry_at = time.monotonic() + min(0.05 * self._failure_streak, 1.0)
             return
         if self._failure_streak:
             log.info("commit_recovered after_failures=%d", self._failure_streak)
@@ -195,37 +219,71 @@ class Writer:
             self._publish()
 
     def _publish(self) -> None:
+        """Publish the live snapshot to the database and the runtime file, each on its own:
+        while the disk is full or read-only the file still shows the daemon and its alarm."""
         try:
-            self._publish_state()
+            live = self.snapshot()
         except (OSError, sqlite3.Error) as exc:  # a flaky disk must not kill the writer
             log.debug("publish_failed error=%r", str(exc))
+            return
+        self.publish(live)
 
-    def _publish_state(self) -> None:
+    def snapshot(self) -> LiveState:
+        """The live state now (link, uplink, breaker, store figures, counters)."""
         link = self.serial.link
-        state = {
-            "link.state": str(link.state),
-            "link.controller": link.controller_id or "",
-            "link.boot_epoch": str(link.boot_epoch if link.boot_epoch is not None else ""),
-            "link.port": str(self.serial.port.state),
-            "link.device": self.serial.port.device or "",
-            "link.counters": json.dumps(link.counters, sort_keys=True),
-            "link.rejects": json.dumps(link.decoder.rejects, sort_keys=True),
-            "link.frames_accepted": str(link.decoder.accepted),
-            "store.stats": json.dumps(self.store.stats(), sort_keys=True),
-            "daemon.counters": json.dumps(self.shared.counters, sort_keys=True),
-            "daemon.alarm": self.shared.alarm or ("store full" if self.shared.store_full else ""),
-            **(self.uplink.state() if self.uplink is not None else {"uplink.state": "disabled"}),
-            "daemon.pid": str(os.getpid()),
-            "daemon.host": host_name(),
-            "daemon.boot_id": boot_id(),
-            "daemon.stopped_at": "",
-            "daemon.heartbeat": f"{time.time():.3f}",
-        }
-        self.last_state = state  # metrics read this snapshot (never the writer's connection)
+        uplink, breaker = (
+            self.uplink.live() if self.uplink is not None
+            else (UplinkLive(state="disabled"), BreakerLive(state="disabled"))
+        )  # fmt: skip
+        live_file = self.config.live_file
+        return LiveState(
+            database=os.path.realpath(self.config.database),
+            runtime_file=str(live_file) if live_file is not None else "",
+            daemon=DaemonLive(
+                pid=os.getpid(),
+                host=host_name(),
+                boot_id=boot_id(),
+                heartbeat=round(time.time(), 3),
+                alarm=self.shared.alarm or ("store full" if self.shared.store_full else ""),
+                counters=dict(self.shared.counters),
+            ),
+            link=LinkLive(
+                state=str(link.state),
+                controller=link.controller_id or "",
+                boot_epoch=link.boot_epoch,
+                port=str(self.serial.port.state),
+                device=self.serial.port.device or "",
+                frames_accepted=link.decoder.accepted,
+                counters=dict(link.counters),
+                rejects={str(k): v for k, v in link.decoder.rejects.items()},
+            ),
+            uplink=uplink,
+            breaker=breaker,
+            store=self.store.stats() | self._flash(),
+        )
+
+    def _flash(self) -> dict[str, float]:
+        """Flash wear figures (agent.flashwear) from this process's I/O counters."""
+        committed = self.shared.counters["events_committed"]
+        self.flash.sample(time.monotonic(), process_write_bytes(), committed)
+        return self.flash.figures(self.config.store.flash_endurance_bytes)
+
+    def publish(self, live: LiveState) -> None:
+        """Write `live` to the database row and the runtime file; failures are logged."""
+        self.last_live = live  # metrics read this snapshot (never the writer's connection)
+        text = encode(live)
         try:
-            self.store.publish(state)
-        except CommitFailed as exc:
+            self.store.publish(text)
+        except (CommitFailed, OSError, sqlite3.Error) as exc:
             log.debug("publish_failed error=%r", str(exc))
+        if live.runtime_file:
+            try:
+                write_file(Path(live.runtime_file), text)
+            except OSError as exc:  # warned once; tried again every publish
+                level = logging.DEBUG if self._live_file_failed else logging.WARNING
+                self._live_file_failed = True
+                log.log(level, "live_file_failed path=%s error=%r (views read the database "
+                        "only)", live.runtime_file, str(exc))  # fmt: skip
 
     def drain(self) -> None:
         """Commit everything still queued, run pending tasks (shutdown)."""

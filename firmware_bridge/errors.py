@@ -31,8 +31,3 @@ class PortUnavailable(BridgeError):
 
 class FrameTooLarge(BridgeError):
     """An outgoing frame would exceed MAX_FRAME_BYTES; a programming or config error."""
-
-
-# Transient errors are retried (with backoff); permanent ones need a human or a code fix.
-TRANSIENT_ERRORS: tuple[type[BridgeError], ...] = (PortUnavailable, FrameCorrupt)
-PERMANENT_ERRORS: tuple[type[BridgeError], ...] = (FrameTooLarge,)

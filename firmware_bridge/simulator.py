@@ -25,13 +25,16 @@ import signal
 import sys
 import time
 from collections.abc import Sequence
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from types import FrameType
 from typing import Any
 
+from firmware_bridge.capture import CaptureError
 from firmware_bridge.controller import DEFAULT_RING
 from firmware_bridge.faults import LineNoise
 from firmware_bridge.protocol import MAX_WINDOW
+from firmware_bridge.replay import replay
 from firmware_bridge.simdevice import Device, GroundTruth, announce
 
 _flags: dict[str, bool] = {"stop": False, "reboot": False, "unplug": False}
@@ -58,6 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
         ),
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
+    p.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     g = p.add_argument_group("controllers and traffic")
     g.add_argument("--controllers", type=int, default=1, help="controllers, one pty each")
     g.add_argument("--controller-id", default="ecu", help="id prefix; controller k is <id><k>")
@@ -133,6 +137,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     g = p.add_argument_group("output")
     g.add_argument("--truth", type=Path, default=None, help="ground truth file (JSON lines)")
+    g = p.add_argument_group("replay of a wire capture (instead of simulated controllers)")
+    g.add_argument("--replay", type=Path, action="append", default=[], metavar="FILE",
+                   help="a capture ([serial] capture: <state_dir>/capture/*.ifcap) played "
+                   "into one pty; repeat for a rotated pair, the .ifcap.1 first")  # fmt: skip
+    g.add_argument("--replay-fast", action="store_true",
+                   help="as fast as the agent reads, not at the recorded pace")  # fmt: skip
     return p
 
 
@@ -356,6 +366,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 def main(argv: Sequence[str] | None = None) -> int:
     """Console entry point of `ironfleet-sim`."""
     args = build_parser().parse_args(argv)
+    if args.replay:
+        return main_replay(args)
     for name in ("controllers", "streams", "window", "ring"):
         if getattr(args, name) < 1:
             build_parser().error(f"--{name} must be >= 1")
@@ -366,6 +378,35 @@ def main(argv: Sequence[str] | None = None) -> int:
     summary = run(args)
     print(json.dumps(summary), flush=True)
     return 0
+
+
+def main_replay(args: argparse.Namespace) -> int:
+    """`--replay`: play captures into one pty, print the summary line, exit."""
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, _on_signal)
+    link = None
+    if args.link_dir is not None:
+        args.link_dir.mkdir(parents=True, exist_ok=True)
+        link = args.link_dir / args.link_name.format(index=0, gen=0)
+    try:
+        summary = replay(
+            args.replay, link=link, paced=not args.replay_fast,
+            announce=lambda path: print(f"DEVICE replay {path}", flush=True),
+            stopped=lambda: _flags["stop"],
+        )  # fmt: skip
+    except (OSError, CaptureError) as exc:
+        print(f"ironfleet-sim: {exc}", file=sys.stderr)
+        return 1
+    print(json.dumps(summary), flush=True)
+    return 0 if "error" not in summary else 1
+
+
+def _version() -> str:
+    # The distribution's version, read directly: firmware_bridge never imports agent/.
+    try:
+        return version("ironfleet-agent")
+    except PackageNotFoundError:
+        return "unknown"
 
 
 if __name__ == "__main__":

@@ -26,13 +26,14 @@ from pathlib import Path
 
 import psutil
 
+from agent import livestate
 from agent.collector import Collector, CollectorStore
 from agent.fleet import Batch
 from agent.resilience import Event, replay
 from agent.store import read_latest
 from agent.uplink import FleetSubscriber
 
-from simharness import AgentProcess, Key, Sim, TruthReader, agent_state, stored_events
+from simharness import AgentProcess, Key, Sim, TruthReader, agent_state, live, stored_events
 from support import fleet_signer, wait_for
 
 StartSim = Callable[..., Sim]
@@ -282,6 +283,7 @@ class FleetWatch:
             try:
                 conn.execute("BEGIN")
                 state = dict(conn.execute("SELECT key, value FROM agent_state").fetchall())
+                breaker = livestate.read(conn).breaker.state
                 checkpoints = conn.execute(
                     "SELECT stream_id, boot_epoch, seq FROM checkpoints"
                 ).fetchall()
@@ -301,7 +303,6 @@ class FleetWatch:
             if before is not None and (epoch, seq) < before:
                 self.regressions.append(f"stream {sid} checkpoint {before} -> {(epoch, seq)}")
             self._checkpoints[sid] = (epoch, seq)
-        breaker = state.get("breaker.state", "")
         self.breaker_seen[breaker] = self.breaker_seen.get(breaker, 0) + 1
         disk = sum(p.stat().st_size for p in (db, db.with_name(db.name + "-wal")) if p.exists())
         self.disk_peak = max(self.disk_peak, disk)
@@ -314,7 +315,7 @@ class FleetWatch:
 
 
 def breaker_state(agent: AgentProcess) -> str:
-    return agent_state(agent.db).get("breaker.state", "")
+    return live(agent.db).breaker.state
 
 
 def wait_breaker_closed(agent: AgentProcess, timeout: float) -> None:

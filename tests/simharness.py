@@ -21,6 +21,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from agent import livestate
+from agent.livestate import LiveState
 from agent.resilience import Backoff
 from firmware_bridge.link import AgentLink
 from firmware_bridge.serial_port import PortState, SerialPort
@@ -191,9 +193,19 @@ def integrity(db: Path) -> str:
 
 
 def agent_state(db: Path) -> dict[str, str]:
+    """The persisted keys of `agent_state` (the fleet cursor, salvage records)."""
     conn = sqlite3.connect(db.absolute().as_uri() + "?mode=ro", uri=True)
     try:
         return dict(conn.execute("SELECT key, value FROM agent_state").fetchall())
+    finally:
+        conn.close()
+
+
+def live(db: Path) -> LiveState:
+    """The daemon's live snapshot, as `ironfleet status` reads it (row or runtime file)."""
+    conn = sqlite3.connect(db.absolute().as_uri() + "?mode=ro", uri=True)
+    try:
+        return livestate.read(conn)
     finally:
         conn.close()
 
@@ -220,7 +232,11 @@ class AgentProcess:
     def __post_init__(self) -> None:
         self.workdir.mkdir(parents=True, exist_ok=True)
         sections: dict[str, dict[str, object]] = {
-            "agent": {"vehicle_id": "test-vehicle", "state_dir": str(self.workdir / "state")},
+            "agent": {
+                "vehicle_id": "test-vehicle",
+                "state_dir": str(self.workdir / "state"),
+                "runtime_dir": str(self.workdir / "run"),
+            },
             "serial": {"device": self.device, "heartbeat_interval": 0.2},
             "store": {"min_free_bytes": 0},
             "uplink": {"enabled": False},
@@ -244,10 +260,11 @@ class AgentProcess:
         env: dict[str, str] | None = None,
         wrapper: list[str] | None = None,
         broken: str | None = None,
+        args: tuple[str, ...] = (),
     ) -> AgentProcess:
         """Start the agent, optionally under `wrapper` (strace, faketime: the agent is its
-        child) and with a deliberate bug patched in (`broken`: see tests/chaos/broken.py).
-        """
+        child), with a deliberate bug patched in (`broken`: see tests/chaos/broken.py) and
+        extra `run` arguments."""
         assert self.proc is None or self.proc.poll() is not None, "already running"
         self.starts += 1
         self.wrapped = bool(wrapper)
@@ -255,7 +272,7 @@ class AgentProcess:
         patched = [sys.executable, str(BROKEN), broken] if broken else []
         with self.log.open("ab") as log:
             self.proc = subprocess.Popen(
-                [*(wrapper or []), *patched, AGENT, "run", "--config", str(self.config)],
+                [*(wrapper or []), *patched, AGENT, "run", "--config", str(self.config), *args],
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 env={**os.environ, **(env or {})},

@@ -33,7 +33,7 @@ from agent.cli import cli, main
 from agent.cliaccess import open_readonly
 from agent.store import EventStore
 
-from simharness import AgentProcess, Broker, Sim, TruthReader
+from simharness import AgentProcess, Broker, Sim, TruthReader, live
 from support import wait_for
 
 IRONFLEET = str(Path(sys.executable).with_name("ironfleet"))
@@ -338,6 +338,12 @@ def test_commands_on_a_live_daemon_database(
     assert status["buffer"]["events"] > 1000
     assert status["gaps"]["open"] >= 1
     assert status["daemon"]["counters"]["commit_failures"] == 0
+    # Flash wear from the daemon's own I/O counter: WAL frames and pages, so above the
+    # payload's few bytes per event; no budget configured, so no projection.
+    flash = status["flash"]
+    assert flash["write_bytes"] > 0, flash
+    assert flash["bytes_per_event"] > 20, flash
+    assert flash["years_left"] is None
     text = ok(*cfg, "status")
     assert f"running, pid {agent.proc.pid}" in text
     assert f"ecu0, boot epoch {epoch}; serial link up" in text
@@ -522,12 +528,12 @@ def test_commands_on_a_live_daemon_database(
     shutil.copy(db, copy)
     conn = sqlite3.connect(copy)
     with conn:
-        conn.execute("UPDATE agent_state SET value = 'truck-0042' WHERE key = 'daemon.host'")
-        conn.execute("UPDATE agent_state SET value = ? WHERE key = 'daemon.boot_id'",
-                     ("11111111-2222-3333-4444-555555555555",))  # fmt: skip
-        conn.execute("UPDATE agent_state SET value = ? WHERE key IN ('daemon.pid')",
-                     (str(os.getpid()),))  # fmt: skip
-        conn.execute("UPDATE agent_state SET value = '' WHERE key = 'daemon.stopped_at'")
+        conn.execute(
+            "UPDATE agent_state SET value = json_set(value, '$.daemon.host', 'truck-0042', "
+            "'$.daemon.boot_id', '11111111-2222-3333-4444-555555555555', '$.daemon.pid', ?, "
+            "'$.daemon.stopped_at', NULL) WHERE key = 'live'",
+            (os.getpid(),),
+        )
     conn.close()
     daemon = as_json("--db", str(copy), "status")["daemon"]
     assert (daemon["condition"], daemon["live"], daemon["host"]) == ("copy", False, "truck-0042")
@@ -588,9 +594,9 @@ def test_readers_looping_over_every_command_do_not_disturb_ingest(
     truth.poll()
     assert len(truth.acked) > acked_before + 1000, "the controller's ACKs went on"
     assert agent.terminate() == 0
-    state = dict(sql(agent.db, "SELECT key, value FROM agent_state"))
-    assert json.loads(state["daemon.counters"])["commit_failures"] == 0
-    assert json.loads(state["store.stats"])["commit_failures"] == 0
+    state = live(agent.db)
+    assert state.daemon.counters["commit_failures"] == 0
+    assert state.store["commit_failures"] == 0
     log = agent.log.read_text()
     assert "commit_failed" not in log
     assert "publish_failed" not in log

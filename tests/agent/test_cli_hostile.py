@@ -138,14 +138,23 @@ def hostile_db(tmp_path: Path) -> Path:
         store.append([arrival("gap/a", 1, ts=now), arrival("gap/b", 1, ts=now)], now)
         store.append([arrival("gap/a", HUGE, ts=now), arrival("gap/b", HUGE, ts=now)], now)
         store.mark_delivered(2, {HOSTILE_NAMES[0]: (1, 1), HOSTILE_NAMES[4]: (1, 1)}, now)
-        store.publish({
-            "daemon.pid": str(os.getpid()), "daemon.heartbeat": f"{now:.3f}",
-            "daemon.alarm": "boom\x1b]0;owned\x07\x9b2J", "daemon.counters": '{"commits": 1e999}',
-            "link.state": "up\r\x1b[2K", "link.controller": "ecu0\x1b[2J\u202e",
-            "link.boot_epoch": "1", "link.device": "/dev/tty\x1b[31m",
-            "link.counters": '{"gaps": 1}', "breaker.state": "open\x07",
-            "breaker.failures": "inf", "breaker.retry_in": "1e300",
-        }, now)  # fmt: skip
+        # The snapshot as raw JSON, as hostile as its format allows (1e999 parses as inf);
+        # and a raw control sequence in a row of its own, for `query` to print.
+        store.publish(
+            '{"version": 1, "daemon": {"pid": '
+            + str(os.getpid())
+            + ', "heartbeat": '
+            + f"{now:.3f}"
+            + ', "alarm": "boom\\u001b]0;owned\\u0007\\u009b2J", '
+            '"counters": {"commits": 1e999}}, "link": {"state": "up\\r\\u001b[2K", '
+            '"controller": "ecu0\\u001b[2J\\u202e", "boot_epoch": 1, '
+            '"device": "/dev/tty\\u001b[31m", "counters": {"gaps": 1}}, '
+            '"breaker": {"state": "open\\u0007", "failures": 1e999, "retry_in": 1e300}}',
+            now,
+        )
+        store.conn.execute(
+            "INSERT INTO agent_state VALUES ('alarm.hostile', ?, ?)", ("boom\x1b]0;owned\x07", now)
+        )
     finally:
         store.close()
     return path

@@ -106,10 +106,15 @@ def test_every_command_has_help() -> None:
 
 
 def test_version_is_the_installed_packages() -> None:
-    """`--version` (a usage error before) prints what `pip` installed, as the CLI does."""
+    """`--version` on every entry point prints what `pip` installed (click's wording for
+    the technician CLI, argparse's for the other three)."""
     expected = version("ironfleet-agent")
-    agent = subprocess.run([AGENT, "--version"], capture_output=True, text=True, check=False)
-    assert (agent.returncode, agent.stdout.strip()) == (0, f"ironfleet-agent {expected}")
-    cli = str(Path(AGENT).with_name("ironfleet"))
-    tech = subprocess.run([cli, "--version"], capture_output=True, text=True, check=False)
-    assert (tech.returncode, tech.stdout.strip()) == (0, f"ironfleet, version {expected}")
+    for name, line in (
+        ("ironfleet-agent", f"ironfleet-agent {expected}"),
+        ("ironfleet", f"ironfleet, version {expected}"),
+        ("ironfleet-collector", f"ironfleet-collector {expected}"),
+        ("ironfleet-sim", f"ironfleet-sim {expected}"),
+    ):
+        program = str(Path(AGENT).with_name(name))
+        res = subprocess.run([program, "--version"], capture_output=True, text=True, check=False)
+        assert (res.returncode, res.stdout.strip(), res.stderr) == (0, line, ""), name

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import random
 import signal
@@ -18,6 +17,7 @@ from simharness import (
     TruthReader,
     agent_state,
     integrity,
+    live,
     stored_events,
     verdict,
 )
@@ -113,7 +113,7 @@ def test_lost_acks_cause_no_duplicates(start_sim: StartSim, start_agent: StartAg
     assert summary["retransmits"] > 0  # ACKs were lost, frames were resent ...
     # (Whether a resend meets a durable frame, and is re-ACKed, or a frame still being
     # committed depends on timing; what must hold is above: nothing stored twice.)
-    counters = json.loads(agent_state(agent.db)["link.counters"])
+    counters = dict(live(agent.db).link.counters)
     assert counters["events_accepted"] >= 2000
 
 
@@ -144,8 +144,9 @@ def test_corrupt_database_at_start_is_quarantined_and_ingest_runs(
     assert agent.terminate() == 0
     quarantined = list(agent.db.parent.glob("agent.db.corrupt-*"))
     assert quarantined
-    state = agent_state(agent.db)
-    assert "quarantined" in state["daemon.alarm"] or "alarm.store_quarantined" in state
+    assert "quarantined" in live(agent.db).daemon.alarm or "alarm.store_quarantined" in (
+        agent_state(agent.db)
+    )
     truth = TruthReader(sim.truth_path)
     assert len(assert_acked_stored_once(truth, agent.db)) == 1000
 
@@ -214,4 +215,18 @@ def test_sighup_reloads_log_level(start_sim: StartSim, start_agent: StartAgent) 
     assert agent.proc is not None
     agent.proc.send_signal(signal.SIGHUP)
     wait_for(lambda: b"reloaded log_level=DEBUG" in agent.log.read_bytes(), 10, "reload")
+    assert agent.terminate() == 0
+
+
+def test_log_level_on_the_command_line_wins_over_the_file_and_sighup(
+    start_sim: StartSim, start_agent: StartAgent
+) -> None:
+    sim = start_sim("--rate", "100")
+    agent = start_agent(sim.devices["ecu0"]).start(args=("-v",))
+    wait_for(agent.started, 20, "start")
+    assert b"level=DEBUG" in agent.log.read_bytes()  # the file says INFO (the default)
+    assert agent.proc is not None
+    agent.proc.send_signal(signal.SIGHUP)
+    wait_for(lambda: b"reloaded log_level=DEBUG (from the command line; the file says INFO)"
+             in agent.log.read_bytes(), 10, "reload")  # fmt: skip
     assert agent.terminate() == 0

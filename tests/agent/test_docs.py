@@ -23,9 +23,15 @@ from pathlib import Path
 import msgpack
 import pytest
 
+from agent.channels import Shared
 from agent.config import SECTIONS, from_mapping, load
+from agent.fleet_inbox import REASONS
+from agent.livestate import DaemonLive, LiveState, encode
 from agent.resilience import Event
+from agent.resync import ResyncCounters
 from agent.store import EventStore, connect
+from firmware_bridge.errors import REJECT_REASONS
+from firmware_bridge.link import AgentLink
 
 ROOT = Path(__file__).resolve().parents[2]
 CONFIGURATION = ROOT / "docs" / "configuration.md"
@@ -224,7 +230,7 @@ def database(tmp_path: Path) -> Path:
     store = EventStore(path)
     store.append([arrival("ecu1/engine.rpm", 1), arrival("ecu1/engine.rpm", 2)])
     store.append([arrival("ecu1/engine.rpm", 5), arrival("ecu0/gps", 1, priority=0)])
-    store.publish({"daemon.heartbeat": "1717171717.250", "daemon.pid": "4242"})
+    store.publish(encode(LiveState(daemon=DaemonLive(pid=4242, heartbeat=1717171717.25))))
     store.close()
     return path
 
@@ -284,3 +290,25 @@ def test_schema_query_runs_read_only(database: Path, sql: str) -> None:
     finally:
         conn.close()
     assert isinstance(rows, list)
+
+
+def test_every_counter_a_view_shows_is_explained(tmp_path: Path) -> None:
+    """Each name in the live snapshot's counter bags (what `status`, `link`, `breaker` and
+    the metrics show) is explained, as `name`, in operations.md, schema.md or (the refusal
+    reasons) fleet-protocol.md: a new counter cannot ship unexplained."""
+    docs = "".join(
+        (ROOT / "docs" / name).read_text()
+        for name in ("operations.md", "schema.md", "fleet-protocol.md")
+    )
+    store = EventStore(tmp_path / "a.db")
+    bags = {
+        "store": set(store.stats()),
+        "daemon.counters": set(Shared().counters),
+        "uplink.counters": {f.name for f in dataclasses.fields(ResyncCounters)},
+        "uplink.rejected": set(REASONS),
+        "link.counters": set(AgentLink(agent_id="x").counters),
+        "link.rejects": set(REJECT_REASONS),
+    }
+    store.close()
+    missing = {bag: sorted(k for k in keys if f"`{k}`" not in docs) for bag, keys in bags.items()}
+    assert not any(missing.values()), missing

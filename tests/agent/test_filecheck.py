@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import socket
 import sqlite3
 import subprocess
 from pathlib import Path
@@ -37,7 +38,10 @@ def write_config(tmp_path: Path, **uplink: object) -> tuple[Path, Path]:
     ]
     values: dict[str, object] = {"enabled": False, **uplink}
     for key, value in values.items():
-        shown = ("true" if value else "false") if isinstance(value, bool) else f'"{value}"'
+        if isinstance(value, bool):
+            shown = "true" if value else "false"
+        else:
+            shown = str(value) if isinstance(value, int) else f'"{value}"'
         lines.append(f"{key} = {shown}")
     config = tmp_path / "agent.toml"
     config.write_text("\n".join(lines) + "\n")
@@ -189,9 +193,12 @@ def test_a_unit_like_layout_passes(tmp_path: Path) -> None:
     password = tmp_path / "mqtt-password"
     password.write_text("hunter2\n")
     password.chmod(0o600)
+    broker = socket.socket()  # something answers at the broker's address, as on a vehicle
+    broker.bind(("127.0.0.1", 0))
+    broker.listen()
     config, state = write_config(
         tmp_path, enabled=True, allow_unsigned=True, username="veh", tls=True,
-        password_file=str(password),
+        password_file=str(password), port=broker.getsockname()[1],
     )  # fmt: skip
     state.mkdir(mode=0o750)
     db = state / "agent.db"
@@ -200,6 +207,7 @@ def test_a_unit_like_layout_passes(tmp_path: Path) -> None:
         path.chmod(0o640)
     (tmp_path / "no-such-tty").symlink_to("/dev/null")  # a device is there after all
     res = run_agent("check-config", "--config", str(config))
+    broker.close()
     assert res.returncode == 0, res.stderr
     assert res.stderr == ""
     assert ": ok " in res.stdout

@@ -17,7 +17,6 @@ second layer, the signatures, and the decoders, alone).
 
 from __future__ import annotations
 
-import json
 import signal
 import subprocess
 import threading
@@ -45,7 +44,7 @@ from fleetharness import (
     uplink,
     wait_drained,
 )
-from simharness import AGENT, AgentProcess, Broker, TruthReader, agent_state
+from simharness import AGENT, AgentProcess, Broker, TruthReader, live
 from support import fleet_signer, wait_for
 
 # Agent RSS may grow by at most this much while 170,000 commands arrive (before the fix:
@@ -114,11 +113,11 @@ def attacker(broker: Broker) -> Iterator[Attacker]:
 
 
 def counters(agent: AgentProcess) -> dict[str, int]:
-    return dict(json.loads(agent_state(agent.db).get("uplink.counters", "{}")))
+    return dict(live(agent.db).uplink.counters)
 
 
 def rejected(agent: AgentProcess) -> dict[str, int]:
-    return dict(json.loads(agent_state(agent.db).get("uplink.rejected", "{}")))
+    return dict(live(agent.db).uplink.rejected)
 
 
 def envelope(doc: object) -> bytes:
@@ -306,7 +305,7 @@ def test_a_command_flood_keeps_memory_and_connection_flat(
     assert not [x for x in new if "uplink_puback_overdue" in x or "uplink_down" in x], new[-5:]
     assert not [x for x in new if "uplink_connected" in x or "uplink_recovered" in x]
     assert len(new) <= FLOOD_LOG_LINES, "\n".join(new[-20:])
-    replays = json.loads(agent_state(agent.db)["uplink.counters"])["replays_requested"]
+    replays = live(agent.db).uplink.counters["replays_requested"]
     assert replays <= 10, f"{replays} replays served for one burst of requests"
     delivered = len(collector.keys())
     wait_for(lambda: len(collector.keys()) > delivered + 200, 30, "delivery after the flood")

@@ -9,13 +9,13 @@ whole chain keeps them at 0 (tests/agent/test_metrics.py).
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
 from agent.config import UplinkSection
+from agent.livestate import DaemonLive, LiveState, UplinkLive
 from agent.metrics import AgentCollector
 from agent.resilience import Event
 from agent.resilience.loss import LossLedger
@@ -39,10 +39,11 @@ def ev(stream: str, seq: int, priority: int = 1, size: int = 8) -> In:
 
 
 def scrape(store: EventStore | None = None, resync: Resync | None = None) -> Samples:
-    snap = {
-        "store.stats": json.dumps(store.stats() if store else {}),
-        "uplink.counters": json.dumps(vars(resync.counters) if resync else {}),
-    }
+    snap = LiveState(
+        daemon=DaemonLive(heartbeat=1000.0),
+        store=store.stats() if store else {},
+        uplink=UplinkLive(counters=vars(resync.counters) if resync else {}),
+    )
     out: Samples = {}
     for family in AgentCollector(lambda: snap, clock=lambda: 1000.0).collect():
         for sample in family.samples:

@@ -54,7 +54,8 @@ def test_pragmas_and_schema(db: Path) -> None:
     assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     assert conn.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL
     assert conn.execute("SELECT name FROM _migrations").fetchall() == [
-        ("001_initial",), ("002_open_gaps_index",), ("003_controller_epochs",)
+        ("001_initial",), ("002_open_gaps_index",), ("003_controller_epochs",),
+        ("004_live_snapshot",),
     ]  # fmt: skip
     indexes = conn.execute(
         "SELECT name FROM sqlite_master WHERE type = 'index' AND tbl_name = 'events'"
@@ -385,3 +386,55 @@ def test_eviction_does_not_lower_the_free_space_cap(tmp_path: Path) -> None:
     assert store.capacity() == rule()
     assert store.capacity() >= before - max(0, wal_size() - WAL_RESERVE_BYTES)
     assert not store.needs_room()
+
+
+def test_live_snapshot_migration_drops_the_old_live_keys_and_keeps_the_cursor(db: Path) -> None:
+    store = EventStore(db)
+    store.close()
+    conn = sqlite3.connect(db)
+    old = ["daemon.heartbeat", "link.counters", "store.stats", "uplink.phase", "breaker.state"]
+    kept = ["uplink.cursor", "events.max_id", "alarm.store_quarantined", "store.salvage"]
+    conn.executemany("INSERT INTO agent_state VALUES (?, '1', 0)", [(k,) for k in old + kept])
+    conn.execute("DELETE FROM _migrations WHERE name = '004_live_snapshot'")  # as before it
+    conn.commit()
+    conn.close()
+    store = EventStore(db)
+    keys = {k for (k,) in store.conn.execute("SELECT key FROM agent_state")}
+    store.close()
+    assert keys >= set(kept)
+    assert not keys & set(old)
+
+
+def test_a_locked_database_at_start_is_refused_not_quarantined(db: Path) -> None:
+    """An error of the moment (here a lock held through a pending migration; a full disk
+    or an I/O error alike) must not move a healthy buffer aside as if it were corrupt."""
+    store = EventStore(db)
+    store.append([ev("s", 1)])
+    store.close()
+    other = sqlite3.connect(db, isolation_level=None)
+    other.execute("DELETE FROM _migrations WHERE name = '004_live_snapshot'")
+    other.execute("BEGIN EXCLUSIVE")  # holds the lock the migration needs
+    try:
+        with pytest.raises(StoreError, match="database is locked"):
+            EventStore(db, StoreConfig(busy_timeout_ms=50))
+    finally:
+        other.execute("ROLLBACK")
+        other.close()
+    assert not list(db.parent.glob("*.corrupt-*"))
+    store = EventStore(db)
+    assert store.quarantined is None
+    assert store.event_count == 1
+    store.close()
+
+
+def test_a_file_that_is_not_a_database_is_quarantined(db: Path) -> None:
+    db.write_bytes(b"not a database, just bytes" * 200)
+    store = EventStore(db)
+    assert store.quarantined is not None
+    assert (
+        "not a database"
+        in store.conn.execute(
+            "SELECT value FROM agent_state WHERE key = 'alarm.store_quarantined'"
+        ).fetchone()[0]
+    )
+    store.close()

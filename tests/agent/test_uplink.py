@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import signal
 import sqlite3
 import time
@@ -22,7 +21,7 @@ from fleetharness import (
     wait_drained,
 )
 from netproxy import TcpProxy
-from simharness import Broker, TruthReader, agent_state
+from simharness import Broker, TruthReader, agent_state, live
 from support import wait_for
 
 
@@ -68,11 +67,11 @@ def test_broker_bounces_sigterm_and_sigkill(
         deadline = time.monotonic() + 3.0
         while time.monotonic() < deadline:
             cursor_history(agent, cursors)
-            if agent_state(agent.db).get("breaker.state") == "open":
+            if live(agent.db).breaker.state == "open":
                 saw_open = True
             time.sleep(0.1)
         broker.start()
-        wait_for(lambda: agent_state(agent.db).get("uplink.state") == "connected", 30, "reconnect")
+        wait_for(lambda: live(agent.db).uplink.state == "connected", 30, "reconnect")
     sim.signal(signal.SIGTERM)
     assert sim.wait(timeout=20) == 0
     truth.poll()
@@ -80,7 +79,7 @@ def test_broker_bounces_sigterm_and_sigkill(
     cursor_history(agent, cursors)
     assert saw_open, "five broker outages never opened the breaker"
     assert cursors == sorted(cursors), "a checkpoint moved backwards"
-    wait_for(lambda: agent_state(agent.db).get("breaker.state") == "closed", 20, "breaker closes")
+    wait_for(lambda: live(agent.db).breaker.state == "closed", 20, "breaker closes")
     assert agent.terminate() == 0
     check_zero_loss(truth, collector, agent)
 
@@ -107,8 +106,8 @@ def test_link_faults_through_a_proxy(
             proxy.delay(0.3)
         time.sleep(8 if fault == "blackhole" else 3)  # blackhole: past the 5 s keepalive
         if fault != "delay":
-            state = agent_state(agent.db)
-            assert state["uplink.state"] == "disconnected" or int(state["uplink.in_flight"]) > 0
+            up = live(agent.db).uplink
+            assert up.state == "disconnected" or up.in_flight > 0
         proxy.heal()
         sim.signal(signal.SIGTERM)
         assert sim.wait(timeout=20) == 0
@@ -158,8 +157,7 @@ def test_fleet_view_converges_before_the_backlog(
     # past where it was when the link came back: the view converged within one batch.
     for stream, position in before.items():
         assert snapshot[stream] >= position, stream
-    state = agent_state(agent.db)
-    assert json.loads(state["uplink.counters"])["last_convergence_s"] < 1.0
+    assert live(agent.db).uplink.counters["last_convergence_s"] < 1.0
     sim.signal(signal.SIGTERM)
     assert sim.wait(timeout=20) == 0
     truth.poll()
@@ -183,7 +181,7 @@ def test_replay_request_is_served(
         "a state batch in answer",
     )
     wait_for(
-        lambda: json.loads(agent_state(agent.db)["uplink.counters"])["replays_requested"] >= 1,
+        lambda: live(agent.db).uplink.counters["replays_requested"] >= 1,
         5,
         "the agent to report the request",
     )

@@ -4,6 +4,7 @@ gone, stopped cleanly, a machine rebooted since, or a copy from another host."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 from pathlib import Path
@@ -11,47 +12,44 @@ from pathlib import Path
 import pytest
 
 from agent.clitext import daemon_line
-from agent.doctor import check_daemon, check_uplink
+from agent.config import from_mapping
+from agent.doctor import Check, check_daemon, check_fleet_trust, check_uplink
+from agent.fleet_auth import key_fingerprint, keygen, load_private_key
 from agent.identity import boot_id, host_name
+from agent.livestate import DaemonLive, LiveState
 from agent.views import daemon_view
 
 NOW = time.time()
 
 
-def published(**values: object) -> dict[str, tuple[str, float]]:
-    """agent_state as the writer leaves it: this process, this host and boot, 0.5 s ago."""
-    state = {
-        "daemon.pid": str(os.getpid()),
-        "daemon.heartbeat": f"{NOW - 0.5:.3f}",
-        "daemon.stopped_at": "",
-        "daemon.host": host_name(),
-        "daemon.boot_id": boot_id(),
-        "daemon.alarm": "",
-    }
-    state.update({k.replace("_", ".", 1): str(v) for k, v in values.items()})
-    return {key: (value, NOW - 0.5) for key, value in state.items()}
+def published(**values: object) -> LiveState:
+    """The snapshot as the writer leaves it: this process, this host and boot, 0.5 s ago."""
+    daemon = DaemonLive(pid=os.getpid(), heartbeat=NOW - 0.5, host=host_name(), boot_id=boot_id())
+    return LiveState(daemon=dataclasses.replace(daemon, **values))  # type: ignore[arg-type]
 
 
 CASES = [
     # (what changed, condition, live, line says, doctor status, doctor says)
     ({}, "live", True, "running, pid", "ok", "heartbeat"),
-    ({"daemon_host": "truck-0042", "daemon_boot_id": "11111111-2222-3333-4444-555555555555"},
+    ({"host": "truck-0042", "boot_id": "11111111-2222-3333-4444-555555555555"},
      "copy", False, "a COPY, not a live agent", "warn", "a copy, not a live agent"),
     # Same boot, another name (ProtectHostname=, a container, a renamed host): this machine.
-    ({"daemon_host": "localhost"}, "live", True, "running, pid", "ok", "heartbeat"),
-    ({"daemon_boot_id": "00000000-0000-0000-0000-000000000000"}, "rebooted", False,
+    ({"host": "localhost"}, "live", True, "running, pid", "ok", "heartbeat"),
+    ({"boot_id": "00000000-0000-0000-0000-000000000000"}, "rebooted", False,
      "NOT RUNNING since this machine rebooted", "fail", "not running since this machine"),
-    ({"daemon_stopped_at": f"{NOW - 3:.3f}"}, "stopped", False, "stopped cleanly", "fail",
+    ({"stopped_at": NOW - 3}, "stopped", False, "stopped cleanly", "fail",
      "stopped cleanly"),
-    ({"daemon_heartbeat": f"{NOW - 60:.3f}"}, "stuck", False, "but NOT PUBLISHING", "fail",
+    ({"heartbeat": NOW - 60}, "stuck", False, "but NOT PUBLISHING", "fail",
      "has not written its database"),
-    ({"daemon_heartbeat": f"{NOW - 60:.3f}", "daemon_pid": "999999999"}, "gone", False,
+    ({"heartbeat": NOW - 60, "pid": 999999999}, "gone", False,
      "NOT PUBLISHING: last heartbeat", "fail", "stopped or stuck"),
 ]  # fmt: skip
 
 
 @pytest.mark.parametrize("case", CASES, ids=[f"{c[1]}-{i}" for i, c in enumerate(CASES)])
-def test_one_condition_printed_alike(case: tuple[dict[str, str], str, bool, str, str, str]) -> None:
+def test_one_condition_printed_alike(
+    case: tuple[dict[str, object], str, bool, str, str, str],
+) -> None:
     change, condition, live, line, status, says = case
     view = daemon_view(published(**change), NOW)
     assert view["condition"] == condition
@@ -64,9 +62,7 @@ def test_one_condition_printed_alike(case: tuple[dict[str, str], str, bool, str,
 
 
 def test_a_database_from_an_agent_that_published_no_host_reads_as_before() -> None:
-    state = published()
-    del state["daemon.host"], state["daemon.boot_id"]
-    view = daemon_view(state, NOW)
+    view = daemon_view(published(host="", boot_id=""), NOW)
     assert (view["condition"], view["live"]) == ("live", True)
 
 
@@ -99,3 +95,55 @@ def test_doctor_names_the_action_that_gets_events_to_the_fleet(
 ) -> None:
     check = check_uplink(None, _found(condition, uplink), NOW, 600.0)
     assert (check.status, action in check.detail) == (status, True), check
+
+
+# -- doctor: the fleet's signing key ------------------------------------------------------
+
+
+def _trust(key_file: str, fleet_key: str = "", rejected: dict[str, int] | None = None,
+           live: bool = True) -> Check:  # fmt: skip
+    config = from_mapping({"uplink": {"fleet_key_file": key_file}})
+    found = {"daemon": {"live": live}, "fleet_key": fleet_key, "rejected": rejected or {}}
+    return check_fleet_trust(config, found)
+
+
+def test_doctor_shows_the_key_fingerprint_the_collector_prints(tmp_path: Path) -> None:
+    keygen(tmp_path / "fleet.key", tmp_path / "fleet.pub")
+    fingerprint = key_fingerprint(load_private_key(str(tmp_path / "fleet.key")))
+    check = _trust(str(tmp_path / "fleet.pub"), fleet_key=fingerprint)
+    assert (check.status, fingerprint in check.detail) == ("ok", True), check
+    assert fingerprint.startswith("sha256:")
+    assert len(fingerprint) == len("sha256:") + 16
+
+
+def test_doctor_fails_on_a_key_file_that_is_not_a_key(tmp_path: Path) -> None:
+    (tmp_path / "fleet.pub").write_text("not a key\n")
+    check = _trust(str(tmp_path / "fleet.pub"))
+    assert check.status == "fail"
+    assert "not a PEM public key" in check.detail
+    assert "ironfleet-collector keygen" in check.detail
+
+
+def test_doctor_warns_when_the_running_agent_uses_another_key(tmp_path: Path) -> None:
+    keygen(tmp_path / "fleet.key", tmp_path / "fleet.pub")
+    check = _trust(str(tmp_path / "fleet.pub"), fleet_key="sha256:0123456789abcdef")
+    assert check.status == "warn"
+    assert "runs with key sha256:0123456789abcdef" in check.detail
+    assert "restart" in check.detail
+
+
+def test_doctor_warns_when_fleet_messages_fail_verification(tmp_path: Path) -> None:
+    keygen(tmp_path / "fleet.key", tmp_path / "fleet.pub")
+    fingerprint = key_fingerprint(load_private_key(str(tmp_path / "fleet.key")))
+    check = _trust(str(tmp_path / "fleet.pub"), fingerprint, {"bad_signature": 3, "unsigned": 2})
+    assert check.status == "warn"
+    assert "5 acks or commands failed verification" in check.detail
+
+
+@pytest.mark.parametrize("live", [True, False])
+def test_doctor_on_a_systemd_credential_it_cannot_read(live: bool) -> None:
+    path = "/run/credentials/ironfleet-agent.service/fleet-key.pub"
+    check = _trust(path, fleet_key="sha256:0123456789abcdef" if live else "", live=live)
+    assert check.status == "warn"
+    said = "the running agent loaded sha256:0123456789abcdef" if live else "not running"
+    assert said in check.detail

@@ -34,6 +34,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import io
+import json
 import logging
 import os
 import shlex
@@ -417,17 +418,18 @@ def _populate(path: Path) -> EventStore:
     unicode = msgpack.packb({"é": "ü" * 40})
     store.append([event("ecu2/alarm", 1, 9, prio=7, tq=3, data=unicode)], now - 1)
     store.mark_delivered(store.cursor + 5, {"ecu0/bulk": (7, 200), "ecu1/gps": (3, 2)}, now)
-    store.publish({
-        "daemon.pid": "4242", "daemon.heartbeat": f"{now:.3f}", "daemon.stopped_at": "",
-        "daemon.alarm": "", "daemon.counters": '{"commits": 3}',
-        "link.state": "up", "link.controller": "ecu2", "link.boot_epoch": "9",
-        "link.port": "open", "link.device": "/dev/ttyIronFleet0",
-        "link.counters": '{"gaps": 1, "events_accepted": 500}', "link.rejects": '{"crc": 2}',
-        "uplink.state": "disconnected", "uplink.phase": "resync", "uplink.in_flight": "2",
-        "uplink.counters": '{"ack_timeouts": 3}', "breaker.state": "open",
-        "breaker.failures": "5", "breaker.successes": "0", "breaker.retry_in": "12.5",
-        "breaker.transitions": "not a number",
-    }, now)  # fmt: skip
+    # The live snapshot, with one field of the wrong type (decoded as its default).
+    store.publish(json.dumps({
+        "version": 1,
+        "daemon": {"pid": 4242, "heartbeat": round(now, 3), "counters": {"commits": 3}},
+        "link": {"state": "up", "controller": "ecu2", "boot_epoch": 9, "port": "open",
+                 "device": "/dev/ttyIronFleet0", "counters": {"gaps": 1, "events_accepted": 500},
+                 "rejects": {"crc": 2}},
+        "uplink": {"state": "disconnected", "phase": "resync", "in_flight": 2,
+                   "counters": {"ack_timeouts": 3}},
+        "breaker": {"state": "open", "failures": 5, "successes": 0, "retry_in": 12.5,
+                    "transitions": "not a number"},
+    }), now)  # fmt: skip
     store.conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")  # less to digest per input
     return store
 

@@ -33,7 +33,7 @@ from agent.resilience import Event, replay
 from agent.store import read_latest
 
 from fleetharness import cursor_history, top_rowid, wait_caught_up
-from simharness import AgentProcess, Broker, Sim, TruthReader, agent_state, assert_zero_loss
+from simharness import AgentProcess, Broker, Sim, TruthReader, assert_zero_loss, live
 from support import fleet_keys, wait_for
 
 StartSim = Callable[..., Sim]
@@ -112,8 +112,8 @@ def collector_keys(db: Path) -> set[tuple[str, int, int]]:
 
 
 def uplink_up(agent: AgentProcess) -> bool:
-    state = agent_state(agent.db)
-    return state.get("uplink.state") == "connected" and state.get("breaker.state") == "closed"
+    state = live(agent.db)
+    return state.uplink.state == "connected" and state.breaker.state == "closed"
 
 
 def outage_with_jump(
@@ -123,7 +123,7 @@ def outage_with_jump(
     """Broker down until the breaker opens; the clocks jump; broker back. Seconds until
     the agent is connected with its breaker closed again."""
     broker.stop(signal.SIGKILL)
-    wait_for(lambda: agent_state(agent.db).get("breaker.state") == "open", 30, "breaker open")
+    wait_for(lambda: live(agent.db).breaker.state == "open", 30, "breaker open")
     for clock in clocks:
         clock.jump(jump)
     broker.start()
@@ -217,5 +217,5 @@ def test_control_timers_on_the_wall_clock_are_caught(
     wait_for(lambda: len(collector_keys(collector_db)) > 100, 30, "first deliveries")
     with pytest.raises(AssertionError, match="reconnect after the jump"):
         outage_with_jump(broker, agent, [sim_clock, agent_clock], -262.0, 2 * RECOVERY_BOUND)
-    assert agent_state(agent.db).get("breaker.state") == "open"
+    assert live(agent.db).breaker.state == "open"
     chaos_report.record("control: timers on the wall clock (clock)", controls_failed=1)

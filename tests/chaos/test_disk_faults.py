@@ -129,15 +129,18 @@ def make_rig(
     tmp_path: Path,
     rate: int,
     store: dict[str, object] | None = None,
+    *,
+    agent: dict[str, object] | None = None,
 ) -> Rig:
     sim = start_sim("--rate", str(rate), "--streams", "8", "--ring", str(RING))
     textfile = tmp_path / "metrics.prom"
-    agent = start_agent(
+    process = start_agent(
         sim.devices["ecu0"],
         store={"max_buffer_bytes": BIG_CAP, "min_free_bytes": FLOOR, **(store or {})},
         metrics={"textfile": str(textfile), "textfile_interval": 1.0},
+        **({"agent": agent} if agent else {}),
     )
-    return Rig(sim, agent, TruthReader(sim.truth_path), textfile)
+    return Rig(sim, process, TruthReader(sim.truth_path), textfile)
 
 
 def log_tail(agent: AgentProcess, lines: int = 15) -> str:
@@ -385,20 +388,13 @@ def test_tmpfs_filled_by_another_process(
     assert log_count(rig.agent, "commit_recovered") >= failures
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="product: the daemon publishes its alarm and heartbeat into the database that "
-    "cannot be written (Writer._publish_state -> EventStore.publish, agent/writer.py), so "
-    "while the disk is full `ironfleet status --json` shows alarm '' and live false (the "
-    "text now says 'running, pid N, but NOT PUBLISHING ... disk full or read-only?', and "
-    "the alarm is in systemd's STATUS=; the alarm itself needs a state file in /run)",
-)
 def test_status_shows_the_alarm_while_the_disk_is_full(
     start_sim: StartSim, start_agent: StartAgent, disks: Disks, tmp_path: Path
 ) -> None:
     """operations.md: the `alarm` line shows 'a failed commit, store full'. A technician
     running `ironfleet status --json` during a full disk must see it, and see a live
-    daemon, for longer than the CLI's 5 s heartbeat staleness limit."""
+    daemon, for longer than the CLI's 5 s heartbeat staleness limit: the snapshot in the
+    runtime directory (tmpfs, not the full disk) keeps updating."""
     rig = make_rig(start_sim, start_agent, tmp_path, rate=3000)
     mount = disks.tmpfs(rig.agent, 8 * MiB)
     start(rig)
@@ -418,9 +414,9 @@ def test_status_shows_the_alarm_while_the_disk_is_full(
 def test_status_says_the_daemon_runs_but_cannot_write(
     start_sim: StartSim, start_agent: StartAgent, disks: Disks, tmp_path: Path
 ) -> None:
-    """What a technician sees today while the disk is full (the alarm itself is the open
-    finding above): not 'stopped', but a running process that cannot write its database."""
-    rig = make_rig(start_sim, start_agent, tmp_path, rate=3000)
+    """Without the runtime file ([agent] runtime_dir = ""), what a technician sees while
+    the disk is full: not 'stopped', but a running process that cannot write its database."""
+    rig = make_rig(start_sim, start_agent, tmp_path, rate=3000, agent={"runtime_dir": ""})
     mount = disks.tmpfs(rig.agent, 8 * MiB)
     start(rig)
     fill(mount.path)

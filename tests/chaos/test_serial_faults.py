@@ -14,7 +14,6 @@ CI tier: a bit error rate sweep 1e-6..1e-3 and one run per other fault; the long
 
 from __future__ import annotations
 
-import json
 import os
 import random
 import signal
@@ -27,7 +26,7 @@ from typing import Any
 import psutil
 import pytest
 
-from simharness import AgentProcess, Sim, TruthReader, Verdict, agent_state, verdict
+from simharness import AgentProcess, Sim, TruthReader, Verdict, live, verdict
 from support import scaled, wait_for
 
 StartSim = Callable[..., Sim]
@@ -96,9 +95,9 @@ def run_scenario(
     # A restart may be in its first milliseconds: let it install its handlers (and so
     # run recovery to the end) before the SIGTERM.
     wait_for(agent.started, 30, "the last restart to come up")
-    state = agent_state(agent.db)
-    link = json.loads(state["link.counters"])
-    link["rejects"] = json.loads(state["link.rejects"])
+    state = live(agent.db)
+    link: dict[str, Any] = dict(state.link.counters)
+    link["rejects"] = dict(state.link.rejects)
     assert agent.alive(), "the agent died under serial faults"
     assert agent.terminate() == 0
     return Run(verdict(truth, agent.db, complete=True), sim.summary(), link, rss_start,
@@ -177,14 +176,14 @@ def test_truncation_then_silence_brings_the_link_down_and_the_agent_stays(
     sim = start_sim("--rate", "100", "--silence-after", "300", "--truncate-rate", "0.05")
     agent = start_agent(sim.devices["ecu0"]).start()
     truth = TruthReader(sim.truth_path)
-    wait_for(lambda: agent.started() and agent_state(agent.db).get("link.state") == "down",
+    wait_for(lambda: agent.started() and live(agent.db).link.state == "down",
              30, "the agent to see the link go down")  # fmt: skip
     assert agent.alive()
     sim.signal(signal.SIGTERM)
     assert sim.wait(timeout=10) == 0
     assert agent.terminate() == 0
     v = verdict(truth, agent.db, complete=True)
-    counters = json.loads(agent_state(agent.db)["link.counters"])
+    counters = dict(live(agent.db).link.counters)
     chaos_report.record("serial truncation then silence", injected=1, acked=v.acked,
                         lost=len(v.lost), duplicates=len(v.duplicates))  # fmt: skip
     assert v.ok, v.describe()

@@ -10,7 +10,6 @@ byte-equal, and `PRAGMA integrity_check` is ok.
 
 from __future__ import annotations
 
-import json
 import os
 import random
 import shutil
@@ -24,8 +23,8 @@ from simharness import (
     AgentProcess,
     Sim,
     TruthReader,
-    agent_state,
     assert_zero_loss,
+    live,
     verdict,
 )
 from support import wait_for
@@ -78,8 +77,7 @@ def test_sigkill_at_syscall_boundaries(
 
 def published_counters(agent: AgentProcess) -> dict[str, int]:
     """The daemon's counters as last published to its database (about once a second)."""
-    raw = agent_state(agent.db).get("daemon.counters")
-    return json.loads(raw) if raw else {}
+    return {k: int(v) for k, v in live(agent.db).daemon.counters.items()}
 
 
 def run_with_errors(

@@ -26,7 +26,6 @@ IRONFLEET_SEED); schedules are printed before they run.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import random
@@ -57,7 +56,7 @@ from fleetharness import (
     wait_drained,
 )
 from netproxy import TcpProxy
-from simharness import AgentProcess, Broker, Sim, TruthReader, agent_state, assert_zero_loss
+from simharness import AgentProcess, Broker, Sim, TruthReader, assert_zero_loss, live
 from support import wait_for
 
 LONG = bool(os.environ.get("IRONFLEET_LONG"))
@@ -112,7 +111,7 @@ class Chain:
         return len(self.collector.keys())
 
     def counters(self) -> dict[str, Any]:
-        return dict(json.loads(agent_state(self.agent.db).get("uplink.counters", "{}")))
+        return dict(live(self.agent.db).uplink.counters)
 
     def check_covered(self, when: str) -> None:
         """O4 now: nothing below the cursor is missing at the collector."""
@@ -362,7 +361,7 @@ def test_broker_losing_the_session_loses_nothing(
         if away:
             collector.resume()
         wait_for(lambda: collector.sub.connected, 30, "the collector to reconnect")
-        wait_for(lambda: agent_state(chain.agent.db).get("uplink.state") == "connected", 30,
+        wait_for(lambda: live(chain.agent.db).uplink.state == "connected", 30,
                  "the agent to reconnect")  # fmt: skip
         delivered = chain.delivered()
         wait_for(lambda d=delivered: chain.delivered() > d + 300, 30, "delivery to resume")
@@ -452,7 +451,7 @@ def test_control_checkpoint_on_publish_is_caught(
     broker.start()
     collector.resume()
     wait_for(lambda: collector.sub.connected, 30, "the collector to reconnect")
-    wait_for(lambda: agent_state(chain.agent.db).get("uplink.state") == "connected", 30,
+    wait_for(lambda: live(chain.agent.db).uplink.state == "connected", 30,
              "the agent to reconnect")  # fmt: skip
     chain.sim.signal(signal.SIGTERM)
     assert chain.sim.wait(timeout=30) == 0
