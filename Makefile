@@ -54,7 +54,7 @@ bench: $(STAMP)
 # The whole chain on one machine: simulator, agent, broker (mosquitto if installed,
 # else the embedded amqtt), collector; a one-minute scripted scenario and a report.
 demo: $(STAMP)
-	$(BIN)/python -m agent.demo
+	$(BIN)/python -m fleet.demo
 
 # The long tier of the chaos suite, about an hour (docs/chaos.md).
 chaos: $(STAMP) system-deps

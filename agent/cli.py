@@ -67,7 +67,8 @@ from agent.export import (
     plan,
     plan_text,
 )
-from agent.fleet_auth import load_fleet_auth
+from agent.filecheck import SYSTEMD_CREDENTIALS
+from agent.fleet_auth import FleetAuth, load_fleet_auth
 from agent.pages import PAGE_ROWS, Page, read_checkpoints, read_replay, read_streams
 from agent.readsafe import limit_process_heap
 from agent.receipts import (
@@ -509,10 +510,24 @@ def import_receipt(opts: Options, receipt: Path | None, as_json: bool) -> None:
                 "[uplink] enabled = false: the agent applies receipts on its uplink "
                 "thread, which is off; enable it (an unreachable broker will do)"
             )
-        done = queue_receipt(receipt, db.parent, load_fleet_auth(config))
+        done = queue_receipt(receipt, db.parent, receipt_auth(config))
     except AgentError as exc:
         raise CliError(str(exc)) from None
     emit(done, as_json, lambda: receipt_text(done))
+
+
+def receipt_auth(config: Config) -> FleetAuth:
+    """The fleet key to check a receipt with here. A systemd credential is the service's
+    alone (and absent while it is stopped): then only the daemon checks the signatures,
+    as it does for every receipt anyway, and the technician is told."""
+    try:
+        return load_fleet_auth(config)
+    except ConfigError:
+        if not config.uplink.fleet_key_file.startswith(SYSTEMD_CREDENTIALS):
+            raise
+    click.echo(f"ironfleet: {config.uplink.fleet_key_file} is the agent's systemd credential: "
+               "the agent checks the receipt's signatures itself", err=True)  # fmt: skip
+    return FleetAuth(config.agent.vehicle_id, None)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -71,6 +71,8 @@ class SerialSection:
             problems["read_size"] = "must be within [512, 1048576] bytes"
         if not 2**16 <= self.capture_max_bytes <= 2**34:
             problems["capture_max_bytes"] = "must be within [65536, 17179869184] bytes"
+        elif self.capture_max_bytes < 4 * self.read_size:
+            problems["capture_max_bytes"] = "must be at least 4 x read_size (one read is a record)"
         return problems
 
 
@@ -296,6 +298,7 @@ def from_mapping(data: dict[str, Any], source: str = "<mapping>") -> Config:
         hints = get_type_hints(cls)
         known = {f.name for f in dataclasses.fields(cls)}
         kwargs = {}
+        mistyped = False
         for key, raw in value.items():
             if key not in known:
                 listing = ", ".join(sorted(known))
@@ -305,8 +308,11 @@ def from_mapping(data: dict[str, Any], source: str = "<mapping>") -> Config:
                 kwargs[key] = _coerce(name, key, raw, hints[key], source)
             except ConfigError as exc:
                 problems.append(str(exc))
+                mistyped = True
         section = cls(**kwargs)
-        for key, problem in section.validate().items():
+        # A mistyped key stands at its default here: a check of two keys would then
+        # report a problem the file does not have.
+        for key, problem in ({} if mistyped else section.validate()).items():
             problems.append(f"{source}: [{name}] {key} = {getattr(section, key)!r}: {problem}")
         sections[name] = section
     if problems:

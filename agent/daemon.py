@@ -110,7 +110,11 @@ class Daemon:
         while not shared.stopping.is_set():
             self.serial.run_once(time.monotonic())
             self.progress["serial"] = time.monotonic()
-        # Nothing more is handed to the writer after this point (its drain waits for it).
+        # What was read but found no room yet goes to the writer (which still commits);
+        # then nothing more is handed over (the writer's drain waits for this point).
+        deadline = time.monotonic() + STOP_TIMEOUT
+        while self.serial.pending and time.monotonic() < deadline:
+            self.serial.run_once(time.monotonic(), timeout=0.05)
         shared.reading_done.set()
         # Shutdown: wait for the writer's last reports and send their ACKs.
         deadline = time.monotonic() + STOP_TIMEOUT
@@ -195,7 +199,8 @@ class Daemon:
         try:
             fresh = config_mod.load(self.config.source)
         except ConfigError as exc:
-            log.error("reload_failed %s (keeping the running configuration)", exc)
+            for line in str(exc).splitlines():  # one log line per problem
+                log.error("reload_failed %s (keeping the running configuration)", line)
             return
         if self.pinned_level:
             log.info("reloaded log_level=%s (from the command line; the file says %s)",

@@ -354,7 +354,7 @@ def flash_text(f: Row) -> str:
 def check_flash(config: Config | None, flash: Row | None) -> Check | None:
     """The storage's projected life at the agent's write rate, against [store]
     flash_warn_years; shown only once both a budget and a rate are known."""
-    if config is None or flash is None or flash["years_left"] is None:
+    if config is None or flash is None or None in (flash["years_left"], flash["write_bytes_per_s"]):
         return None
     detail = flash_text(flash)
     bound = config.store.flash_warn_years

@@ -2,7 +2,7 @@
 
 A vehicle that cannot reach its broker for days still has a technician who can carry
 its backlog home. `ironfleet export DIR` writes a bundle (a directory) that the
-collector loads with `ironfleet-collector import DIR` (agent/fleet_import.py), which
+collector loads with `ironfleet-collector import DIR` (fleet/importer.py), which
 answers with a receipt of signed acks (agent/receipts.py). Nothing is deleted here:
 rows leave the vehicle only once the fleet's acks move the delivery cursor.
 

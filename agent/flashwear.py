@@ -57,13 +57,13 @@ class FlashWear:
             self._samples.popleft()
 
     def figures(self, endurance_bytes: int = 0) -> dict[str, float]:
-        """`flash_write_bytes` since the first sample; over the window, when it spans time:
+        """`flash_write_bytes` since the process started; over the window, when it spans time:
         `flash_write_bytes_per_s`, `flash_bytes_per_event` (when events were committed) and
         `flash_years_left` (with an endurance budget and a rate above 0)."""
         if self._first is None:
             return {}
         last = self._samples[-1]
-        out: dict[str, float] = {"flash_write_bytes": last[1] - self._first[1]}
+        out: dict[str, float] = {"flash_write_bytes": last[1]}  # since the process started
         start = self._samples[0]
         span, written, events = last[0] - start[0], last[1] - start[1], last[2] - start[2]
         if span <= 0:

@@ -27,10 +27,13 @@ import json
 import math
 import os
 import sqlite3
+import stat
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
+
+from agent.identity import boot_id
 
 VERSION: Final = 1
 KEY: Final = "live"  # the agent_state row
@@ -107,6 +110,7 @@ class LiveState:
 
     version: int = VERSION
     database: str = ""  # the database this describes (os.path.realpath)
+    database_id: str = ""  # "<st_dev>:<st_ino>" of that file: a copy elsewhere differs
     runtime_file: str = ""  # where the daemon also writes it
     daemon: DaemonLive = field(default_factory=DaemonLive)
     link: LinkLive = field(default_factory=LinkLive)
@@ -262,7 +266,12 @@ def write_file(path: Path, text: str) -> None:
 
     No fsync: the runtime directory is tmpfs and the file describes this boot only."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o640)
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+    try:
+        fd = os.open(tmp, flags, 0o640)
+    except FileExistsError:  # left by a kill of a process with our pid: ours to replace
+        os.unlink(tmp)
+        fd = os.open(tmp, flags, 0o640)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
@@ -288,13 +297,31 @@ def read_row(conn: sqlite3.Connection) -> LiveState:
 
 
 def read_file(path: Path) -> LiveState:
-    """The snapshot in a runtime file (empty if missing or unreadable)."""
+    """The snapshot in a runtime file; empty if it is missing, unreadable or not a regular
+    file. The path may come from an untrusted database row: never follow a link, never
+    block on a FIFO or a device, read at most MAX_BYTES + 1."""
     try:
-        with open(path, "rb") as f:
-            data = f.read(MAX_BYTES + 1)
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except (OSError, ValueError):  # ValueError: an embedded NUL
+        return LiveState()
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return LiveState()
+        data = os.read(fd, MAX_BYTES + 1)
     except OSError:
         return LiveState()
+    finally:
+        os.close(fd)
     return decode(data, "runtime file")
+
+
+def file_id(path: str | Path) -> str:
+    """ "<st_dev>:<st_ino>" of a file, "" if it cannot be stat'ed."""
+    try:
+        st = os.stat(path)
+    except (OSError, ValueError):
+        return ""
+    return f"{st.st_dev}:{st.st_ino}"
 
 
 def database_of(conn: sqlite3.Connection) -> str:
@@ -314,7 +341,14 @@ def read(conn: sqlite3.Connection, runtime_file: Path | None = None) -> LiveStat
     if path is None or not path.is_absolute() or path.name != FILE_NAME:
         return stored
     fresh = read_file(path)
-    if not fresh.published or not fresh.database or fresh.database != database_of(conn):
+    database = database_of(conn)
+    if (
+        not fresh.published
+        or not fresh.database
+        or fresh.database != database
+        or (fresh.database_id and fresh.database_id != file_id(database))
+        or fresh.daemon.boot_id != boot_id()  # this boot's daemon only
+    ):
         return stored
     if stored.published and (stored.daemon.heartbeat or 0.0) >= (fresh.daemon.heartbeat or 0.0):
         return stored

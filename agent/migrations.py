@@ -7,6 +7,7 @@ can see which schema a vehicle runs. docs/schema.md documents every table and co
 
 from __future__ import annotations
 
+import json
 import sqlite3
 import time
 from collections.abc import Callable
@@ -110,10 +111,29 @@ def seed_controller_epochs(conn: sqlite3.Connection) -> None:
 
 
 def _m004_live_snapshot(db: sqlite_utils.Database) -> None:
-    # The live state became one JSON row (`live`, agent/livestate.py): drop the keys it
-    # replaces, which would otherwise show their last values forever. Kept: uplink.cursor
-    # and the other persisted keys (events.max_id, alarm.*, store.salvage).
-    db.execute(
+    drop_legacy_live_keys(db.conn)
+
+
+def drop_legacy_live_keys(conn: sqlite3.Connection) -> None:
+    """The live state became one JSON row (`live`, agent/livestate.py): drop the keys it
+    replaced, which would otherwise show their last values forever. The old store figures
+    become the row's `store` when there is no row yet, so the loss ledger keeps its
+    published `loss_received` across the upgrade. Kept: uplink.cursor and the other
+    persisted keys (events.max_id, alarm.*, store.salvage). Run by migration 004 and after
+    a salvage (which copies agent_state from a file that may predate 004)."""
+    row = conn.execute("SELECT value FROM agent_state WHERE key = 'store.stats'").fetchone()
+    has_live = conn.execute("SELECT 1 FROM agent_state WHERE key = 'live'").fetchone()
+    if row is not None and has_live is None:
+        try:
+            stats = json.loads(row[0])
+        except (TypeError, ValueError):
+            stats = None
+        if isinstance(stats, dict):
+            conn.execute(
+                "INSERT INTO agent_state (key, value, updated_at) VALUES ('live', ?, 0)",
+                (json.dumps({"version": 1, "store": stats}),),
+            )
+    conn.execute(
         """DELETE FROM agent_state
            WHERE (key GLOB 'daemon.*' OR key GLOB 'link.*' OR key GLOB 'breaker.*'
                   OR key = 'store.stats' OR key GLOB 'uplink.*')

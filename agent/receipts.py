@@ -177,7 +177,7 @@ def prune_ledgers(state_dir: Path, cursor: int) -> list[Manifest]:
     below `cursor`); the entries left, oldest first."""
     left = []
     for manifest in list_ledgers(state_dir):
-        if manifest.top < cursor and manifest.events:
+        if manifest.top < cursor:  # a state-only export (no events) included
             with contextlib.suppress(OSError):
                 os.unlink(state_dir / EXPORTS_DIR / f"{manifest.export}.json")
         else:

@@ -449,12 +449,16 @@ def _state_int(conn: sqlite3.Connection, key: str, default: int) -> int:
 
 
 def _published_top(conn: sqlite3.Connection) -> int:
-    """The daemon's last published top rowid (its live snapshot), 0 if unknown."""
+    """The daemon's last published top rowid (its live snapshot, or the `store.stats` key
+    of a file from before migration 004), 0 if unknown."""
     try:
         top = read_row(conn).store.get("top_rowid", 0)
-    except sqlite3.Error:  # agent_state itself unreadable
+        if not top:
+            row = conn.execute("SELECT value FROM agent_state WHERE key = 'store.stats'").fetchone()
+            top = json.loads(row[0]).get("top_rowid", 0) if row else 0
+    except (sqlite3.Error, TypeError, ValueError, AttributeError):
         return 0
-    return top if isinstance(top, int) else 0
+    return top if isinstance(top, int) and not isinstance(top, bool) else 0
 
 
 def _rebuild_stream_epochs(conn: sqlite3.Connection) -> None:

@@ -104,6 +104,7 @@ class SerialSide:
             if self.capture.failed:
                 log.warning("capture_failed %s (capture off)", self.capture.failed)
                 self.capture = None
+                self.want_capture = False  # until the next SIGHUP asks again
 
     def set_capture(self, on: bool) -> None:
         """Start or stop the wire capture (at start, and on SIGHUP)."""
@@ -111,6 +112,8 @@ class SerialSide:
             try:
                 self.capture = CaptureWriter(self.capture_path, self.capture_max_bytes)
             except OSError as exc:
+                # Off until the next SIGHUP asks again: never a retry (and a log line) per read.
+                self.want_capture = False
                 log.warning("capture_failed %s: %s (capture off)", self.capture_path, exc)
                 return
             log.info("capture_on path=%s max_bytes=%d", self.capture_path, self.capture_max_bytes)
@@ -133,8 +136,12 @@ class SerialSide:
 
     def _offer(self, timeout: float) -> None:
         """Hand `pending` to the writer if its queue has room within `timeout`. Once the
-        writer is done (a stop), what is still pending is forgotten: never ACKed, the
-        controller resends it to the next run."""
+        serial loop has said it hands nothing more (a stop), what is still pending is
+        forgotten: never ACKed, the controller resends it to the next run."""
+        if self.shared.reading_done.is_set():
+            self.link.forget([r.token for r in self.pending])
+            self.pending = []
+            return
         try:
             if timeout > 0:
                 self.to_writer.put(self.pending, timeout=timeout)

@@ -187,7 +187,11 @@ class EventStore(EvictionLadder):
         """Open, check, migrate; quarantine and salvage a corrupt file instead of dying."""
         # Imported here: sqlite-utils costs ~0.1 s of import time, and only the writer
         # migrates; the technician CLI imports this module on every call.
-        from agent.migrations import migrate, seed_controller_epochs  # noqa: PLC0415
+        from agent.migrations import (  # noqa: PLC0415
+            drop_legacy_live_keys,
+            migrate,
+            seed_controller_epochs,
+        )
         from agent.salvage import salvage  # noqa: PLC0415
 
         problems: list[str]
@@ -210,6 +214,7 @@ class EventStore(EvictionLadder):
         migrate(conn)
         self.salvaged = salvage(self.quarantined, conn).events
         seed_controller_epochs(conn)  # salvaged sessions count for rollback detection
+        drop_legacy_live_keys(conn)  # the salvaged agent_state may predate migration 004
         self._set_state(conn, "alarm.store_quarantined", f"{self.quarantined} {problems[0]}")
         return conn
 

@@ -1,4 +1,4 @@
-"""MQTT transport for the uplink: the only module that imports paho-mqtt.
+"""MQTT transport for the uplink: the agent's only module that imports paho-mqtt.
 
 QoS 1, a persistent session (clean_session=False, fixed client id) so the broker keeps
 our `ack` and `cmd` subscriptions across reconnects, a retained `status` with an
@@ -23,8 +23,6 @@ from typing import Any
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode, MQTTProtocolVersion
-from paho.mqtt.packettypes import PacketTypes
-from paho.mqtt.properties import Properties
 
 from agent.config import UplinkSection
 from agent.errors import ConfigError
@@ -35,7 +33,7 @@ log = logging.getLogger(__name__)
 CONNECT_TIMEOUT = 5.0  # seconds for TCP connect: a blackholed broker must not hang us
 
 
-def _no_delay(_client: Any, _userdata: Any, sock: Any) -> None:
+def no_delay(_client: Any, _userdata: Any, sock: Any) -> None:
     """Disable Nagle: paho leaves it on, and a small QoS 1 publish then waits ~40 ms for
     its PUBACK (measured: 87.9 ms per round trip through mosquitto, 0.80 ms without)."""
     with contextlib.suppress(OSError, AttributeError):
@@ -68,7 +66,7 @@ class MqttTransport:
                 keyfile=config.key_file or None,
                 tls_version=ssl.PROTOCOL_TLS_CLIENT,
             )
-        self.client.on_socket_open = _no_delay
+        self.client.on_socket_open = no_delay
         self.client.on_connect = self._on_connect
         self.client.on_disconnect = self._on_disconnect
         self.client.on_message = self._on_message
@@ -221,91 +219,3 @@ class MqttTransport:
 
     def _on_publish(self, _c: Any, _u: Any, mid: int, _reason: Any, _props: Any) -> None:
         self._events.append(("puback", mid))
-
-
-class FleetSubscriber:
-    """The collector's side of MQTT: subscribe to every vehicle, publish acks and commands.
-
-    Messages are handed to `on_message(topic, payload)` on paho's network thread; the
-    handler commits before it calls `ack`, so an ack always follows a durable write.
-    """
-
-    def __init__(
-        self,
-        host: str,
-        port: int,
-        on_message: Any,
-        *,
-        client_id: str = "ironfleet-collector",
-        vehicles: tuple[str, ...] = (),
-        keepalive: int = 30,
-        share_group: str = "",
-        session_expiry: int = 60,
-    ) -> None:
-        self.host, self.port, self.keepalive = host, port, keepalive
-        self.on_message = on_message
-        self.vehicles = vehicles or ("+",)
-        # With a share group, N collectors split the vehicles ($share/<group>/...). MQTT 5
-        # then, for its session expiry: mosquitto keeps dealing a disconnected member its
-        # round-robin share, queued, until its session ends (docs/fleet-deployment.md).
-        self.share_group = share_group
-        self._v5 = bool(share_group)
-        self._session_expiry = session_expiry
-        self.client = mqtt.Client(
-            CallbackAPIVersion.VERSION2,
-            client_id=client_id,
-            clean_session=None if self._v5 else False,
-            protocol=MQTTProtocolVersion.MQTTv5 if self._v5 else MQTTProtocolVersion.MQTTv311,
-        )
-        self.client.connect_timeout = CONNECT_TIMEOUT
-        self.client.reconnect_delay_set(1, 2)
-        self.client.max_inflight_messages_set(1000)
-        self.client.on_socket_open = _no_delay
-        self.client.on_connect = self._on_connect
-        self.client.on_message = self._on_message
-        self.connected = False
-        self.handler_bugs = 0
-
-    def start(self) -> None:
-        """Connect (retrying in the background) and start paho's network thread."""
-        if self._v5:
-            props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
-            props.SessionExpiryInterval = self._session_expiry
-            self.client.connect_async(self.host, self.port, self.keepalive, clean_start=False,
-                                      properties=props)  # fmt: skip
-            self.client.loop_start()
-            return
-        self.client.connect_async(self.host, self.port, self.keepalive)
-        self.client.loop_start()
-
-    def stop(self) -> None:
-        self.client.disconnect()
-        self.client.loop_stop()
-
-    def ack(self, vehicle: str, payload: bytes) -> None:
-        self.client.publish(topic(vehicle, "ack"), payload, qos=1)
-
-    def command(self, vehicle: str, payload: bytes) -> None:
-        self.client.publish(topic(vehicle, "cmd"), payload, qos=1)
-
-    def _on_connect(self, _c: Any, _u: Any, _flags: Any, reason: Any, _props: Any) -> None:
-        if reason.is_failure:
-            log.warning("collector_connect_refused reason=%s", reason)
-            return
-        self.connected = True
-        share = f"$share/{self.share_group}/" if self.share_group else ""
-        subs = [
-            (share + topic(v, kind), 1)
-            for v in self.vehicles
-            for kind in ("events", "state", "status")
-        ]
-        self.client.subscribe(subs)
-        log.info("collector_connected broker=%s:%d", self.host, self.port)
-
-    def _on_message(self, _c: Any, _u: Any, msg: mqtt.MQTTMessage) -> None:
-        try:
-            self.on_message(msg.topic, bytes(msg.payload))
-        except Exception:  # last resort: an exception here would stop paho's thread
-            self.handler_bugs += 1
-            if self.handler_bugs == 1:
-                log.exception("collector_handler_bug topic=%r (first; counted after)", msg.topic)

@@ -57,7 +57,7 @@ def pid_alive(pid: int) -> bool:
     """True if a process with this pid exists (it may belong to another user)."""
     try:
         os.kill(pid, 0)
-    except ProcessLookupError:
+    except (ProcessLookupError, OverflowError, ValueError):  # a pid no kernel has
         return False
     except PermissionError:
         return True
@@ -105,8 +105,10 @@ def daemon_view(live: LiveState, now: float) -> Row:
         "alarm": d.alarm,
         "counters": dict(d.counters),
         # Where these values were read: the database, or the runtime file that keeps
-        # updating while the database cannot be written.
+        # updating while the database cannot be written; and fields of the snapshot that
+        # did not decode (read as their defaults), if any.
         "source": live.source,
+        "snapshot_problems": list(live.problems),
     }
 
 

@@ -29,6 +29,7 @@ from agent.livestate import (
     LiveState,
     UplinkLive,
     encode,
+    file_id,
     write_file,
 )
 from agent.resilience.checkpoint import CheckpointCadence
@@ -238,6 +239,7 @@ class Writer:
         live_file = self.config.live_file
         return LiveState(
             database=os.path.realpath(self.config.database),
+            database_id=file_id(self.config.database),
             runtime_file=str(live_file) if live_file is not None else "",
             daemon=DaemonLive(
                 pid=os.getpid(),
@@ -259,8 +261,17 @@ class Writer:
             ),
             uplink=uplink,
             breaker=breaker,
-            store=self.store.stats() | self._flash(),
+            store=self._store_figures() | self._flash(),
         )
+
+    def _store_figures(self) -> dict[str, float]:
+        """The store's figures; the last good ones when the disk fails the read, so the
+        runtime file still shows a live daemon and its alarm (the reason it exists)."""
+        try:
+            return dict(self.store.stats())
+        except (OSError, sqlite3.Error) as exc:
+            log.debug("stats_failed error=%r (last figures kept)", str(exc))
+            return dict(self.last_live.store)
 
     def _flash(self) -> dict[str, float]:
         """Flash wear figures (agent.flashwear) from this process's I/O counters."""

@@ -60,6 +60,9 @@ from typing import Any
 from store_common import cpu_seconds_of, own_cpu_seconds, settle_heap
 from store_e2e import Controller, make_bodies, start_real_agent, stop
 
+from agent import livestate
+from agent.livestate import LiveState
+
 IRONFLEET = str(Path(sys.executable).with_name("ironfleet"))
 THIS = str(Path(__file__).resolve())
 WINDOW = 64  # controller window; never the limit at these rates
@@ -261,19 +264,18 @@ def idle(ctl: Controller, seconds: float) -> None:
             ctl.read()
 
 
-def published(db: Path) -> dict[str, str]:
-    """Every `agent_state` value the daemon last published (one brief read-only query)."""
+def published(db: Path) -> LiveState:
+    """The daemon's last published live snapshot (one brief read-only query)."""
     conn = sqlite3.connect(db.absolute().as_uri() + "?mode=ro", uri=True)
     try:
-        return dict(conn.execute("SELECT key, value FROM agent_state"))
+        return livestate.read(conn)
     finally:
         conn.close()
 
 
-def failures_of(state: dict[str, str]) -> tuple[int, int]:
-    """commit_failures in `daemon.counters` (writer) and in `store.stats` (EventStore)."""
-    daemon = json.loads(state.get("daemon.counters") or "{}")
-    store = json.loads(state.get("store.stats") or "{}")
+def failures_of(state: LiveState) -> tuple[int, int]:
+    """commit_failures in the daemon's counters (writer) and the store's (EventStore)."""
+    daemon, store = state.daemon.counters, state.store
     return int(daemon.get("commit_failures", 0)), int(store.get("commit_failures", 0))
 
 

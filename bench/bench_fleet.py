@@ -47,9 +47,9 @@ import psutil
 import psycopg
 from uplink_common import Broker, cpu_seconds, write_bytes
 
-from agent.collector import CollectorStore
 from agent.fleet import Batch
-from agent.fleet_pg import PgCollectorStore
+from fleet.collector import CollectorStore
+from fleet.pgstore import PgCollectorStore
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from pgharness import CollectorProc, FleetLoad, LoadVehicle, PgCluster

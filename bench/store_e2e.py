@@ -37,6 +37,7 @@ from store_common import (
     settle_heap,
 )
 
+from agent import livestate
 from firmware_bridge.controller import ControllerLink
 from firmware_bridge.frames import encode
 from firmware_bridge.protocol import Ack, EventBody, Frame, FrameType, Hello, TimeQuality
@@ -269,8 +270,7 @@ def commits_of(db: Path, log: Path) -> int:
         return int(json.loads(log.read_text().strip().splitlines()[-1])["commits"])
     conn = sqlite3.connect(db.absolute().as_uri() + "?mode=ro", uri=True)
     try:
-        row = conn.execute("SELECT value FROM agent_state WHERE key = 'daemon.counters'")
-        return int(json.loads(row.fetchone()[0])["batches"])
+        return int(livestate.read(conn).daemon.counters.get("batches", 0))
     finally:
         conn.close()
 

@@ -31,8 +31,8 @@ from uplink_common import (
     write_bytes,
 )
 
-from agent.collector import Collector, CollectorStore
-from agent.uplink import FleetSubscriber
+from fleet.collector import Collector, CollectorStore
+from fleet.subscriber import FleetSubscriber
 
 # -- the collector, in its own process ---------------------------------------------------------
 

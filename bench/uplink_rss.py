@@ -38,7 +38,7 @@ IMPORT_LADDER: tuple[tuple[str, str], ...] = (
     ("+ prometheus_client",
      "import sqlite3, msgpack, paho.mqtt.client, sqlite_utils, prometheus_client"),
     ("importing the agent's modules only (baseline)",
-     "import agent.daemon, agent.store, agent.resync, agent.uplink, agent.collector"),
+     "import agent.daemon, agent.store, agent.resync, agent.uplink, fleet.collector"),
 )  # fmt: skip
 
 

@@ -2,7 +2,8 @@
 
 A field engineer chasing a firmware bug turns `[serial] capture` on (SIGHUP applies it);
 the agent then appends every read and write of the port to `<state_dir>/capture/<port>.ifcap`,
-rotated to `.ifcap.1` at half of `[serial] capture_max_bytes`, so the pair never holds more.
+rotated to `.ifcap.1` at half of `[serial] capture_max_bytes` (and when a run starts, so
+records are never appended after one torn by a kill), so the pair never holds more.
 `ironfleet-sim --replay FILE` plays the controller's side of a capture back into a pty, at
 the recorded pace or as fast as the agent reads, so a trace from a truck becomes a
 reproducible test.
@@ -21,6 +22,7 @@ the capture; anything else malformed raises `CaptureError` naming the offset.
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import struct
 from collections.abc import Iterator
@@ -66,12 +68,14 @@ class CaptureWriter:
         self._open()
 
     def _open(self) -> None:
+        """A fresh file: a capture left by an earlier run (maybe ending in a record torn by
+        a kill) becomes `.1`, so records are only ever appended to whole ones."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        fresh = not self.path.exists() or self.path.stat().st_size == 0
-        self._fh = open(self.path, "ab", buffering=256 * 1024)  # noqa: SIM115 - kept open
-        if fresh:
-            self._fh.write(HEADER)
-        self._size = self._fh.tell()
+        if self.path.exists():
+            os.replace(self.path, self.path.with_name(self.path.name + ".1"))
+        self._fh = open(self.path, "xb", buffering=256 * 1024)  # noqa: SIM115 - kept open
+        self._fh.write(HEADER)
+        self._size = len(HEADER)
 
     def record(self, at: float, direction: int, data: bytes) -> None:
         if self._fh is None or not data:
@@ -90,7 +94,6 @@ class CaptureWriter:
     def _rotate(self) -> None:
         assert self._fh is not None
         self._fh.close()
-        os.replace(self.path, self.path.with_name(self.path.name + ".1"))
         self._open()
 
     def flush(self) -> None:
@@ -128,7 +131,8 @@ def read_records(path: Path) -> Iterator[Record]:
             if len(head) < _RECORD.size:
                 return  # end, or a record cut by a kill: the capture ends there
             at, direction, length = _RECORD.unpack(head)
-            if direction not in (FROM_CONTROLLER, TO_CONTROLLER) or length > MAX_RECORD:
+            bad_time = not math.isfinite(at)
+            if bad_time or direction not in (FROM_CONTROLLER, TO_CONTROLLER) or length > MAX_RECORD:
                 raise CaptureError(f"{path}: bad record at byte {offset}")
             data = fh.read(length)
             if len(data) < length:

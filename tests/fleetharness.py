@@ -27,11 +27,11 @@ from pathlib import Path
 import psutil
 
 from agent import livestate
-from agent.collector import Collector, CollectorStore
 from agent.fleet import Batch
 from agent.resilience import Event, replay
 from agent.store import read_latest
-from agent.uplink import FleetSubscriber
+from fleet.collector import Collector, CollectorStore
+from fleet.subscriber import FleetSubscriber
 
 from simharness import AgentProcess, Key, Sim, TruthReader, agent_state, live, stored_events
 from support import fleet_signer, wait_for

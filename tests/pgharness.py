@@ -728,7 +728,7 @@ def ack_before_commit() -> None:
     """The collector acks a batch as soon as it decoded it, then stores it: a batch whose
     commit then fails (the server restarting) or never happens (SIGKILL) is acked and
     lost; the vehicle no longer resends it."""
-    from agent import collector  # noqa: PLC0415 - only in the broken process
+    from fleet import collector  # noqa: PLC0415 - only in the broken process
 
     def handle(self: collector.Collector, topic_name: str, payload: bytes) -> None:
         try:
@@ -767,7 +767,7 @@ def _broken_main(argv: list[str]) -> int:
         return 2
     BROKEN[argv[0]]()
     print(f"broken_variant name={argv[0]} (a deliberate bug: this run must fail)", flush=True)
-    from agent import collector  # noqa: PLC0415
+    from fleet import collector  # noqa: PLC0415
 
     return collector.main(argv[1:])
 

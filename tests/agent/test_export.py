@@ -34,7 +34,6 @@ import msgpack
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from agent.collector import CollectorStore
 from agent.config import UplinkSection
 from agent.export import (
     CHUNK_BITS,
@@ -51,7 +50,6 @@ from agent.export import (
 )
 from agent.fleet import Ack, batch_digest
 from agent.fleet_auth import FleetAuth, FleetSigner, load_public_key
-from agent.fleet_import import import_bundle
 from agent.receipts import (
     INBOX_DIR,
     MAX_RECEIPT_BYTES,
@@ -64,6 +62,8 @@ from agent.receipts import (
 from agent.resilience import Event
 from agent.resync import Resync
 from agent.store import EventStore, connect
+from fleet.collector import CollectorStore
+from fleet.importer import import_bundle
 
 from fleetharness import (
     VEHICLE,

@@ -13,13 +13,13 @@ from pathlib import Path
 
 import pytest
 
-from agent.collector import Collector, CollectorStore
 from agent.errors import CommitFailed
 from agent.fleet import Batch, topic
 from agent.fsprobe import PROBE_XATTR, JournalProbe
 from agent.resilience import Event
 from agent.store import EventStore
 from firmware_bridge.link import ControllerEvent, Received, TimeQuality
+from fleet.collector import Collector, CollectorStore
 
 from diskharness import MiB, Mount, force_read_only, mount_ext4, mount_tmpfs, require_root
 

@@ -13,6 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from agent import livestate
+from agent.identity import boot_id
 from agent.livestate import (
     MAX_BYTES,
     MAX_COUNTERS,
@@ -23,6 +24,7 @@ from agent.livestate import (
     UplinkLive,
     decode,
     encode,
+    file_id,
     write_file,
 )
 from agent.store import EventStore
@@ -119,7 +121,7 @@ def _live(db: Path, run: Path, beat: float, alarm: str = "") -> LiveState:
     return LiveState(
         database=os.path.realpath(db),
         runtime_file=str(run / "live.json"),
-        daemon=DaemonLive(pid=1, heartbeat=beat, alarm=alarm),
+        daemon=DaemonLive(pid=1, heartbeat=beat, alarm=alarm, boot_id=boot_id()),
     )
 
 
@@ -161,4 +163,34 @@ def test_write_file_replaces_whole_and_leaves_no_temporary(tmp_path: Path) -> No
         write_file(path, encode(dataclasses.replace(FULL, daemon=DaemonLive(heartbeat=beat))))
     assert decode(path.read_bytes()).daemon.heartbeat == 2.0
     assert sorted(p.name for p in tmp_path.iterdir()) == ["live.json"]
-    assert oct(path.stat().st_mode & 0o777) == "0o640"
+    assert path.stat().st_mode & 0o007 == 0  # never readable by others (0640 less the umask)
+
+
+def test_a_row_naming_a_fifo_a_link_or_garbage_never_hangs_or_crashes(tmp_path: Path) -> None:
+    """The row is untrusted: a FIFO (a read would block), a symlink, a NUL in the path."""
+    db = tmp_path / "agent.db"
+    (tmp_path / "fifo").mkdir()
+    os.mkfifo(tmp_path / "fifo" / "live.json")
+    (tmp_path / "link").mkdir()
+    write_file(tmp_path / "real.json", encode(_live(db, tmp_path, 900.0)))
+    (tmp_path / "link" / "live.json").symlink_to(tmp_path / "real.json")
+    for named in (tmp_path / "fifo" / "live.json", tmp_path / "link" / "live.json",
+                  "/tmp/a\x00b/live.json"):  # fmt: skip
+        _store_with(db, dataclasses.replace(_live(db, tmp_path, 100.0), runtime_file=str(named)))
+        got = _read(db)
+        assert (got.source, got.daemon.heartbeat) == ("database", 100.0), named
+
+
+def test_a_file_from_another_boot_or_another_inode_is_not_read(tmp_path: Path) -> None:
+    db, run = tmp_path / "agent.db", tmp_path / "run"
+    run.mkdir()
+    _store_with(db, _live(db, run, 100.0))
+    newer = _live(db, run, 200.0)
+    for stale in (
+        dataclasses.replace(newer, daemon=dataclasses.replace(newer.daemon, boot_id="other")),
+        dataclasses.replace(newer, database_id="1:2"),  # a copy at the same path
+    ):
+        write_file(run / "live.json", encode(stale))
+        assert _read(db).daemon.heartbeat == 100.0
+    write_file(run / "live.json", encode(dataclasses.replace(newer, database_id=file_id(db))))
+    assert _read(db).daemon.heartbeat == 200.0

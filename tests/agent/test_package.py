@@ -50,7 +50,7 @@ COMMANDS = {  # entry point -> its --version line (click's wording for the CLI)
     "ironfleet-sim": "ironfleet-sim {}",
 }
 # Modules that need a distribution the package does not ship (vehicles never run them).
-OPTIONAL = {"agent.fleet_pg": "psycopg"}  # the fleet-side collector on PostgreSQL
+OPTIONAL = {"fleet.pgstore": "psycopg"}  # the fleet-side collector on PostgreSQL
 # Imports every module of the agent with the package's files alone (run with -IS); prints
 # how many imported and, per line, "module missing" for those missing a distribution.
 IMPORT_ALL = """

@@ -13,6 +13,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from agent.errors import CommitFailed, StoreError
+from agent.livestate import read_row
 from agent.resilience import Event, replay
 from agent.store import (
     WAL_RESERVE_BYTES,
@@ -395,11 +396,17 @@ def test_live_snapshot_migration_drops_the_old_live_keys_and_keeps_the_cursor(db
     old = ["daemon.heartbeat", "link.counters", "store.stats", "uplink.phase", "breaker.state"]
     kept = ["uplink.cursor", "events.max_id", "alarm.store_quarantined", "store.salvage"]
     conn.executemany("INSERT INTO agent_state VALUES (?, '1', 0)", [(k,) for k in old + kept])
+    conn.execute("UPDATE agent_state SET value = ? WHERE key = 'store.stats'",
+                 ('{"loss_received": 123, "top_rowid": 7}',))  # fmt: skip
+    conn.execute("DELETE FROM agent_state WHERE key = 'live'")
     conn.execute("DELETE FROM _migrations WHERE name = '004_live_snapshot'")  # as before it
     conn.commit()
     conn.close()
     store = EventStore(db)
     keys = {k for (k,) in store.conn.execute("SELECT key FROM agent_state")}
+    # The old figures carried into the new row: the loss ledger keeps what was received.
+    assert read_row(store.conn).store == {"loss_received": 123, "top_rowid": 7}
+    assert store.loss.received >= 123
     store.close()
     assert keys >= set(kept)
     assert not keys & set(old)

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -108,8 +110,12 @@ def _trust(key_file: str, fleet_key: str = "", rejected: dict[str, int] | None =
 
 
 def test_doctor_shows_the_key_fingerprint_the_collector_prints(tmp_path: Path) -> None:
-    keygen(tmp_path / "fleet.key", tmp_path / "fleet.pub")
+    collector = str(Path(sys.executable).with_name("ironfleet-collector"))
+    made = subprocess.run([collector, "keygen", "--private", str(tmp_path / "fleet.key"),
+                           "--public", str(tmp_path / "fleet.pub")],
+                          capture_output=True, text=True, check=True)  # fmt: skip
     fingerprint = key_fingerprint(load_private_key(str(tmp_path / "fleet.key")))
+    assert f"fingerprint {fingerprint}" in made.stdout
     check = _trust(str(tmp_path / "fleet.pub"), fleet_key=fingerprint)
     assert (check.status, fingerprint in check.detail) == ("ok", True), check
     assert fingerprint.startswith("sha256:")

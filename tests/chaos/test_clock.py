@@ -28,9 +28,9 @@ from typing import Any
 
 import pytest
 
-from agent.collector import CollectorStore
 from agent.resilience import Event, replay
 from agent.store import read_latest
+from fleet.collector import CollectorStore
 
 from fleetharness import cursor_history, top_rowid, wait_caught_up
 from simharness import AgentProcess, Broker, Sim, TruthReader, assert_zero_loss, live

@@ -25,7 +25,7 @@ from typing import Any
 
 import pytest
 
-from agent.fleet_pg import PgCollectorStore
+from fleet.pgstore import PgCollectorStore
 
 from pgharness import CollectorProc, FleetLoad, PgCluster, pg_verdict, shared_cluster
 from simharness import Broker

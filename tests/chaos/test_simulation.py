@@ -36,7 +36,6 @@ from hypothesis.stateful import (
     run_state_machine_as_test,
 )
 
-from agent.collector import Collector, CollectorStore
 from agent.config import UplinkSection
 from agent.errors import StoreError
 from agent.fleet_auth import FleetAuth
@@ -46,6 +45,7 @@ from agent.store import EventStore, connect, read_latest
 from firmware_bridge.controller import ControllerLink
 from firmware_bridge.link import AgentLink, Received
 from firmware_bridge.protocol import EventBody, TimeQuality
+from fleet.collector import Collector, CollectorStore
 
 from support import fleet_signer
 

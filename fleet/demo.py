@@ -26,12 +26,12 @@ from pathlib import Path
 from typing import Any, Final
 
 from agent import livestate
-from agent.collector import Collector, CollectorStore
 from agent.fleet import Batch
 from agent.fleet_auth import FleetSigner, keygen, load_private_key
 from agent.livestate import LiveState
 from agent.storedb import read_cursor
-from agent.uplink import FleetSubscriber
+from fleet.collector import Collector, CollectorStore
+from fleet.subscriber import FleetSubscriber
 
 VEHICLE = "demo-truck-7"
 BIN = Path(sys.executable).parent
@@ -356,7 +356,7 @@ class Demo:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m agent.demo", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m fleet.demo", description=__doc__)
     parser.add_argument("--workdir", type=Path, default=None, help="keep files here")
     parser.add_argument("--scale", type=float, default=1.0, help="stretch the scenario")
     args = parser.parse_args(argv)

@@ -23,10 +23,11 @@ import msgpack
 import psycopg
 import pytest
 
-from agent.collector import Collector, main
 from agent.errors import CommitFailed
 from agent.fleet import Batch
-from agent.fleet_pg import (
+from agent.resilience import Event, replay
+from fleet.collector import Collector, main
+from fleet.pgstore import (
     AHEAD_DAYS,
     DAY,
     InsertMethod,
@@ -34,7 +35,6 @@ from agent.fleet_pg import (
     day_of,
     partition_name,
 )
-from agent.resilience import Event, replay
 
 from pgharness import CollectorProc, FleetLoad, PgCluster, pg_verdict
 from simharness import Broker

@@ -37,11 +37,11 @@ from agent.fleet import (
     decode_status,
     parse_topic,
 )
-from agent.fleet_auth import FleetSigner, keygen, load_private_key
+from agent.fleet_auth import FleetSigner, key_fingerprint, keygen, load_private_key
 from agent.fsprobe import JournalProbe
 from agent.resilience.ratelimit import LogThrottle
-from agent.uplink import FleetSubscriber
 from agent.version import agent_version
+from fleet.subscriber import FleetSubscriber
 
 log = logging.getLogger(__name__)
 
@@ -197,7 +197,7 @@ class CollectorStore:
 
 class FleetStore(Protocol):
     """What `Collector` needs of a store: `CollectorStore` (SQLite, embedded) or
-    `agent.fleet_pg.PgCollectorStore` (PostgreSQL, shared by N collectors)."""
+    `fleet.pgstore.PgCollectorStore` (PostgreSQL, shared by N collectors)."""
 
     def ingest(self, batch: Batch, now: float | None = None) -> tuple[int, int]: ...
     def set_status(self, vehicle: str, status: str, at: float) -> None: ...
@@ -210,7 +210,7 @@ def open_store(db: str) -> FleetStore:
     """A `postgresql://` URL opens the shared PostgreSQL store (psycopg imported only
     then, so the embedded default needs neither); anything else is a SQLite file."""
     if db.startswith(("postgresql://", "postgres://")):
-        from agent.fleet_pg import PgCollectorStore  # noqa: PLC0415 - optional dependency
+        from fleet.pgstore import PgCollectorStore  # noqa: PLC0415 - optional dependency
 
         return PgCollectorStore(db)
     return CollectorStore(db)
@@ -406,7 +406,7 @@ def _retention(db: str, keep_days: int) -> int:
         print("ironfleet-collector: retention needs a postgresql:// --db and --keep-days >= 1",
               file=sys.stderr)  # fmt: skip
         return 2
-    from agent.fleet_pg import PgCollectorStore  # noqa: PLC0415 - optional dependency
+    from fleet.pgstore import PgCollectorStore  # noqa: PLC0415 - optional dependency
 
     store = PgCollectorStore(db)
     made = store.ensure_partitions()
@@ -459,7 +459,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"ironfleet-collector: {exc}", file=sys.stderr)
             return 2
         print(f"private key {args.private} (keep on the collector), public key {args.public} "
-              "(every agent's [uplink] fleet_key_file)")  # fmt: skip
+              "(every agent's [uplink] fleet_key_file); fingerprint "
+              f"{key_fingerprint(load_private_key(args.private))} (ironfleet doctor shows the "
+              "agent's)")  # fmt: skip
         return 0
     if args.command in ("report", "retention", "import"):
         return _database_command(args)
@@ -485,7 +487,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _database_command(args: argparse.Namespace) -> int:
     """`report`, `retention` and `import`: the database only, no broker."""
     if args.command == "import":
-        from agent.fleet_import import cli_import  # noqa: PLC0415 - it imports this module
+        from fleet.importer import cli_import  # noqa: PLC0415 - it imports this module
 
         return cli_import(args)
     try:

@@ -27,7 +27,6 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Final
 
-from agent.collector import FleetStore, open_store
 from agent.errors import AgentError, ConfigError
 from agent.export import (
     MANIFEST_NAME,
@@ -44,6 +43,7 @@ from agent.export import (
 from agent.fleet import MAX_DOCUMENT_BYTES, Ack, Batch, FleetMessageError, batch_digest
 from agent.fleet_auth import FleetSigner, load_private_key
 from agent.receipts import RECEIPT_NAME, Receipt
+from fleet.collector import FleetStore, open_store
 
 log = logging.getLogger(__name__)
 
@@ -163,7 +163,7 @@ def import_bundle(
 
 
 def cli_import(args: argparse.Namespace) -> int:
-    """The body of `ironfleet-collector import` (its arguments: agent/collector.py)."""
+    """The body of `ironfleet-collector import` (its arguments: fleet/collector.py)."""
     try:
         signer = None if args.unsigned else FleetSigner(load_private_key(args.signing_key))
     except ConfigError as exc:
