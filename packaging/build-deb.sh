@@ -32,7 +32,7 @@ mkdir -p "$src" "$stage"
 
 # A clean copy of the sources: nothing from the working tree's build/ or egg-info leaks
 # in, and the tree itself is left untouched.
-(cd "$root" && tar -cf - --exclude=__pycache__ pyproject.toml README.md agent firmware_bridge) |
+(cd "$root" && tar -cf - --exclude=__pycache__ pyproject.toml README.md agent firmware_bridge fleet) |
   (cd "$src" && tar -xf -)
 if [ -n "${VERSION:-}" ]; then
   sed -i "s/^version = \".*\"/version = \"$VERSION\"/" "$src/pyproject.toml"
