@@ -148,13 +148,21 @@ class UplinkSection:
     batch_max_events: int = 500
     batch_max_bytes: int = 256 * 1024
     batch_max_delay_ms: float = 200.0
-    compress: bool = True
+    # What batches are published with (docs/fleet-protocol.md 2): "zlib" (default), "raw",
+    # or "columnar" (fewest bytes: scarce links; collectors must know codec 2 first).
+    codec: str = "zlib"
+    compress: bool = True  # older key: false sends raw whatever `codec` says
     max_in_flight: int = 8
     ack_timeout: float = 15.0
     breaker_failure_threshold: int = 5
     breaker_recovery_timeout: float = 10.0
     reconnect_min: float = 0.5
     reconnect_max: float = 30.0
+
+    @property
+    def wire_codec(self) -> str:
+        """The codec batches go out with: `codec`, unless the older `compress = false`."""
+        return self.codec if self.compress else "raw"
 
     def validate(self) -> dict[str, str]:
         checks = {
@@ -173,6 +181,10 @@ class UplinkSection:
             "batch_max_delay_ms": (
                 0 <= self.batch_max_delay_ms <= 60_000,
                 "must be within [0, 60000]",
+            ),
+            "codec": (
+                self.codec in ("zlib", "raw", "columnar"),
+                "must be 'zlib' (default), 'raw' or 'columnar'",
             ),
             "max_in_flight": (1 <= self.max_in_flight <= 1000, "must be within [1, 1000]"),
             "ack_timeout": (0.1 <= self.ack_timeout <= 3600, "must be in [0.1, 3600] seconds"),

@@ -300,7 +300,7 @@ class Resync:
                 batch = Batch(
                     self.vehicle, batch_id, "state", False, tuple((e, tq) for _, e, tq, _ in page)
                 )
-                payload = batch.encode(self.config.compress)
+                payload = batch.encode(codec=self.config.wire_codec)
                 out.append(Outgoing("state", batch_id, payload, len(page)))
                 self._state_pending[batch_id] = (now, batch_digest(payload))
                 self.counters.state_batches_sent += 1
@@ -371,7 +371,7 @@ class Resync:
         historical = upto <= self._connect_high
         batch_id = self._new_id()
         payload = Batch(self.vehicle, batch_id, "events", historical, tuple(events)).encode(
-            c.compress
+            codec=c.wire_codec
         )
         entry = _InFlight(
             batch_id, self._send_after + 1, upto, positions, now, batch_digest(payload)

@@ -29,14 +29,19 @@ between runs on this machine kind; the ratios are what count):
    tmpfs so the drain takes about a minute), next to fresh interpreters that import the
    agent's modules only, and its dependencies step by step.
 
+4. Bytes and CPU per event on the wire for each encoding (uplink_encoding.py): zlib over
+   rows (codec 1), zstd with a trained dictionary, and the columnar codec 2, on the
+   simulator's vehicle profile.
+
 No timing assertions; delivery is checked (every event stored once by the collector, its
 state equal to the agent's latest per stream, the daemon exits 0).
 
 This file holds the options, the report header and the `_collector` entry point the
 collector child is started with; the rest lives beside it: section 1 in uplink_drain.py,
-2 in uplink_converge.py, 3 in uplink_rss.py; the instrumented collector process in
-uplink_collector.py, the agent's stepped uplink loop in uplink_agent.py, and the workload,
-process helpers and mosquitto management in uplink_common.py.
+2 in uplink_converge.py, 3 in uplink_rss.py, 4 in uplink_encoding.py; the instrumented
+collector process in uplink_collector.py, the agent's stepped uplink loop in
+uplink_agent.py, and the workload, process helpers and mosquitto management in
+uplink_common.py.
 """
 
 from __future__ import annotations
@@ -54,6 +59,7 @@ from uplink_collector import collector_child
 from uplink_common import MOSQUITTO, Broker
 from uplink_converge import section_convergence
 from uplink_drain import section_throughput
+from uplink_encoding import section_encoding
 from uplink_rss import section_rss
 
 # -- main --------------------------------------------------------------------------------------
@@ -70,7 +76,9 @@ def main() -> None:
     parser.add_argument("--batches", default="500,100", help="batch_max_events values")
     parser.add_argument("--converge", default="100000,1000000",
                         help="backlog sizes (section 2); 3 drains the largest")  # fmt: skip
-    parser.add_argument("--sections", default="1,2,3")
+    parser.add_argument("--sections", default="1,2,3,4")
+    parser.add_argument("--encoding-events", type=int, default=20_000,
+                        help="section 4: events of the vehicle profile per run")  # fmt: skip
     parser.add_argument("--no-diagnostics", action="store_true",
                         help="skip the NODELAY, PUBACK-mode and raw-loop runs")  # fmt: skip
     parser.add_argument("--rss-collector-on-disk", action="store_true",
@@ -104,6 +112,8 @@ def main() -> None:
             section_convergence(args, broker, fast, tmp)
         if 3 in sections:
             section_rss(args, broker, tmp)
+        if 4 in sections:
+            section_encoding(args)
     finally:
         broker.stop()
         if fast is not None:

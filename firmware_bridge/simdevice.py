@@ -24,6 +24,7 @@ import msgpack
 from firmware_bridge.controller import ControllerLink
 from firmware_bridge.faults import LineNoise
 from firmware_bridge.protocol import EventBody, TimeQuality
+from firmware_bridge.telemetry import FAMILIES, VehicleModel
 
 _MAX_WRITE_BACKLOG = 64 * 1024  # bytes held for a pty nobody reads: a UART drops them
 
@@ -98,6 +99,8 @@ class Device:
     acked_before: int = 0
     retransmits_before: int = 0
     flood_left: int = 0  # random bytes still to send (a babbling line)
+    model: VehicleModel | None = None  # --profile vehicle: the drive the signals come from
+    model_wall: float = 0.0  # wall time the model was last stepped to
     acks_lost: int = 0  # reads from the agent thrown away (--ack-loss)
 
     def __post_init__(self) -> None:
@@ -179,21 +182,31 @@ class Device:
     def produce(self, count: int, wall: float) -> int:
         """Generate up to `count` events round-robin over the streams; return how many."""
         made = 0
+        if getattr(self.args, "profile", "counter") == "vehicle" and self.model is None:
+            self.model = VehicleModel(random.Random(self.rng.random()))
+            self.model_wall = wall
+        if self.model is not None:
+            self.model.step(min(max(wall - self.model_wall, 0.0), 1.0))
+            self.model_wall = wall
         for _ in range(count):
             stream = self.sent % self.streams
             seq = self.seqs[stream] + 1
+            if self.model is not None:  # position, speed, engine, status, position, ...
+                family = FAMILIES[stream % len(FAMILIES)]
+                name = f"{self.controller_id}/{family}{stream // len(FAMILIES)}"
+                signals = self.model.sample(family)
+            else:
+                name = f"{self.controller_id}/s{stream:03d}"
+                signals = {"v": self.sent, "x": round(self.rng.uniform(-180.0, 180.0), 6),
+                           "ok": True}  # fmt: skip
             body = EventBody(
-                stream=f"{self.controller_id}/s{stream:03d}",
+                stream=name,
                 seq=seq,
                 ts=wall,
                 time_quality=TimeQuality.SYNCED,
                 kind=self.args.kind,
                 priority=stream % 4,
-                signals={
-                    "v": self.sent,
-                    "x": round(self.rng.uniform(-180.0, 180.0), 6),
-                    "ok": True,
-                },
+                signals=signals,
             )
             if not self.link.offer(body):
                 self.dropped_at_source += 1  # ring full: the agent is not ACKing

@@ -75,6 +75,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--drain-timeout", type=float, default=30.0, help="seconds to wait for the last ACKs"
     )
     g.add_argument("--kind", default="telemetry", help="event kind")
+    g.add_argument(
+        "--profile", choices=("counter", "vehicle"), default="counter",
+        help="signals: a counter and a random float (default), or a vehicle's position, "
+        "speed, engine and status streams from one simulated drive (realistic to compress)",
+    )  # fmt: skip
     g.add_argument("--seed", type=int, default=None, help="random seed (printed if not given)")
     g = p.add_argument_group("device")
     g.add_argument(

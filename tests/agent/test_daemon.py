@@ -27,7 +27,7 @@ StartSim = Callable[..., Sim]
 StartAgent = Callable[..., AgentProcess]
 
 # CI tier: 50 kills. IRONFLEET_LONG=1 runs the long tier (make chaos).
-KILLS = 500 if os.environ.get("IRONFLEET_LONG") else 50
+KILLS = 500 if os.environ.get("IRONFLEET_LONG") else 30
 
 
 def assert_acked_stored_once(truth: TruthReader, db: Path) -> dict[tuple[str, int, int], list[str]]:

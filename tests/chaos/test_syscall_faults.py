@@ -110,9 +110,9 @@ def test_eio_on_writes_for_a_window_then_recovery(
     start_sim: StartSim, start_agent: StartAgent, chaos_report: Any
 ) -> None:
     truth, agent, counters = run_with_errors(
-        start_sim, start_agent, "pwrite64:error=EIO:when=300..420"
+        start_sim, start_agent, "pwrite64:error=EIO:when=300..340"
     )
-    chaos_report.record("EIO on pwrite64 x121 (strace)", injected=121, acked=len(truth.acked))
+    chaos_report.record("EIO on pwrite64 x41 (strace)", injected=41, acked=len(truth.acked))
     assert counters["commit_failures"] > 0, "the injected errors never hit a commit"
     assert b"commit_failed" in agent.log.read_bytes()
     assert b"commit_recovered" in agent.log.read_bytes()
@@ -134,7 +134,7 @@ def test_control_ack_after_failed_commit_is_caught(
 ) -> None:
     """The EIO harness against an agent that ACKs failed commits must report the loss."""
     truth, agent, counters = run_with_errors(
-        start_sim, start_agent, "pwrite64:error=EIO:when=300..420", "ack_after_failed_commit"
+        start_sim, start_agent, "pwrite64:error=EIO:when=300..340", "ack_after_failed_commit"
     )
     found = verdict(truth, agent.db)
     print(f"control (ACK after failed commit): {found.describe()}")
