@@ -153,6 +153,9 @@ class UplinkSection:
     codec: str = "zlib"
     compress: bool = True  # older key: false sends raw whatever `codec` says
     max_in_flight: int = 8
+    # Bytes per second the uplink may publish, averaged (0: no limit): a slow or per-byte
+    # billed radio. Live batches go first; the backlog takes what is left.
+    max_bytes_per_second: int = 0
     ack_timeout: float = 15.0
     breaker_failure_threshold: int = 5
     breaker_recovery_timeout: float = 10.0
@@ -187,6 +190,10 @@ class UplinkSection:
                 "must be 'zlib' (default), 'raw' or 'columnar'",
             ),
             "max_in_flight": (1 <= self.max_in_flight <= 1000, "must be within [1, 1000]"),
+            "max_bytes_per_second": (
+                self.max_bytes_per_second == 0 or 100 <= self.max_bytes_per_second <= 10**9,
+                "must be 0 (no limit) or within [100, 1000000000]",
+            ),
             "ack_timeout": (0.1 <= self.ack_timeout <= 3600, "must be in [0.1, 3600] seconds"),
             "breaker_failure_threshold": (
                 1 <= self.breaker_failure_threshold <= 1000,

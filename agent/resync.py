@@ -1,17 +1,18 @@
-"""Resync after link loss, and the uplink's control loop; steppable, no MQTT inside.
+"""Resync after link loss: what the uplink sends next; steppable, no MQTT inside.
 
 `Resync` decides what to send: after every (re)connect first the compacted replay
-(latest event per stream) on `state`, then the backlog above the fleet's cursor, oldest
-first, on `events` (flagged historical when it was stored before the connection), then
-live events as they are committed. Batches are bounded by count, bytes and time.
-Acknowledgements advance the delivery cursor only over a contiguous prefix of acked
-batches, so a lost or reordered ack can never mark an unsent event as delivered.
+(latest event per stream) on `state`; then two lanes on `events`: live events (stored
+after the connection) as they are committed, and the backlog above the fleet's cursor
+(stored before it, flagged historical), oldest first. Live goes first: at every step a
+live batch that is due (full, or `batch_max_delay_ms` old) is sent before the next
+backlog batch, so fresh data never waits behind an hour of backlog on a slow link; the
+backlog takes the rest of the window and of the byte budget (`[uplink]
+max_bytes_per_second`, agent/resilience/budget.py). Batches are bounded by count, bytes
+and time. Acknowledgements advance the delivery cursor only over a contiguous prefix of
+acked batches (live runs acked ahead of the backlog wait in the cursor), so a lost or
+reordered ack can never mark an unsent event as delivered.
 
-`FleetSync` drives a transport (MQTT in production: `agent.uplink.MqttTransport`)
-through `run_once(now)`: reconnects with capped, jittered backoff, feeds connection,
-publish and ack outcomes to the circuit breaker, and sends nothing while it is open.
-Acks and commands pass `agent.fleet_inbox.FleetInbox` (signature, digest of the batch as
-published, counters, rate limits) before they act; no message can raise out of it.
+`agent.fleetsync.FleetSync` drives it over a transport (the uplink's control loop).
 """
 
 from __future__ import annotations
@@ -23,28 +24,23 @@ from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import Protocol
 
 from agent.config import UplinkSection
 from agent.fleet import Batch, batch_digest
-from agent.fleet_auth import FleetAuth
-from agent.fleet_inbox import FleetInbox
-from agent.resilience import Backoff, CircuitBreaker, Event
+from agent.resilience import Event
+from agent.resilience.budget import ByteBudget
 from agent.resilience.cursor import AckedRun, DeliveryCursor
-from agent.resilience.ratelimit import TokenBucket
 from agent.store import read_cursor, read_latest
 
 log = logging.getLogger(__name__)
 
 STATE_BATCH_EVENTS = 5000  # the compacted replay goes in as few messages as possible
-CONNACK_TIMEOUT = 10.0  # seconds from sending CONNECT to giving the attempt up
 MAX_TRACKED_BATCHES = 4096  # sent batches whose late ack is still honoured
-# A replay request rebuilds the compacted state (one read per stream): however many
-# arrive, they coalesce into one pending flag, served at most this often.
-REPLAY_RATE = 0.2  # per second
-REPLAY_BURST = 2.0
 
 Deliver = Callable[[int, dict[str, tuple[int, int]]], None]
+# A stored event as the lanes read it: rowid, stream, boot_epoch, seq, ts, time quality,
+# kind, priority, payload.
+Row = tuple[int, str, int, int, float, int, str, int, bytes]
 
 
 class Phase(StrEnum):
@@ -74,6 +70,7 @@ class _InFlight:
     positions: dict[str, tuple[int, int]]
     sent_at: float
     digest: bytes  # SHA-256 of the payload as published: a signed ack must name it
+    live: bool = False  # the live lane's (rows stored after the connection)
 
 
 @dataclass
@@ -82,6 +79,7 @@ class ResyncCounters:
 
     batches_sent: int = 0
     events_sent: int = 0
+    bytes_sent: int = 0  # payload bytes of every batch published (state and events)
     state_batches_sent: int = 0
     acks: int = 0
     acks_stale: int = 0  # acks for no batch awaited: duplicates (two collectors) or late
@@ -131,8 +129,10 @@ class Resync:
         self._state_pending: dict[int, tuple[float, bytes]] = {}  # id -> (sent at, digest)
         # Highest rowid the fleet holds, from acks in any order (agent/resilience/cursor.py).
         self._cursor = DeliveryCursor(read_cursor(reader) - 1, max_pending=MAX_TRACKED_BATCHES)
-        self._send_after = self._cursor.delivered
+        self._send_after = self._cursor.delivered  # the backlog lane: up to _connect_high
+        self._live_after = self._cursor.delivered  # the live lane: above _connect_high
         self._connect_high = 0
+        self.budget = ByteBudget(config.max_bytes_per_second)
         self._connected_at = 0.0
         self._partial_since: float | None = None
         self._resend_state = False
@@ -154,6 +154,7 @@ class Resync:
         self._state_after = None
         row = self.reader.execute("SELECT max(id) FROM events").fetchone()
         self._connect_high = int(row[0] or 0)
+        self._live_after = max(self._connect_high, self._cursor.delivered)
         self._connected_at = now
         self._partial_since = None
         self.phase = Phase.STATE
@@ -226,6 +227,7 @@ class Resync:
             return False
         upto, positions = moved
         self._send_after = max(self._send_after, upto)  # never resend what is held
+        self._live_after = max(self._live_after, upto)
         self.deliver(upto, positions)
         return True
 
@@ -236,25 +238,7 @@ class Resync:
         self.timed_out = False
         if self.phase is Phase.OFFLINE:
             return []
-        if self._inflight:
-            oldest = next(iter(self._inflight.values()))
-            if now - oldest.sent_at > self.config.ack_timeout:
-                # Go back to the last acknowledged point; the collector drops duplicates.
-                self.counters.ack_timeouts += 1
-                self.timed_out = True
-                self._inflight.clear()
-                self._send_after = self._cursor.delivered
-        if (
-            self._state_pending
-            and now - min(at for at, _ in self._state_pending.values()) > self.config.ack_timeout
-        ):
-            # The compacted replay was lost (e.g. the collector was not subscribed yet):
-            # send it again, or the fleet view would stay behind until the next connect.
-            self.counters.ack_timeouts += 1
-            self.counters.convergence_failures += 1
-            self.timed_out = True
-            self._forget_state_pending()
-            self._resend_state = True
+        self._check_timeouts(now)
         out: list[Outgoing] = []
         if (self.phase is Phase.STATE and self._state_after is None) or self._resend_state:
             self._start_state()
@@ -266,12 +250,50 @@ class Resync:
                 if self._state_after is None:
                     self.phase = Phase.BACKLOG
                 return out
-        while len(self._inflight) < self.config.max_in_flight:
-            batch = self._next_events_batch(now)
+        if not self._inflight:
+            # Nothing in flight, yet the cursor waits below what a lane has sent: an acked
+            # run it needed was forgotten (more than MAX_TRACKED_BATCHES waited). Resend.
+            if self._cursor.delivered < self._send_after:
+                self._send_after = self._cursor.delivered
+            elif self._send_after >= self._connect_high and (
+                self._cursor.delivered < self._live_after
+            ):
+                self._live_after = max(self._cursor.delivered, self._connect_high)
+        while len(self._inflight) < self.config.max_in_flight and self.budget.ready(now):
+            batch = self._next_live_batch(now) or self._next_backlog_batch(now)
             if batch is None:
                 break
+            self.budget.spend(len(batch.payload))
+            self.counters.bytes_sent += len(batch.payload)
             out.append(batch)
+        self.phase = Phase.BACKLOG if self._send_after < self._connect_high else Phase.LIVE
         return out
+
+    def _check_timeouts(self, now: float) -> None:
+        """Go back to the first unacknowledged batch of each lane, and resend a compacted
+        replay that was not acknowledged in time."""
+        if self._inflight:
+            oldest = next(iter(self._inflight.values()))
+            if now - oldest.sent_at > self.config.ack_timeout:
+                # Go back to the last acknowledged point; the collector drops duplicates.
+                self.counters.ack_timeouts += 1
+                self.timed_out = True
+                live = [e.from_rowid for e in self._inflight.values() if e.live]
+                self._inflight.clear()
+                self._send_after = self._cursor.delivered
+                if live:  # the live lane goes back to its own first unacked batch
+                    self._live_after = max(min(live) - 1, self._cursor.delivered)
+        if (
+            self._state_pending
+            and now - min(at for at, _ in self._state_pending.values()) > self.config.ack_timeout
+        ):
+            # The compacted replay was lost (e.g. the collector was not subscribed yet):
+            # send it again, or the fleet view would stay behind until the next connect.
+            self.counters.ack_timeouts += 1
+            self.counters.convergence_failures += 1
+            self.timed_out = True
+            self._forget_state_pending()
+            self._resend_state = True
 
     def _new_id(self) -> int:
         batch_id = (self.run_id << 32) | self._next_batch
@@ -302,6 +324,8 @@ class Resync:
                 )
                 payload = batch.encode(codec=self.config.wire_codec)
                 out.append(Outgoing("state", batch_id, payload, len(page)))
+                self.budget.spend(len(payload))
+                self.counters.bytes_sent += len(payload)
                 self._state_pending[batch_id] = (now, batch_digest(payload))
                 self.counters.state_batches_sent += 1
                 self.counters.state_streams_sent += len(page)
@@ -335,245 +359,75 @@ class Resync:
                 behind[0][:64],
             )
 
-    def _next_events_batch(self, now: float) -> Outgoing | None:
-        c = self.config
-        rows = self.reader.execute(
-            """SELECT e.id, s.name, e.boot_epoch, e.seq, e.ts, e.ts_quality, e.kind, e.priority,
-                      e.payload
-               FROM events AS e JOIN streams AS s ON s.id = e.stream_id
-               WHERE e.id > ? ORDER BY e.id LIMIT ?""",
-            (self._send_after, c.batch_max_events),
-        ).fetchall()
-        if not rows:
-            if self.phase is Phase.BACKLOG:
-                self.phase = Phase.LIVE
+    def _next_backlog_batch(self, now: float) -> Outgoing | None:
+        """The next batch of rows stored before the connection, oldest first."""
+        if self._send_after >= self._connect_high:
             return None
-        if len(rows) < c.batch_max_events and rows[0][0] > self._connect_high:
-            # Live and not a full batch yet: wait a little to send fewer, fuller messages.
+        rows = self._read(self._send_after, self._connect_high)
+        if not rows:  # the rest was shed (agent/eviction.py): nothing left to deliver
+            self.apply_run(AckedRun(self._send_after + 1, self._connect_high, {}))
+            self._send_after = self._connect_high
+            return None
+        # The last backlog batch covers up to the connection's top, rows shed there too.
+        end = self._connect_high if len(rows) < self.config.batch_max_events else 0
+        batch = self._batch(rows, self._send_after, now, live=False, end=end)
+        self._send_after = self._sent[batch.batch_id].upto_rowid
+        return batch
+
+    def _next_live_batch(self, now: float) -> Outgoing | None:
+        """The next batch of rows stored after the connection, once it is due."""
+        c = self.config
+        rows = self._read(self._live_after, None)
+        if not rows:
+            return None
+        if len(rows) < c.batch_max_events:
+            # Not a full batch yet: wait a little to send fewer, fuller messages.
             if self._partial_since is None:
                 self._partial_since = now
             if now - self._partial_since < c.batch_max_delay_ms / 1000.0:
                 return None
         self._partial_since = None
+        batch = self._batch(rows, self._live_after, now, live=True, end=0)
+        self._live_after = self._sent[batch.batch_id].upto_rowid
+        return batch
+
+    def _read(self, after: int, upto: int | None) -> list[Row]:
+        return self.reader.execute(
+            """SELECT e.id, s.name, e.boot_epoch, e.seq, e.ts, e.ts_quality, e.kind, e.priority,
+                      e.payload
+               FROM events AS e JOIN streams AS s ON s.id = e.stream_id
+               WHERE e.id > ? AND e.id <= ? ORDER BY e.id LIMIT ?""",
+            (after, upto if upto is not None else 2**63 - 1, self.config.batch_max_events),
+        ).fetchall()
+
+    def _batch(self, rows: list[Row], after: int, now: float, *, live: bool, end: int) -> Outgoing:
+        """One events batch of `rows` (up to batch_max_bytes of them), covering every rowid
+        from `after` + 1 to its last row, or to `end` when it takes every row."""
+        c = self.config
         events: list[tuple[Event, int]] = []
         positions: dict[str, tuple[int, int]] = {}
         size = 0
-        upto = self._send_after
+        upto = after
         for rowid, name, epoch, seq, ts, tq, kind, priority, payload in rows:
             size += len(payload) + len(name) + len(kind) + 40
             if events and size > c.batch_max_bytes:
+                end = 0
                 break
             event = Event.trusted(name, seq, epoch, ts, kind, priority, bytes(payload))
             events.append((event, tq))
             if (epoch, seq) > positions.get(name, (-1, -1)):
                 positions[name] = (epoch, seq)
             upto = rowid
-        historical = upto <= self._connect_high
+        upto = max(upto, end)
         batch_id = self._new_id()
-        payload = Batch(self.vehicle, batch_id, "events", historical, tuple(events)).encode(
+        payload = Batch(self.vehicle, batch_id, "events", not live, tuple(events)).encode(
             codec=c.wire_codec
         )
-        entry = _InFlight(
-            batch_id, self._send_after + 1, upto, positions, now, batch_digest(payload)
-        )
+        entry = _InFlight(batch_id, after + 1, upto, positions, now, batch_digest(payload), live)
         self._inflight[batch_id] = entry
         self._sent[batch_id] = entry
         while len(self._sent) > MAX_TRACKED_BATCHES:
             self._sent.popitem(last=False)
-        self._send_after = upto
         self.counters.batches_sent += 1
         self.counters.events_sent += len(events)
         return Outgoing("events", batch_id, payload, len(events))
-
-
-class Transport(Protocol):
-    """What FleetSync needs from the MQTT side (see agent.uplink.MqttTransport)."""
-
-    @property
-    def connected(self) -> bool: ...
-
-    @property
-    def address(self) -> str:
-        """Where it connects ("host:port"), for the failure reasons the views show."""
-        ...
-
-    @property
-    def connect_error(self) -> str:
-        """Why the last `connect()` returned False (address, errno)."""
-        ...
-
-    def connect(self) -> bool: ...
-
-    def poll(self, timeout: float) -> list[tuple[str, object]]: ...
-
-    def publish(self, kind: str, payload: bytes) -> int | None: ...
-
-    def publish_status(self, state: str, **fields: object) -> None: ...
-
-    def drop(self) -> None: ...
-
-
-class FleetSync:
-    """The uplink control loop: connection, breaker, resync, acks and commands."""
-
-    def __init__(
-        self,
-        transport: Transport,
-        resync: Resync,
-        breaker: CircuitBreaker,
-        backoff: Backoff,
-        *,
-        auth: FleetAuth,
-        ack_mode: str = "fleet",
-    ) -> None:
-        self.transport = transport
-        self.resync = resync
-        self.breaker = breaker
-        self.backoff = backoff
-        self.ack_mode = ack_mode
-        self.inbox = FleetInbox(auth, resync.digest_of)
-        self._replay_pending = False  # coalesced: any number of requests, one flag
-        self._replays = TokenBucket(REPLAY_RATE, REPLAY_BURST)
-        self._next_attempt = 0.0
-        # MQTT message id -> (batch id, sent at), oldest first: the broker's PUBACKs.
-        self._mids: dict[int, tuple[int, float]] = {}
-        self._failure_streak = 0
-        self._connecting_until: float | None = None
-        self.last_error = ""
-        self.pings = 0
-
-    @property
-    def bad_messages(self) -> int:
-        """Acks and commands refused (by reason: `inbox.rejected`)."""
-        return self.inbox.refused
-
-    def run_once(self, now: float, timeout: float = 0.05) -> None:
-        """One step: network I/O, events, reconnect if due, send what is due."""
-        if not self.transport.connected and self._connecting_until is None:
-            self._maybe_connect(now)  # before polling: poll waits while unconnected
-        for kind, value in self.transport.poll(timeout):
-            self._on_event(kind, value, now)
-        if not self.transport.connected:
-            self._maybe_connect(now)
-            return
-        if self._puback_overdue(now):
-            return
-        if not self.breaker.allow():
-            return  # open: nothing is sent; the store keeps buffering
-        if self._replay_pending and self._replays.allow(now):
-            self._replay_pending = False
-            self.resync.request_replay(now)
-        for out in self.resync.run_once(now):
-            mid = self.transport.publish(out.kind, out.payload)
-            if mid is None:
-                self.breaker.record_failure()
-                self.resync.on_disconnected()
-                return
-            self._mids[mid] = (out.batch_id, now)
-        if self.resync.timed_out:
-            self.breaker.record_failure()
-            log.warning("uplink_ack_timeout resend_from=%d", self.resync.delivered + 1)
-
-    def _puback_overdue(self, now: float) -> bool:
-        """The broker left a publish unacknowledged past ack_timeout: replace the
-        connection (resends happen only on a new one; found by swallowing PUBACKs)."""
-        if not self._mids:
-            return False
-        _batch, sent_at = next(iter(self._mids.values()))
-        if now - sent_at <= self.resync.config.ack_timeout:
-            return False
-        log.warning("uplink_puback_overdue after=%.1fs in_flight=%d; reconnecting",
-                    now - sent_at, len(self._mids))  # fmt: skip
-        self._mids.clear()
-        self.transport.drop()
-        for kind, value in self.transport.poll(0.0):  # its "disconnected", handled now
-            self._on_event(kind, value, now)
-        return True
-
-    def _maybe_connect(self, now: float) -> None:
-        if self._connecting_until is not None:
-            if now < self._connecting_until:
-                return  # waiting for CONNACK (it arrives through poll())
-            self._connecting_until = None
-            self._failed(now, f"no CONNACK from {self.transport.address} in {CONNACK_TIMEOUT:g} s")
-            return
-        if now < self._next_attempt or not self.breaker.allow():
-            return
-        if self.transport.connect():
-            self._connecting_until = now + CONNACK_TIMEOUT
-            return
-        self._failed(now, f"connect failed: {self.transport.connect_error}")
-
-    def next_attempt_in(self, now: float) -> float:
-        """Seconds until the next connection attempt (0 when connected or due)."""
-        if self.transport.connected:
-            return 0.0
-        return max(0.0, self._next_attempt - now, self.breaker.retry_in())
-
-    def _failed(self, now: float, why: str) -> None:
-        self.last_error = why
-        self.breaker.record_failure()
-        self._failure_streak += 1
-        self._next_attempt = now + self.backoff.next_delay()
-        level = logging.WARNING if self._failure_streak == 1 else logging.DEBUG
-        log.log(
-            level,
-            "uplink_down reason=%r streak=%d breaker=%s retry_in=%.2f",
-            why,
-            self._failure_streak,
-            self.breaker.state,
-            self._next_attempt - now,
-        )
-
-    def _on_event(self, kind: str, value: object, now: float) -> None:
-        if kind in ("connected", "refused", "disconnected"):
-            self._connecting_until = None
-        if kind == "connected":
-            self.breaker.record_success()
-            self.backoff.reset()
-            backlog = self.resync.backlog_rows
-            if self._failure_streak:
-                log.info("uplink_recovered after_failures=%d backlog=%d", self._failure_streak,
-                         backlog)  # fmt: skip
-            else:
-                log.info("uplink_connected backlog=%d", backlog)
-            self._failure_streak = 0
-            self._mids.clear()
-            self.resync.on_connected(now)
-            self.transport.publish_status("online", backlog=backlog)
-        elif kind == "refused":
-            self._failed(now, f"broker refused: {value}")
-        elif kind == "disconnected":
-            self.resync.on_disconnected()
-            self._mids.clear()
-            self._failed(now, f"disconnected: {value}")
-        elif kind == "puback":
-            self.breaker.record_success()
-            sent = self._mids.pop(int(value), None)  # type: ignore[call-overload]
-            if sent is not None and self.ack_mode == "broker":
-                self.resync.on_ack(sent[0], now)
-        elif kind in ("ack", "cmd", "retained"):
-            try:
-                self._on_message(kind, value, now)
-            except Exception as exc:  # last resort: one message must never kill the thread
-                # The decoders are total (tests/chaos/fuzz_fleet.py proves it without this
-                # guard); anything landing here is a bug, counted and logged with its trace.
-                self.inbox.bug(kind, now, exc)
-
-    def _on_message(self, kind: str, value: object, now: float) -> None:
-        """A message from the fleet: only what passes the inbox acts."""
-        if kind == "retained":
-            self.inbox.retained(str(value), now)
-        elif kind == "ack":
-            ack = self.inbox.ack(value, now)  # type: ignore[arg-type]
-            if ack is not None and self.ack_mode == "fleet":
-                self.resync.on_ack(ack.batch_id, now)
-        else:
-            cmd = self.inbox.command(value, now)  # type: ignore[arg-type]
-            if cmd is None:
-                return
-            if cmd.op == "replay":
-                self._replay_pending = True
-            else:
-                self.pings += 1
-                self.transport.publish_status("online", pong=cmd.cmd_id)

@@ -11,10 +11,11 @@ import time
 from agent.channels import Channels, Delivered
 from agent.config import Config
 from agent.fleet_auth import load_fleet_auth
+from agent.fleetsync import FleetSync
 from agent.livestate import BreakerLive, UplinkLive
 from agent.receipts import ReceiptInbox
 from agent.resilience import Backoff, CircuitBreaker
-from agent.resync import FleetSync, Resync
+from agent.resync import Resync
 from agent.store import connect
 from agent.uplink import MqttTransport
 

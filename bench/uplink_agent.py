@@ -11,8 +11,9 @@ from uplink_common import BUFFER_BYTES, Positions, set_nodelay
 
 from agent.config import UplinkSection
 from agent.fleet_auth import FleetAuth
+from agent.fleetsync import FleetSync
 from agent.resilience import Backoff, CircuitBreaker
-from agent.resync import FleetSync, Resync
+from agent.resync import Resync
 from agent.store import EventStore, StoreConfig, connect, read_latest
 from agent.uplink import MqttTransport
 

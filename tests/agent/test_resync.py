@@ -18,8 +18,9 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from agent.config import UplinkSection
 from agent.fleet import Ack, Batch, Command, batch_digest
 from agent.fleet_auth import FleetAuth, FleetSigner
+from agent.fleetsync import FleetSync
 from agent.resilience import Backoff, CircuitBreaker, Event
-from agent.resync import FleetSync, Phase, Resync
+from agent.resync import Phase, Resync
 from agent.store import EventStore, connect
 
 
@@ -488,3 +489,110 @@ def test_state_replay_is_paged_and_windowed_then_the_backlog_follows(store: Even
     assert sorted(state) == sorted(f"s{k}" for k in range(streams))  # each stream once
     assert resync.counters.state_streams_sent == resync.counters.state_streams_known == streams
     assert "events" in {b.kind for b in transport.batches()}
+
+
+# -- scarce links: live before the backlog, the byte budget -----------------------------------
+
+
+def _events_batches(transport: FakeTransport) -> list[Batch]:
+    return [b for b in transport.batches() if b.kind == "events"]
+
+
+def test_live_events_go_before_the_backlog_and_the_cursor_joins_both(store: EventStore) -> None:
+    """With a window of 2 and 20 backlog batches, a live event stored mid-drain goes out in
+    the next step, not after the backlog; acked ahead, it waits in the cursor until the
+    backlog joins it, and nothing is delivered twice or skipped."""
+    fill(store, streams=2, per_stream=100)  # 200 rows: 20 backlog batches of 10
+    transport = FakeTransport()
+    sync, resync, _, delivered = make(store, transport, max_in_flight=2)
+    step(sync, 2)
+    ack_all(transport, sync, [b for b in transport.batches() if b.kind == "state"])
+    backlog = _events_batches(transport)
+    assert len(backlog) == 2
+    assert all(b.historical for b in backlog)
+    store.append([In(Event("live", 1, payload=b"\x80"))])
+    ack_all(transport, sync, backlog)  # frees the window: live takes the first slot
+    sent = _events_batches(transport)[2:]
+    assert [b.historical for b in sent][:1] == [False]
+    assert [(e.stream, e.seq) for e, _ in sent[0].events] == [("live", 1)]
+    assert resync.phase is Phase.BACKLOG
+    ack_all(transport, sync, [sent[0]])  # the live run waits for the backlog
+    assert store.cursor == 21
+    assert resync._cursor.pending == 1
+    for _ in range(40):
+        pending = [b for b in _events_batches(transport) if b.batch_id in resync._sent]
+        if not pending:
+            break
+        ack_all(transport, sync, pending)
+    assert store.cursor == 202  # every row, the live one included
+    assert resync.phase is Phase.LIVE
+    sent_keys = [(e.stream, e.seq) for b in _events_batches(transport) for e, _ in b.events]
+    assert len(sent_keys) == len(set(sent_keys)) == 201
+    assert delivered[-1][0] == 201
+
+
+def test_the_byte_budget_paces_what_is_published(store: EventStore) -> None:
+    """At 2,000 bytes/s over 30 simulated seconds the uplink publishes at most the budget
+    plus one second's burst and one batch, and keeps publishing (no stall on batches
+    larger than the budget's content)."""
+    store.append([In(Event(f"s{k % 4}", k // 4 + 1, payload=bytes(60))) for k in range(4000)])
+    transport = FakeTransport()
+    sync, resync, _, _ = make(store, transport, max_bytes_per_second=2000, codec="raw",
+                              batch_max_events=50, max_in_flight=1000)  # fmt: skip
+    start = clock[0]
+    for _ in range(300):
+        step(sync, 1, dt=0.1)
+        ack_all(transport, sync, [b for b in transport.batches() if b.batch_id in resync._sent])
+    sent = sum(len(p) for _, p in transport.published)
+    biggest = max(len(p) for _, p in transport.published)
+    elapsed = clock[0] - start  # 30 s of steps, plus the acks' own steps
+    assert sent <= 2000 * elapsed + 2000 + biggest, (sent, elapsed)
+    assert sent >= 2000 * elapsed - 2 * biggest, (sent, elapsed)  # it used the budget too
+    assert resync.budget.spent == sent
+
+
+def test_a_shed_tail_of_the_backlog_is_passed_over(store: EventStore) -> None:
+    """Rows the ladder shed at the end of the backlog leave no hole the cursor waits on."""
+    fill(store, streams=1, per_stream=35)
+    transport = FakeTransport()
+    sync, resync, _, _ = make(store, transport, max_in_flight=1)
+    step(sync, 2)
+    ack_all(transport, sync, [b for b in transport.batches() if b.kind == "state"])
+    conn = connect(store.path)
+    conn.execute("DELETE FROM events WHERE id > 20 AND id <= 35")
+    conn.close()
+    for _ in range(10):
+        ack_all(
+            transport, sync, [b for b in _events_batches(transport) if b.batch_id in resync._sent]
+        )
+    assert store.cursor == 36
+    store.append([In(Event("s0", 36, payload=b"\x80"))])
+    step(sync, 1)
+    live = _events_batches(transport)[-1]
+    assert not live.historical
+    assert [e.seq for e, _ in live.events] == [36]
+
+
+def test_a_forgotten_acked_run_is_sent_again(store: EventStore) -> None:
+    """More acked runs waiting than the cursor keeps: the oldest is dropped, the cursor
+    stops at its start, and once nothing is in flight the gap is sent again."""
+    fill(store, streams=1, per_stream=10)  # one backlog batch
+    transport = FakeTransport()
+    sync, resync, _, _ = make(store, transport, max_in_flight=4)
+    resync._cursor.max_pending = 1
+    step(sync, 2)
+    ack_all(transport, sync, [b for b in transport.batches() if b.kind == "state"])
+    backlog = _events_batches(transport)
+    for seq in (11, 12):  # two live batches, acked ahead of the backlog
+        store.append([In(Event("s0", seq, payload=b"\x80"))])
+        step(sync, 1)
+    live = _events_batches(transport)[len(backlog) :]
+    assert len(live) == 2
+    ack_all(transport, sync, live)  # the first one's run is dropped (max_pending 1)
+    ack_all(transport, sync, backlog)
+    assert store.cursor == 11  # the backlog joined, the forgotten run is a hole
+    step(sync, 1)
+    again = _events_batches(transport)[-1]
+    assert [e.seq for e, _ in again.events] == [11, 12]
+    ack_all(transport, sync, [again])
+    assert store.cursor == 13

@@ -47,8 +47,9 @@ with atheris.instrument_imports(
     from agent.config import UplinkSection
     from agent.fleet import Ack, Batch, Command, FleetMessageError, decode_status
     from agent.fleet_auth import FleetAuth
+    from agent.fleetsync import FleetSync
     from agent.resilience import Backoff, CircuitBreaker, Event
-    from agent.resync import FleetSync, Resync
+    from agent.resync import Resync
     from agent.store import EventStore, connect
 
 MODES = ("raw", "envelope", "zlib")

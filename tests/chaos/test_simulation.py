@@ -39,8 +39,9 @@ from hypothesis.stateful import (
 from agent.config import UplinkSection
 from agent.errors import StoreError
 from agent.fleet_auth import FleetAuth
+from agent.fleetsync import FleetSync
 from agent.resilience import Backoff, CircuitBreaker, replay
-from agent.resync import FleetSync, Resync
+from agent.resync import Resync
 from agent.store import EventStore, connect, read_latest
 from firmware_bridge.controller import ControllerLink
 from firmware_bridge.link import AgentLink, Received
