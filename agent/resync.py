@@ -408,9 +408,14 @@ class Resync:
         positions: dict[str, tuple[int, int]] = {}
         size = 0
         upto = after
+        # Under a byte budget a batch holds at most a second's worth (before compression):
+        # a live batch then never waits more than about a second behind a backlog batch.
+        cap = c.batch_max_bytes
+        if c.max_bytes_per_second:
+            cap = min(cap, max(1024, c.max_bytes_per_second))
         for rowid, name, epoch, seq, ts, tq, kind, priority, payload in rows:
             size += len(payload) + len(name) + len(kind) + 40
-            if events and size > c.batch_max_bytes:
+            if events and size > cap:
                 end = 0
                 break
             event = Event.trusted(name, seq, epoch, ts, kind, priority, bytes(payload))

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import random
 import signal
 import sqlite3
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -241,3 +243,53 @@ def test_broker_ack_mode_delivers(
     wait_for(lambda: agent_state(agent.db).get("uplink.cursor") == "4001", 10, "cursor on PUBACK")
     assert agent.terminate() == 0
     check_zero_loss(truth, collector, agent)
+
+
+BACKLOG = 30_000  # ~80 incompressible bytes each: about 5 minutes of a 64 kbit/s link
+
+
+def test_live_events_overtake_a_backlog_on_a_64_kbit_link(
+    start_sim: StartSim, start_agent: StartAgent, broker: Broker, collector: CollectorHarness
+) -> None:
+    """A scarce link (max_bytes_per_second = 8000) and a backlog it needs minutes for: the
+    controller's live events reach the collector while most of the backlog is still on
+    the vehicle (they do not wait behind it), and the uplink publishes no more than the
+    budget allows."""
+    from agent.resilience import Event  # noqa: PLC0415
+    from agent.store import EventStore  # noqa: PLC0415
+
+    @dataclass(frozen=True)
+    class Arrival:
+        event: Event
+        time_quality: int = 3
+        controller_id: str = "old"
+
+    sim = start_sim("--rate", "20", "--streams", "2")
+    agent = start_agent(sim.devices["ecu0"],
+                        uplink=uplink(broker.port, max_bytes_per_second=8000))  # fmt: skip
+    agent.db.parent.mkdir(parents=True, exist_ok=True)
+    store = EventStore(agent.db)  # the backlog of a long outage, stored before this run
+    rng = random.Random(16)
+    for start in range(0, BACKLOG, 5000):
+        store.append([Arrival(Event(f"old/s{k % 8}", k // 8 + 1, payload=rng.randbytes(60)))
+                      for k in range(start, start + 5000)])  # fmt: skip
+    store.close()
+    agent.start()
+    started = time.monotonic()
+
+    def delivered() -> tuple[int, int]:
+        keys = collector.keys()
+        return sum(k[0].startswith("ecu0/") for k in keys), sum(
+            k[0].startswith("old/") for k in keys
+        )
+
+    wait_for(lambda: delivered()[0] >= 200, 60, "200 live events at the collector")
+    live_n, old_n = delivered()
+    elapsed = time.monotonic() - started
+    sent = live(agent.db).uplink.counters.get("bytes_sent", 0)
+    print(f"after {elapsed:.1f} s: {live_n} live and {old_n} of {BACKLOG} backlog events "
+          f"delivered, {sent:,} bytes published")  # fmt: skip
+    assert old_n < BACKLOG // 2, "the live events waited behind the backlog"
+    # The budget: a second's burst and one batch (capped at a second's worth) above it.
+    assert 0 < sent <= 8000 * (elapsed + 1) + 8000 + 2048, (sent, elapsed)
+    assert agent.terminate() == 0
