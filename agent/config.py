@@ -94,6 +94,11 @@ class StoreSection:
     # of the card): status projects the years left at the agent's rate; 0: not known.
     flash_endurance_bytes: int = 0
     flash_warn_years: float = 5.0  # doctor warns below this projection
+    # Unacknowledged events older than this (seconds, by the agent's clock when stored)
+    # are worth nothing to the fleet: shed, reason "ttl". 0: never. ttl_low_seconds is
+    # for the low-priority class (priority <= low_priority_max), ttl_seconds the rest.
+    ttl_seconds: float = 0.0
+    ttl_low_seconds: float = 0.0
 
     def validate(self) -> dict[str, str]:
         problems = {}
@@ -111,6 +116,13 @@ class StoreSection:
             problems["high_water"] = "need 0 < low_water < high_water < 1"
         if not 0 <= self.low_priority_max <= 7:
             problems["low_priority_max"] = "must be within [0, 7]"
+        problems.update(
+            {
+                key: "must be 0 (never) or within (0, 315360000] seconds"
+                for key in ("ttl_seconds", "ttl_low_seconds")
+                if not 0 <= getattr(self, key) <= 10 * 365 * 86400
+            }
+        )
         if not 1 <= self.commit_max_events <= 100_000:
             problems["commit_max_events"] = "must be within [1, 100000]"
         if not 0 <= self.commit_delay_ms <= 1000:

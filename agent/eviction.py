@@ -17,7 +17,13 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Final
 
-from agent.resilience.ladder import ACKED, COMPACT_LOW_PRIORITY, DROP_OLDEST
+from agent.resilience.ladder import (
+    ACKED,
+    COMPACT_LOW_PRIORITY,
+    DROP_OLDEST,
+    EXPIRED,
+    SANE_WALL_CLOCK,
+)
 from agent.resilience.loss import LossLedger
 from agent.storedb import PAGE_SIZE, WAL_RESERVE_BYTES, StoreConfig, set_state
 
@@ -134,6 +140,47 @@ class EvictionLadder:
             return self.used_bytes() <= target
         finally:
             self.conn.execute(f"PRAGMA max_page_count = {cap_pages}")
+
+    def expire(self, now: float) -> int:
+        """Shed the unacknowledged events past their class's TTL ([store] ttl_seconds,
+        ttl_low_seconds; agent/resilience/ladder.py `is_expired`, the definition this is
+        the SQL of), oldest first, recorded in `shed` with reason `ttl`. Rows are stored in
+        wall-clock order, so the scan stops at the first window with nothing that old."""
+        c = self.config
+        low = int(c.low_priority_max)
+        classes = [(f"priority <= {low}", c.ttl_low_seconds), (f"priority > {low}", c.ttl_seconds)]
+        keep = self._latest_rowids()
+        shed = 0
+        for cls, ttl in classes:
+            if ttl <= 0 or now - ttl < SANE_WALL_CLOCK:
+                continue
+            cutoff = now - ttl
+            where = (
+                f"id >= ? AND id < ? AND {cls} AND received_at >= {SANE_WALL_CLOCK!r} "
+                f"AND received_at < ? AND id NOT IN ({keep})"
+            )
+            for lo, hi in self._windows():
+                if hi <= self._cursor():
+                    continue
+                oldest = self.conn.execute(
+                    "SELECT min(received_at) FROM events WHERE id >= ? AND id < ? "
+                    f"AND received_at >= {SANE_WALL_CLOCK!r}",
+                    (lo, hi),
+                ).fetchone()[0]
+                if oldest is not None and oldest >= cutoff:
+                    break
+                hit = self.conn.execute(
+                    f"SELECT 1 FROM events WHERE {where} LIMIT 1", (lo, hi, cutoff)
+                ).fetchone()
+                if hit:
+                    try:
+                        shed += self._shed(where, (lo, hi, cutoff), EXPIRED, now, quiet=True)
+                    except sqlite3.Error:
+                        self._rollback()
+                        raise
+        if shed:
+            log.warning("expire step=ttl shed=%d", shed)
+        return shed
 
     @staticmethod
     def _latest_rowids() -> str:

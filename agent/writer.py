@@ -42,6 +42,7 @@ log = logging.getLogger("agent.daemon")
 
 PUBLISH_INTERVAL = 1.0  # seconds between live-state writes for the CLI
 SPACE_CHECK_INTERVAL = 1.0  # seconds between eviction-ladder checks
+TTL_CHECK_INTERVAL = 10.0  # seconds between scans for events past their TTL
 
 
 def store_config(config: Config) -> StoreConfig:
@@ -55,6 +56,8 @@ def store_config(config: Config) -> StoreConfig:
         low_water=s.low_water,
         low_priority_max=s.low_priority_max,
         max_cached_streams=s.max_cached_streams,
+        ttl_seconds=s.ttl_seconds,
+        ttl_low_seconds=s.ttl_low_seconds,
     )
 
 
@@ -78,6 +81,7 @@ class Writer:
         self._live_file_failed = False
         self._next_publish = 0.0
         self._next_space = 0.0
+        self._next_ttl = 0.0
         self._failure_streak = 0
         self.retry_at = 0.0  # monotonic time before which no commit is tried (backoff)
         # What the fleet acknowledged and the store has not persisted yet (coalesced).
@@ -215,6 +219,14 @@ class Writer:
                     self.shared.store_full = True
             except OSError as exc:
                 log.warning("space_check_failed error=%r", str(exc))
+        if now >= self._next_ttl and (
+            self.store.config.ttl_seconds or self.store.config.ttl_low_seconds
+        ):
+            self._next_ttl = now + TTL_CHECK_INTERVAL
+            try:
+                self.store.expire(time.time())  # received_at is wall-clock time
+            except (OSError, sqlite3.Error) as exc:  # tried again at the next interval
+                log.warning("expire_failed error=%r", str(exc))
         if now >= self._next_publish:
             self._next_publish = now + PUBLISH_INTERVAL
             self._publish()

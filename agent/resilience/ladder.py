@@ -23,6 +23,11 @@ ACKED: Final = "acked"
 COMPACT_LOW_PRIORITY: Final = "compact_low_priority"
 DROP_OLDEST: Final = "drop_oldest"
 STEPS: Final = (ACKED, COMPACT_LOW_PRIORITY, DROP_OLDEST)  # in the order they run
+# Not a step of the ladder (it runs on time, not on space): events past their class's TTL.
+EXPIRED: Final = "ttl"
+# Wall-clock times before this are a clock that was never set (a controller board that
+# booted without an RTC stamps 1970): an event stored then is never taken for expired.
+SANE_WALL_CLOCK: Final = 1_577_836_800.0  # 2020-01-01T00:00:00Z
 
 
 class Stored(NamedTuple):
@@ -57,3 +62,21 @@ def victim_order(events: Iterable[Stored], low_priority_max: int) -> list[tuple[
         keyed.append(((rank[step], *within), event.rowid, step))
     keyed.sort()
     return [(rowid, step) for _, rowid, step in keyed]
+
+
+def is_expired(
+    event: Stored, received_at: float, now: float, *, ttl: float, ttl_low: float,
+    low_priority_max: int,
+) -> bool:  # fmt: skip
+    """Whether `event`, stored at wall time `received_at`, is past its TTL at `now`: the
+    low-priority class (priority <= low_priority_max) has `ttl_low`, the rest `ttl`, 0 is
+    never. Acknowledged events are not expired (the fleet has them) and a stream's latest
+    event never is (replay's answer). A clock that was not set never expires anything."""
+    limit = ttl_low if event.priority <= low_priority_max else ttl
+    return (
+        limit > 0
+        and not event.acked
+        and not event.latest
+        and received_at >= SANE_WALL_CLOCK
+        and received_at < now - limit
+    )
