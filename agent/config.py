@@ -99,6 +99,11 @@ class StoreSection:
     # for the low-priority class (priority <= low_priority_max), ttl_seconds the rest.
     ttl_seconds: float = 0.0
     ttl_low_seconds: float = 0.0
+    # When the buffer is full, per priority class (above / at or below low_priority_max):
+    # "drop_oldest" sheds its oldest unacknowledged events (the ladder), "refuse_new" keeps
+    # them and stops ACKing new events once nothing else can go (the controller holds them).
+    full_policy: str = "drop_oldest"
+    full_policy_low: str = "drop_oldest"
 
     def validate(self) -> dict[str, str]:
         problems = {}
@@ -116,6 +121,13 @@ class StoreSection:
             problems["high_water"] = "need 0 < low_water < high_water < 1"
         if not 0 <= self.low_priority_max <= 7:
             problems["low_priority_max"] = "must be within [0, 7]"
+        problems.update(
+            {
+                key: "must be 'drop_oldest' (default) or 'refuse_new'"
+                for key in ("full_policy", "full_policy_low")
+                if getattr(self, key) not in ("drop_oldest", "refuse_new")
+            }
+        )
         problems.update(
             {
                 key: "must be 0 (never) or within (0, 315360000] seconds"

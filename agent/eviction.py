@@ -20,8 +20,10 @@ from typing import Final
 from agent.resilience.ladder import (
     ACKED,
     COMPACT_LOW_PRIORITY,
+    DROP,
     DROP_OLDEST,
     EXPIRED,
+    REFUSE,
     SANE_WALL_CLOCK,
 )
 from agent.resilience.loss import LossLedger
@@ -118,11 +120,11 @@ class EvictionLadder:
         at = time.time() if now is None else now
         target = self.config.low_water * self.capacity()
         keep = self._latest_rowids()
-        steps = [
-            (ACKED, self._prune_acked),
-            (COMPACT_LOW_PRIORITY, self._compact_low_priority),
-            (DROP_OLDEST, self._drop_oldest),
-        ]
+        steps: list[tuple[str, Callable[[str, float, float], None]]] = [(ACKED, self._prune_acked)]
+        if self.config.full_policy_low == DROP:  # else the class is kept: refuse new
+            steps.append((COMPACT_LOW_PRIORITY, self._compact_low_priority))
+        if DROP in (self.config.full_policy, self.config.full_policy_low):
+            steps.append((DROP_OLDEST, self._drop_oldest))
         cap_pages = int(self.conn.execute("PRAGMA max_page_count").fetchone()[0])
         self.conn.execute(f"PRAGMA max_page_count = {cap_pages + LADDER_OVERDRAFT_PAGES}")
         try:
@@ -251,10 +253,18 @@ class EvictionLadder:
             log.warning("evict step=compact_low_priority shed=%d", shed)
 
     def _drop_oldest(self, keep: str, target: float, at: float) -> None:
+        low = int(self.config.low_priority_max)
+        # The classes whose policy is to drop (the ladder runs this step only if one is).
+        droppable = {
+            (DROP, DROP): "1",
+            (DROP, REFUSE): f"priority > {low}",
+            (REFUSE, DROP): f"priority <= {low}",
+        }[(self.config.full_policy, self.config.full_policy_low)]
         while self.used_bytes() > target:
             # One scan per priority level: its oldest unacked row, then windows forward.
             row = self.conn.execute(
-                f"SELECT min(priority), max(id) FROM events WHERE id >= ? AND id NOT IN ({keep})",
+                f"SELECT min(priority), max(id) FROM events WHERE id >= ? AND {droppable} "
+                f"AND id NOT IN ({keep})",
                 (self._cursor(),),
             ).fetchone()
             if row is None or row[0] is None:

@@ -44,6 +44,8 @@ class StoreConfig:
     low_water: float = StoreSection.low_water  # ... until usage is back under this
     low_priority_max: int = StoreSection.low_priority_max  # compacted first (ladder step 2)
     max_cached_streams: int = StoreSection.max_cached_streams  # LRU cap of per-stream state
+    full_policy: str = StoreSection.full_policy  # above low_priority_max: drop_oldest | refuse_new
+    full_policy_low: str = StoreSection.full_policy_low  # at or below it
     ttl_seconds: float = StoreSection.ttl_seconds  # unacked events older are shed (0: never)
     ttl_low_seconds: float = StoreSection.ttl_low_seconds  # the same, priority <= low_max
     busy_timeout_ms: int = 5000

@@ -56,6 +56,8 @@ def store_config(config: Config) -> StoreConfig:
         low_water=s.low_water,
         low_priority_max=s.low_priority_max,
         max_cached_streams=s.max_cached_streams,
+        full_policy=s.full_policy,
+        full_policy_low=s.full_policy_low,
         ttl_seconds=s.ttl_seconds,
         ttl_low_seconds=s.ttl_low_seconds,
     )

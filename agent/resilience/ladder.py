@@ -7,6 +7,11 @@ buffer is full.
 3. `drop_oldest`: the remaining unacknowledged events, lowest priority first, oldest
    first within a priority: lost, and recorded as shed.
 
+A priority class whose full-buffer policy is `refuse_new` (`[store] full_policy`,
+`full_policy_low`) is never a victim of steps 2 and 3: its unacknowledged events stay,
+and when nothing else can go the store refuses new events (the agent stops ACKing and
+the controller keeps them in its ring).
+
 Never a victim: each stream's latest event (replay's answer; the fleet's view of the
 vehicle must survive any disk pressure). The store runs this order as SQL on rowid
 windows (agent/eviction.py) and stops once under its low-water mark, so what it removes
@@ -23,6 +28,11 @@ ACKED: Final = "acked"
 COMPACT_LOW_PRIORITY: Final = "compact_low_priority"
 DROP_OLDEST: Final = "drop_oldest"
 STEPS: Final = (ACKED, COMPACT_LOW_PRIORITY, DROP_OLDEST)  # in the order they run
+# Full-buffer policies of a priority class: shed its oldest unacknowledged events, or keep
+# them and refuse what comes next.
+DROP: Final = "drop_oldest"
+REFUSE: Final = "refuse_new"
+POLICIES: Final = (DROP, REFUSE)
 # Not a step of the ladder (it runs on time, not on space): events past their class's TTL.
 EXPIRED: Final = "ttl"
 # Wall-clock times before this are a clock that was never set (a controller board that
@@ -39,23 +49,28 @@ class Stored(NamedTuple):
     latest: bool  # its stream's latest event (newest stored boot epoch)
 
 
-def step_of(event: Stored, low_priority_max: int) -> str | None:
-    """The ladder step that may remove `event`, or None if none ever may."""
+def step_of(
+    event: Stored, low_priority_max: int, policy: str = DROP, policy_low: str = DROP
+) -> str | None:
+    """The ladder step that may remove `event`, or None if none ever may (`policy` is the
+    full-buffer policy of priorities above `low_priority_max`, `policy_low` of the rest)."""
     if event.latest:
         return None
     if event.acked:
         return ACKED
     if event.priority <= low_priority_max:
-        return COMPACT_LOW_PRIORITY
-    return DROP_OLDEST
+        return COMPACT_LOW_PRIORITY if policy_low == DROP else None
+    return DROP_OLDEST if policy == DROP else None
 
 
-def victim_order(events: Iterable[Stored], low_priority_max: int) -> list[tuple[int, str]]:
+def victim_order(
+    events: Iterable[Stored], low_priority_max: int, policy: str = DROP, policy_low: str = DROP
+) -> list[tuple[int, str]]:
     """Every removable event as (rowid, step), in the order the ladder may remove them."""
     rank = {step: i for i, step in enumerate(STEPS)}
     keyed = []
     for event in events:
-        step = step_of(event, low_priority_max)
+        step = step_of(event, low_priority_max, policy, policy_low)
         if step is None:
             continue
         within = (event.priority, event.rowid) if step == DROP_OLDEST else (0, event.rowid)

@@ -205,6 +205,39 @@ def test_full_store_sheds_by_the_ladder_and_records_every_loss(
     assert all(name.endswith(("s000", "s001", "s004", "s005")) for name in low)
 
 
+def test_refuse_new_keeps_a_class_and_stops_acking_when_nothing_else_can_go(
+    start_sim: StartSim, start_agent: StartAgent
+) -> None:
+    """[store] full_policy = refuse_new for priorities 2-3, drop_oldest for 0-1: the ladder
+    sheds only low-priority events; once the buffer holds nothing else it can shed, the
+    agent stops ACKing (the controller keeps the rest in its ring) and not one ACKed
+    high-priority event is lost."""
+    sim = start_sim("--rate", "3000", "--streams", "8")
+    agent = start_agent(
+        sim.devices["ecu0"],
+        store={"max_buffer_bytes": 2**20, "min_free_bytes": 0, "full_policy": "refuse_new"},
+    ).start()
+    wait_for(lambda: b"store_full" in agent.log.read_bytes(), 90, "the buffer to fill")
+    sim.signal(signal.SIGTERM)
+    sim.wait(timeout=60)
+    assert agent.terminate() == 0
+    truth = TruthReader(sim.truth_path)
+    truth.poll()
+    stored = stored_events(agent.db)
+    conn = sqlite3.connect(agent.db)
+    shed = conn.execute(
+        "SELECT s.name, h.reason, h.count FROM shed h JOIN streams s ON s.id = h.stream_id"
+    ).fetchall()
+    conn.close()
+    assert shed, "the low-priority class is dropped first"
+    assert all(name.endswith(("s000", "s001", "s004", "s005")) for name, _, _ in shed), shed
+    high = [k for k in truth.acked if k[0].endswith(("s002", "s003", "s006", "s007"))]
+    assert high
+    missing = [k for k in high if k not in stored]
+    assert not missing, f"{len(missing)} ACKed high-priority events lost, e.g. {missing[:3]}"
+    assert sum(r[2] for r in shed) == len(truth.acked) - len(stored)  # every loss on record
+
+
 def test_sighup_reloads_log_level(start_sim: StartSim, start_agent: StartAgent) -> None:
     sim = start_sim("--rate", "100")
     agent = start_agent(sim.devices["ecu0"]).start()

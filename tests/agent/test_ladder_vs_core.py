@@ -1,7 +1,8 @@
 """The store's SQL eviction ladder against the core's definition of its victims
 (agent/resilience/ladder.py): over random stores (streams, priorities, boot epochs, an
 acked prefix) and random caps, what `EventStore.make_room` removes is exactly a prefix of
-`victim_order`, every stream's latest event survives, and what was lost unacknowledged
+`victim_order` (under random full-buffer policies per class), every stream's latest event
+survives, and what was lost unacknowledged
 is recorded in `shed` under the step that took it."""
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from agent.resilience import Event
-from agent.resilience.ladder import ACKED, Stored, victim_order
+from agent.resilience.ladder import ACKED, POLICIES, Stored, victim_order
 from agent.store import EventStore, StoreConfig
 
 LOW_PRIORITY_MAX = 1
@@ -28,9 +29,9 @@ class In:
 
 
 @st.composite
-def stores(draw: st.DrawFn) -> tuple[list[In], int, float]:
+def stores(draw: st.DrawFn) -> tuple[list[In], int, float, tuple[str, str]]:
     """Arrivals (streams with a priority each, a reboot or not), the acked prefix length,
-    and the cap as a fraction of the bytes in use."""
+    the cap as a fraction of the bytes in use, and the classes' full-buffer policies."""
     count = draw(st.integers(min_value=1, max_value=8))
     priorities = draw(st.lists(st.integers(0, 3), min_size=count, max_size=count))
     reboot_at = draw(st.integers(min_value=0, max_value=3000))
@@ -49,15 +50,16 @@ def stores(draw: st.DrawFn) -> tuple[list[In], int, float]:
         arrivals.append(In(event))
     acked = draw(st.integers(min_value=0, max_value=total))
     fraction = draw(st.floats(min_value=0.05, max_value=0.95))
-    return arrivals, acked, fraction
+    policies = (draw(st.sampled_from(POLICIES)), draw(st.sampled_from(POLICIES)))
+    return arrivals, acked, fraction, policies
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(stores())
 def test_the_ladder_removes_a_prefix_of_the_cores_victim_order(
-    drawn: tuple[list[In], int, float],
+    drawn: tuple[list[In], int, float, tuple[str, str]],
 ) -> None:
-    arrivals, acked, fraction = drawn
+    arrivals, acked, fraction, (policy, policy_low) = drawn
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "agent.db"
         big = StoreConfig(max_buffer_bytes=2**30, min_free_bytes=0)
@@ -81,10 +83,11 @@ def test_the_ladder_removes_a_prefix_of_the_cores_victim_order(
             Stored(rowid, priority[key[0]], index < acked, rowid in keep)
             for index, (rowid, key) in enumerate(zip(rowids, keys, strict=True))
         ]
-        order = victim_order(stored, LOW_PRIORITY_MAX)
+        order = victim_order(stored, LOW_PRIORITY_MAX, policy, policy_low)
 
         small = StoreConfig(max_buffer_bytes=max(4096, int(used * fraction)), min_free_bytes=0,
-                            low_priority_max=LOW_PRIORITY_MAX)  # fmt: skip
+                            low_priority_max=LOW_PRIORITY_MAX, full_policy=policy,
+                            full_policy_low=policy_low)  # fmt: skip
         store = EventStore(path, small, free_bytes=lambda _: 2**40)
         store.make_room(now=3.0)
         left = {r for (r,) in store.conn.execute("SELECT id FROM events")}
@@ -102,3 +105,4 @@ def test_the_ladder_removes_a_prefix_of_the_cores_victim_order(
     assert pruned == by_step.pop(ACKED, 0)
     assert shed == by_step  # every unacked loss recorded, under its step's name
     event(f"steps reached: {sorted(step for step in by_step)}, acked pruned: {pruned > 0}")
+    event(f"policies: {policy}/{policy_low}")
