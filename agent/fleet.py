@@ -5,7 +5,7 @@ both sides and the tests can use it directly. docs/fleet-protocol.md describes i
 byte; agent/fleet_auth.py holds the signatures over acks and commands.
 
 Topics under `ironfleet/v1/<vehicle>/`:
-  events  agent -> fleet  backlog batches, oldest first (QoS 1)
+  events  agent -> fleet  live batches, and the backlog by priority (QoS 1)
   state   agent -> fleet  compacted replay: latest event per stream (QoS 1)
   status  agent -> fleet  retained; "online" on connect, "offline" as last will
   ack     fleet -> agent  a batch is durably stored by the collector (QoS 1, signed)

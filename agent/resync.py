@@ -3,7 +3,9 @@
 `Resync` decides what to send: after every (re)connect first the compacted replay
 (latest event per stream) on `state`; then two lanes on `events`: live events (stored
 after the connection) as they are committed, and the backlog above the fleet's cursor
-(stored before it, flagged historical), oldest first. Live goes first: at every step a
+(stored before it, flagged historical), highest priority first and oldest first within
+a priority (one lane per priority class, each with its own cursor: agent/resilience/
+cursor.py `ClassedCursor`). Live goes first: at every step a
 live batch that is due (full, or `batch_max_delay_ms` old) is sent before the next
 backlog batch, so fresh data never waits behind an hour of backlog on a slow link; the
 backlog takes the rest of the window and of the byte budget (`[uplink]
@@ -29,7 +31,7 @@ from agent.config import UplinkSection
 from agent.fleet import Batch, batch_digest
 from agent.resilience import Event
 from agent.resilience.budget import ByteBudget
-from agent.resilience.cursor import AckedRun, DeliveryCursor
+from agent.resilience.cursor import CLASSES, AckedRun, ClassedCursor
 from agent.store import read_cursor, read_latest
 
 log = logging.getLogger(__name__)
@@ -70,7 +72,7 @@ class _InFlight:
     positions: dict[str, tuple[int, int]]
     sent_at: float
     digest: bytes  # SHA-256 of the payload as published: a signed ack must name it
-    live: bool = False  # the live lane's (rows stored after the connection)
+    cls: int | None = None  # the backlog's priority class it covers; None: every class (live)
 
 
 @dataclass
@@ -127,10 +129,13 @@ class Resync:
         # otherwise have every ack thrown away as stale while the resends queue up).
         self._sent: OrderedDict[int, _InFlight] = OrderedDict()
         self._state_pending: dict[int, tuple[float, bytes]] = {}  # id -> (sent at, digest)
-        # Highest rowid the fleet holds, from acks in any order (agent/resilience/cursor.py).
-        self._cursor = DeliveryCursor(read_cursor(reader) - 1, max_pending=MAX_TRACKED_BATCHES)
-        self._send_after = self._cursor.delivered  # the backlog lane: up to _connect_high
-        self._live_after = self._cursor.delivered  # the live lane: above _connect_high
+        # Highest rowid the fleet holds, from acks in any order, per priority class
+        # (agent/resilience/cursor.py): the backlog drains highest priority first.
+        self._cursor = ClassedCursor(read_cursor(reader) - 1, max_pending=MAX_TRACKED_BATCHES)
+        # The backlog lanes (rows up to _connect_high), one per priority class, and the
+        # live lane (rows above it): the last rowid each has sent.
+        self._after = [self._cursor.delivered] * CLASSES
+        self._live_after = self._cursor.delivered
         self._connect_high = 0
         self.budget = ByteBudget(config.max_bytes_per_second)
         self._connected_at = 0.0
@@ -147,7 +152,7 @@ class Resync:
     def on_connected(self, now: float) -> None:
         """Start over from what the fleet acknowledged: state first, then the backlog."""
         self._cursor.restore(read_cursor(self.reader) - 1)
-        self._send_after = self._cursor.delivered
+        self._after = [self._cursor.frontier(cls) for cls in range(CLASSES)]
         self._inflight.clear()
         self._forget_state_pending()
         self._resend_state = False
@@ -216,17 +221,18 @@ class Resync:
             return False
         self._inflight.pop(batch_id, None)
         self.counters.acks += 1
-        self.apply_run(AckedRun(entry.from_rowid, entry.upto_rowid, entry.positions))
+        self.apply_run(AckedRun(entry.from_rowid, entry.upto_rowid, entry.positions), entry.cls)
         return True
 
-    def apply_run(self, run: AckedRun) -> bool:
+    def apply_run(self, run: AckedRun, cls: int | None = None) -> bool:
         """Feed an acked run to the cursor (an MQTT ack's, or a receipt's checked by
-        agent/receipts.py); persist what it passes. True if the cursor moved."""
-        moved = self._cursor.ack(run)
+        agent/receipts.py; `cls`: the priority class of a backlog batch, None for every
+        class); persist what it passes. True if the cursor moved."""
+        moved = self._cursor.ack(run, cls)
         if moved is None:
             return False
         upto, positions = moved
-        self._send_after = max(self._send_after, upto)  # never resend what is held
+        self._after = [max(a, upto) for a in self._after]  # never resend what is held
         self._live_after = max(self._live_after, upto)
         self.deliver(upto, positions)
         return True
@@ -251,14 +257,7 @@ class Resync:
                     self.phase = Phase.BACKLOG
                 return out
         if not self._inflight:
-            # Nothing in flight, yet the cursor waits below what a lane has sent: an acked
-            # run it needed was forgotten (more than MAX_TRACKED_BATCHES waited). Resend.
-            if self._cursor.delivered < self._send_after:
-                self._send_after = self._cursor.delivered
-            elif self._send_after >= self._connect_high and (
-                self._cursor.delivered < self._live_after
-            ):
-                self._live_after = max(self._cursor.delivered, self._connect_high)
+            self._repair_holes()
         while len(self._inflight) < self.config.max_in_flight and self.budget.ready(now):
             batch = self._next_live_batch(now) or self._next_backlog_batch(now)
             if batch is None:
@@ -266,8 +265,19 @@ class Resync:
             self.budget.spend(len(batch.payload))
             self.counters.bytes_sent += len(batch.payload)
             out.append(batch)
-        self.phase = Phase.BACKLOG if self._send_after < self._connect_high else Phase.LIVE
+        self.phase = Phase.BACKLOG if self._backlog_open() else Phase.LIVE
         return out
+
+    def _backlog_open(self) -> bool:
+        return any(a < self._connect_high for a in self._after)
+
+    def _repair_holes(self) -> None:
+        """Nothing in flight, yet a cursor waits below what its lane has sent: an acked
+        run it needed was forgotten (more than MAX_TRACKED_BATCHES waited). Resend."""
+        for cls in range(CLASSES):
+            self._after[cls] = min(self._after[cls], self._cursor.frontier(cls))
+        if not self._backlog_open() and self._cursor.delivered < self._live_after:
+            self._live_after = max(self._cursor.delivered, self._connect_high)
 
     def _check_timeouts(self, now: float) -> None:
         """Go back to the first unacknowledged batch of each lane, and resend a compacted
@@ -278,9 +288,9 @@ class Resync:
                 # Go back to the last acknowledged point; the collector drops duplicates.
                 self.counters.ack_timeouts += 1
                 self.timed_out = True
-                live = [e.from_rowid for e in self._inflight.values() if e.live]
+                live = [e.from_rowid for e in self._inflight.values() if e.cls is None]
                 self._inflight.clear()
-                self._send_after = self._cursor.delivered
+                self._after = [self._cursor.frontier(cls) for cls in range(CLASSES)]
                 if live:  # the live lane goes back to its own first unacked batch
                     self._live_after = max(min(live) - 1, self._cursor.delivered)
         if (
@@ -360,19 +370,23 @@ class Resync:
             )
 
     def _next_backlog_batch(self, now: float) -> Outgoing | None:
-        """The next batch of rows stored before the connection, oldest first."""
-        if self._send_after >= self._connect_high:
-            return None
-        rows = self._read(self._send_after, self._connect_high)
-        if not rows:  # the rest was shed (agent/eviction.py): nothing left to deliver
-            self.apply_run(AckedRun(self._send_after + 1, self._connect_high, {}))
-            self._send_after = self._connect_high
-            return None
-        # The last backlog batch covers up to the connection's top, rows shed there too.
-        end = self._connect_high if len(rows) < self.config.batch_max_events else 0
-        batch = self._batch(rows, self._send_after, now, live=False, end=end)
-        self._send_after = self._sent[batch.batch_id].upto_rowid
-        return batch
+        """The next batch of rows stored before the connection: the highest priority class
+        with rows left, oldest first within it."""
+        for cls in reversed(range(CLASSES)):
+            after = self._after[cls]
+            if after >= self._connect_high:
+                continue
+            rows = self._read(after, self._connect_high, cls)
+            if not rows:  # none of this class left (or shed): nothing more to deliver
+                self._after[cls] = self._connect_high
+                self.apply_run(AckedRun(after + 1, self._connect_high, {}), cls)
+                continue
+            # The class's last batch covers up to the connection's top.
+            end = self._connect_high if len(rows) < self.config.batch_max_events else 0
+            batch = self._batch(rows, after, now, cls=cls, end=end)
+            self._after[cls] = self._sent[batch.batch_id].upto_rowid
+            return batch
+        return None
 
     def _next_live_batch(self, now: float) -> Outgoing | None:
         """The next batch of rows stored after the connection, once it is due."""
@@ -387,20 +401,27 @@ class Resync:
             if now - self._partial_since < c.batch_max_delay_ms / 1000.0:
                 return None
         self._partial_since = None
-        batch = self._batch(rows, self._live_after, now, live=True, end=0)
+        batch = self._batch(rows, self._live_after, now, cls=None, end=0)
         self._live_after = self._sent[batch.batch_id].upto_rowid
         return batch
 
-    def _read(self, after: int, upto: int | None) -> list[Row]:
+    def _read(self, after: int, upto: int | None, cls: int | None = None) -> list[Row]:
+        """Rows in (after, upto], oldest first, of priority class `cls` (the top class
+        takes every priority above it) or of every class."""
+        where = ""
+        if cls is not None:
+            where = f"AND e.priority >= {cls}" if cls == CLASSES - 1 else f"AND e.priority = {cls}"
         return self.reader.execute(
-            """SELECT e.id, s.name, e.boot_epoch, e.seq, e.ts, e.ts_quality, e.kind, e.priority,
-                      e.payload
-               FROM events AS e JOIN streams AS s ON s.id = e.stream_id
-               WHERE e.id > ? AND e.id <= ? ORDER BY e.id LIMIT ?""",
+            f"""SELECT e.id, s.name, e.boot_epoch, e.seq, e.ts, e.ts_quality, e.kind,
+                       e.priority, e.payload
+                FROM events AS e JOIN streams AS s ON s.id = e.stream_id
+                WHERE e.id > ? AND e.id <= ? {where} ORDER BY e.id LIMIT ?""",
             (after, upto if upto is not None else 2**63 - 1, self.config.batch_max_events),
         ).fetchall()
 
-    def _batch(self, rows: list[Row], after: int, now: float, *, live: bool, end: int) -> Outgoing:
+    def _batch(
+        self, rows: list[Row], after: int, now: float, *, cls: int | None, end: int
+    ) -> Outgoing:
         """One events batch of `rows` (up to batch_max_bytes of them), covering every rowid
         from `after` + 1 to its last row, or to `end` when it takes every row."""
         c = self.config
@@ -425,10 +446,10 @@ class Resync:
             upto = rowid
         upto = max(upto, end)
         batch_id = self._new_id()
-        payload = Batch(self.vehicle, batch_id, "events", not live, tuple(events)).encode(
+        payload = Batch(self.vehicle, batch_id, "events", cls is not None, tuple(events)).encode(
             codec=c.wire_codec
         )
-        entry = _InFlight(batch_id, after + 1, upto, positions, now, batch_digest(payload), live)
+        entry = _InFlight(batch_id, after + 1, upto, positions, now, batch_digest(payload), cls)
         self._inflight[batch_id] = entry
         self._sent[batch_id] = entry
         while len(self._sent) > MAX_TRACKED_BATCHES:

@@ -80,3 +80,60 @@ class DeliveryCursor:
             return None
         self.delivered = upto
         return upto, positions
+
+
+CLASSES = 8  # priority classes: the serial protocol's priorities 0..7
+
+
+class ClassedCursor:
+    """The delivery cursor when the backlog drains by priority: one `DeliveryCursor` per
+    priority class, and `delivered` the rowid every class has reached.
+
+    A run of one class (`ack(run, cls)`) covers only that class's rows in [first, last]
+    (the backlog sent high priority first); a run of every class (`cls` None: live
+    batches, receipts) covers all rows in its range. A row is delivered once the runs of
+    its class join below it, so `delivered`, the minimum over the classes, is what may be
+    persisted and pruned, exactly as with one cursor when every run covers every class.
+    Checkpoint positions passed by one class wait until `delivered` moves, then go out
+    together (at most one per stream).
+    """
+
+    def __init__(
+        self, delivered: int = 0, *, classes: int = CLASSES, max_pending: int = 4096
+    ) -> None:
+        self.cursors = [DeliveryCursor(delivered, max_pending=max_pending) for _ in range(classes)]
+        self._positions: dict[str, Position] = {}
+
+    @property
+    def delivered(self) -> int:
+        return min(c.delivered for c in self.cursors)
+
+    @property
+    def pending(self) -> int:
+        """Acked runs waiting for an earlier one, over every class."""
+        return sum(c.pending for c in self.cursors)
+
+    def frontier(self, cls: int) -> int:
+        """Highest rowid below which every row of class `cls` is acked."""
+        return self.cursors[cls].delivered
+
+    def restore(self, delivered: int) -> None:
+        """Raise every class to a persisted value (never lowers one)."""
+        for c in self.cursors:
+            c.restore(delivered)
+
+    def ack(self, run: AckedRun, cls: int | None = None) -> tuple[int, dict[str, Position]] | None:
+        """Apply one acked run of class `cls` (None: every class); return (new `delivered`,
+        positions passed) if `delivered` moved, as `DeliveryCursor.ack` does."""
+        before = self.delivered
+        for c in self.cursors if cls is None else (self.cursors[cls],):
+            moved = c.ack(run)
+            if moved is not None:
+                for stream, pos in moved[1].items():
+                    if pos > self._positions.get(stream, (-1, -1)):
+                        self._positions[stream] = pos
+        after = self.delivered
+        if after <= before:
+            return None
+        positions, self._positions = self._positions, {}
+        return after, positions

@@ -273,11 +273,12 @@ def test_a_command_flood_keeps_memory_and_connection_flat(
     cmd = topic(VEHICLE, "cmd")
     fleet = fleet_signer()
     # Unsigned pings, then signed ones with fresh counters (the worst case: a leaked or
-    # misbehaving collector), then replay requests: 70,000 commands in chunks, each sent
+    # misbehaving collector), then replay requests: 56,000 commands in chunks, each sent
     # once the agent has read the previous one (mosquitto drops past its queue limit).
-    # Before the fix a command cost ~240 B for good (600k: +142 MiB): 70k would be ~16 MiB,
-    # over the cap. (170,000 took 54 s of the suite's 13 min for the same verdict.)
-    chunks: list[list[bytes]] = [[Command("ping", n).encode()] * 25_000 for n in range(2)]
+    # Before the fix a command cost ~240 B for good (600k: +142 MiB): 56k would be ~13 MiB,
+    # over the cap. (170,000 took 54 s of the suite's 13 min for the same verdict; 70,000
+    # took 26 s.)
+    chunks: list[list[bytes]] = [[Command("ping", n).encode()] * 18_000 for n in range(2)]
     base = int(time.time() * 1000)
     chunks.append([fleet.sign_command(VEHICLE, Command("ping", base + n)).encode()
                    for n in range(10_000)])  # fmt: skip
@@ -302,7 +303,7 @@ def test_a_command_flood_keeps_memory_and_connection_flat(
     print(f"flood: {sent} commands, rejected {counts}, RSS {rss_before / 2**20:.1f} -> "
           f"peak {rss_peak / 2**20:.1f} MiB")  # fmt: skip
     assert rss_peak - rss_before <= FLOOD_RSS_GROWTH, (rss_before, rss_peak)
-    assert counts["unsigned"] >= 50_000 - 200
+    assert counts["unsigned"] >= 36_000 - 200
     assert counts["bug"] == 0
     new = log_lines(agent)[lines_before:]
     assert not [x for x in new if "uplink_puback_overdue" in x or "uplink_down" in x], new[-5:]

@@ -579,7 +579,8 @@ def test_a_forgotten_acked_run_is_sent_again(store: EventStore) -> None:
     fill(store, streams=1, per_stream=10)  # one backlog batch
     transport = FakeTransport()
     sync, resync, _, _ = make(store, transport, max_in_flight=4)
-    resync._cursor.max_pending = 1
+    for cursor in resync._cursor.cursors:
+        cursor.max_pending = 1
     step(sync, 2)
     ack_all(transport, sync, [b for b in transport.batches() if b.kind == "state"])
     backlog = _events_batches(transport)
@@ -596,3 +597,26 @@ def test_a_forgotten_acked_run_is_sent_again(store: EventStore) -> None:
     assert [e.seq for e, _ in again.events] == [11, 12]
     ack_all(transport, sync, [again])
     assert store.cursor == 13
+
+
+def test_the_backlog_drains_highest_priority_first(store: EventStore) -> None:
+    """Interleaved streams of priorities 0, 1 and 3: every priority-3 event goes before any
+    of priority 1, and those before priority 0, oldest first within each; the cursor
+    reaches the top only when every class is acknowledged, each event sent once."""
+    store.append([In(Event(f"p{p}", q, priority=p, payload=b"\x80"))
+                  for q in range(1, 31) for p in (0, 1, 3)])  # fmt: skip
+    transport = FakeTransport()
+    sync, resync, _, delivered = make(store, transport, max_in_flight=2)
+    step(sync, 2)
+    ack_all(transport, sync, [b for b in transport.batches() if b.kind == "state"])
+    for _ in range(20):
+        pending = [b for b in _events_batches(transport) if b.batch_id in resync._sent]
+        if not pending:
+            break
+        ack_all(transport, sync, pending[::-1])  # acks in reverse order, too
+    sent = [(e.priority, e.seq) for b in _events_batches(transport) for e, _ in b.events]
+    assert [p for p, _ in sent] == [3] * 30 + [1] * 30 + [0] * 30
+    assert [q for _, q in sent] == list(range(1, 31)) * 3
+    assert store.cursor == 91
+    assert delivered[-1][0] == 90
+    assert store.conn.execute("SELECT count(*) FROM checkpoints").fetchone()[0] == 3

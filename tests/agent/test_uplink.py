@@ -79,7 +79,7 @@ def test_broker_bounces_sigterm_and_sigkill(
     cursors: list[int] = []
     saw_open = False
     wait_for(lambda: len(collector.keys()) > 500, 30, "first deliveries")
-    for bounce in range(5):
+    for bounce in range(4):  # two SIGTERMs, two SIGKILLs
         sig = signal.SIGTERM if bounce % 2 == 0 else signal.SIGKILL
         broker.stop(sig)
         deadline = time.monotonic() + 3.0
@@ -253,8 +253,9 @@ def test_live_events_overtake_a_backlog_on_a_64_kbit_link(
 ) -> None:
     """A scarce link (max_bytes_per_second = 8000) and a backlog it needs minutes for: the
     controller's live events reach the collector while most of the backlog is still on
-    the vehicle (they do not wait behind it), and the uplink publishes no more than the
-    budget allows."""
+    the vehicle (they do not wait behind it), the backlog that did arrive is its highest
+    priority (streams old/s3 and old/s7 of priority 3, interleaved with priorities 0-2),
+    and the uplink publishes no more than the budget allows."""
     from agent.resilience import Event  # noqa: PLC0415
     from agent.store import EventStore  # noqa: PLC0415
 
@@ -271,7 +272,8 @@ def test_live_events_overtake_a_backlog_on_a_64_kbit_link(
     store = EventStore(agent.db)  # the backlog of a long outage, stored before this run
     rng = random.Random(16)
     for start in range(0, BACKLOG, 5000):
-        store.append([Arrival(Event(f"old/s{k % 8}", k // 8 + 1, payload=rng.randbytes(60)))
+        store.append([Arrival(Event(f"old/s{k % 8}", k // 8 + 1, priority=k % 4,
+                                    payload=rng.randbytes(60)))
                       for k in range(start, start + 5000)])  # fmt: skip
     store.close()
     agent.start()
@@ -290,6 +292,9 @@ def test_live_events_overtake_a_backlog_on_a_64_kbit_link(
     print(f"after {elapsed:.1f} s: {live_n} live and {old_n} of {BACKLOG} backlog events "
           f"delivered, {sent:,} bytes published")  # fmt: skip
     assert old_n < BACKLOG // 2, "the live events waited behind the backlog"
+    low = [k for k in sorted(collector.keys()) if k[0].startswith("old/") and k[0][-1] not in "37"]
+    # The compacted replay (each stream's latest event) goes first; the rest is priority 3.
+    assert len(low) <= 6, f"lower priorities before the highest: {sorted(low)[:8]}"
     # The budget: a second's burst and one batch (capped at a second's worth) above it.
     assert 0 < sent <= 8000 * (elapsed + 1) + 8000 + 2048, (sent, elapsed)
     assert agent.terminate() == 0

@@ -216,6 +216,7 @@ def test_control_timers_on_the_wall_clock_are_caught(
     agent.start(env=agent_clock.env(), broken="wall_clock_timers")
     wait_for(lambda: len(collector_keys(collector_db)) > 100, 30, "first deliveries")
     with pytest.raises(AssertionError, match="reconnect after the jump"):
-        outage_with_jump(broker, agent, [sim_clock, agent_clock], -262.0, 2 * RECOVERY_BOUND)
+        # The bound the healthy agent meets (scaled with the load, as every deadline).
+        outage_with_jump(broker, agent, [sim_clock, agent_clock], -262.0, RECOVERY_BOUND)
     assert live(agent.db).breaker.state == "open"
     chaos_report.record("control: timers on the wall clock (clock)", controls_failed=1)

@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from agent.resilience.cursor import AckedRun, DeliveryCursor, Position
+from agent.resilience.cursor import AckedRun, ClassedCursor, DeliveryCursor, Position
 
 
 def partition(total: int, cuts: list[int]) -> list[tuple[int, int]]:
@@ -122,3 +122,55 @@ def test_a_cursor_jumping_to_the_highest_ack_is_caught() -> None:
                 caught += 1
                 break
     assert caught > 50
+
+
+# -- the classed cursor: the backlog drains by priority class ---------------------------
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.integers(1, 60),
+    st.lists(st.integers(0, 3), min_size=60, max_size=60),
+    st.lists(st.tuples(st.integers(1, 60), st.integers(0, 30), st.sampled_from([0, 1, 2, 3, None])),
+             max_size=40),
+    st.randoms(use_true_random=False),
+)  # fmt: skip
+def test_classed_cursor_delivers_exactly_the_rows_every_class_covers(
+    total: int,
+    classes: list[int],
+    runs: list[tuple[int, int, int | None]],
+    order: random.Random,
+) -> None:
+    """Independent definition: each class's frontier is the longest prefix of rowids that
+    runs of that class or of every class span; `delivered` is the lowest frontier; and
+    every row at or below it is spanned by a run of its own class (or of every class)."""
+    acked = [(first, first + width, cls) for first, width, cls in runs]
+    order.shuffle(acked)
+    cursor = ClassedCursor(0, classes=4)
+    reported = 0
+    for first, last, cls in acked:
+        moved = cursor.ack(AckedRun(first, last, {}), cls)
+        if moved is not None:
+            assert moved[0] > reported
+            reported = moved[0]
+
+    def frontier(c: int) -> int:
+        f = 0
+        while any(lo <= f + 1 <= hi and k in (None, c) for lo, hi, k in acked):
+            f += 1
+        return f
+
+    assert cursor.delivered == min(frontier(c) for c in range(4))
+    assert reported == cursor.delivered
+    for row in range(1, min(cursor.delivered, total) + 1):
+        cls = classes[row - 1]
+        assert any(lo <= row <= hi and k in (None, cls) for lo, hi, k in acked), row
+
+
+def test_classed_cursor_positions_wait_for_every_class() -> None:
+    cursor = ClassedCursor(0, classes=2)
+    assert cursor.ack(AckedRun(1, 10, {"hi": (1, 5)}), 1) is None  # class 0 not there yet
+    moved = cursor.ack(AckedRun(1, 10, {"lo": (1, 5)}), 0)
+    assert moved == (10, {"hi": (1, 5), "lo": (1, 5)})
+    assert cursor.ack(AckedRun(11, 12, {"live": (1, 1)}), None) == (12, {"live": (1, 1)})
+    assert cursor.frontier(0) == cursor.frontier(1) == cursor.delivered == 12
