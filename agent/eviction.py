@@ -161,9 +161,7 @@ class EvictionLadder:
                 f"id >= ? AND id < ? AND {cls} AND received_at >= {SANE_WALL_CLOCK!r} "
                 f"AND received_at < ? AND id NOT IN ({keep})"
             )
-            for lo, hi in self._windows():
-                if hi <= self._cursor():
-                    continue
+            for lo, hi in self._windows(start=self._cursor()):
                 oldest = self.conn.execute(
                     "SELECT min(received_at) FROM events WHERE id >= ? AND id < ? "
                     f"AND received_at >= {SANE_WALL_CLOCK!r}",
@@ -193,10 +191,12 @@ class EvictionLadder:
         # Inside the deleting transaction: the highest rowid ever used survives deletion.
         set_state(self.conn, "events.max_id", str(self._next_id - 1), at)
 
-    def _windows(self, below: int | None = None) -> list[tuple[int, int]]:
-        """Rowid windows [lo, hi) covering the stored events (below `below` if given),
-        LADDER_WINDOW_IDS wide: one ladder transaction each."""
-        lo, hi = self.conn.execute("SELECT min(id), max(id) FROM events").fetchone()
+    def _windows(self, below: int | None = None, start: int = 0) -> list[tuple[int, int]]:
+        """Rowid windows [lo, hi) covering the stored events (from `start`, below `below`
+        if given), LADDER_WINDOW_IDS wide: one ladder transaction each."""
+        lo, hi = self.conn.execute(
+            "SELECT min(id), max(id) FROM events WHERE id >= ?", (start,)
+        ).fetchone()
         if lo is None:
             return []
         end = hi + 1 if below is None else min(hi + 1, below)

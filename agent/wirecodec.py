@@ -43,6 +43,7 @@ from agent.errors import AgentError
 
 MAX_STREAMS: Final = 65_535  # a stream index is a uint16
 MAX_SCALE: Final = 9  # 10**9: nanoseconds on a timestamp, 1e-9 degrees on a coordinate
+MAX_VALUE_BYTES: Final = 1024  # a string signal split into a column (the serial cap is 128)
 MAX_KEYS: Final = 64  # payload map keys split into columns (the serial protocol allows 32)
 MAX_CELLS: Final = 2_000_000  # values rebuilt from one batch: bounds what a peer can cost
 _EXACT: Final = float(2**53)  # scaled by at most 10**9 this stays far from the float range
@@ -89,6 +90,16 @@ def _column(values: list[Any]) -> list[Any]:
     return _int_column(values) or _float_column(values) or ["v", values]
 
 
+def _plain(value: object) -> bool:
+    """A signal value the columns may carry: a scalar or a short string. Anything else
+    (ext types, long strings, nested containers) could exceed what a receiver's decoder
+    accepts inside the document, where as an opaque payload it is just bytes."""
+    kind = type(value)
+    if kind in (str, bytes):
+        return len(value) <= MAX_VALUE_BYTES  # type: ignore[arg-type]
+    return kind in (int, float, bool, type(None))
+
+
 def _payload_column(payloads: list[bytes]) -> list[Any]:
     """One column per signal when every payload is a canonical msgpack map with the same
     keys in the same order; the payloads as they are otherwise."""
@@ -97,7 +108,11 @@ def _payload_column(payloads: list[bytes]) -> list[Any]:
     try:
         for p in payloads:
             m = msgpack.unpackb(p, raw=False)
-            if type(m) is not dict or msgpack.packb(m, use_bin_type=True) != p:
+            if (
+                type(m) is not dict
+                or not all(_plain(v) for v in m.values())
+                or msgpack.packb(m, use_bin_type=True) != p
+            ):
                 return ["v", payloads]
             if keys is None:
                 keys = list(m)
@@ -159,7 +174,10 @@ def _expand(col: object, n: int, budget: list[int]) -> list[Any]:
         if not 0 <= col[1] <= MAX_SCALE or not all(type(v) is int for v in col[2]):
             raise ColumnarError(f"a scaled column has a scale in [0, {MAX_SCALE}] and integers")
         f = 10 ** col[1]
-        values = [i / f for i in accumulate(col[2])]
+        try:
+            values = [i / f for i in accumulate(col[2])]
+        except OverflowError:  # sums past the float range
+            raise ColumnarError("a scaled column overflows a float") from None
     else:
         raise ColumnarError(f"unknown column {str(tag)[:20]!r}")
     if len(values) != n:

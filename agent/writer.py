@@ -226,6 +226,7 @@ class Writer:
         ):
             self._next_ttl = now + TTL_CHECK_INTERVAL
             try:
+                self._persist_pending()  # what the fleet holds is not shed as expired
                 self.store.expire(time.time())  # received_at is wall-clock time
             except (OSError, sqlite3.Error) as exc:  # tried again at the next interval
                 log.warning("expire_failed error=%r", str(exc))

@@ -1,10 +1,10 @@
 """Fleet uplink through a real mosquitto: drain throughput, convergence time, agent memory.
 
-Run as `.venv/bin/python bench/bench_uplink.py` (about 3-4 minutes; `--quick` for a smoke
-test, `--sections`, `--events`, `--converge`, ... to scale). Everything runs in one
-invocation against mosquitto processes started here on free 127.0.0.1 ports, so every
-figure sits next to a baseline measured in the same run (absolute figures drift 20-30 %
-between runs on this machine kind; the ratios are what count):
+Run as `.venv/bin/python bench/bench_uplink.py` (about 6 minutes, section 5 about 2.5;
+`--quick` for a smoke test, `--sections`, `--events`, `--converge`, ... to scale).
+Everything runs in one invocation against mosquitto processes started here on free
+127.0.0.1 ports, so every figure sits next to a baseline measured in the same run
+(absolute figures drift 20-30 % between runs on this machine kind; the ratios are what count):
 
 1. Drain throughput: a pre-filled store (1,000 interleaved streams) drained by the agent's
    own loop (`Resync` + `FleetSync` + `MqttTransport`, stepped in this process,
@@ -32,13 +32,20 @@ between runs on this machine kind; the ratios are what count):
 4. Bytes and CPU per event on the wire for each encoding (uplink_encoding.py): zlib over
    rows (codec 1), zstd with a trained dictionary, and the columnar codec 2, on the
    simulator's vehicle profile.
+5. Live events on a scarce link (uplink_scarce.py): a 1,000,000-event backlog of the
+   vehicle profile drained with max_bytes_per_second = 8000 (64 kbit/s) while live events
+   are appended at 20/s; per codec (zlib, columnar) the live latency (store commit ->
+   collector commit) p50 / p99 / max, bytes/s published against the budget, backlog
+   delivered meanwhile and the time to drain it all, next to the wait behind the backlog in
+   arrival order (before the live lane).
 
 No timing assertions; delivery is checked (every event stored once by the collector, its
 state equal to the agent's latest per stream, the daemon exits 0).
 
 This file holds the options, the report header and the `_collector` entry point the
 collector child is started with; the rest lives beside it: section 1 in uplink_drain.py,
-2 in uplink_converge.py, 3 in uplink_rss.py, 4 in uplink_encoding.py; the instrumented
+2 in uplink_converge.py, 3 in uplink_rss.py, 4 in uplink_encoding.py, 5 in
+uplink_scarce.py (with its own collector child); the instrumented
 collector process in uplink_collector.py, the agent's stepped uplink loop in
 uplink_agent.py, and the workload, process helpers and mosquitto management in
 uplink_common.py.
@@ -61,6 +68,7 @@ from uplink_converge import section_convergence
 from uplink_drain import section_throughput
 from uplink_encoding import section_encoding
 from uplink_rss import section_rss
+from uplink_scarce import section_scarce
 
 # -- main --------------------------------------------------------------------------------------
 
@@ -76,9 +84,15 @@ def main() -> None:
     parser.add_argument("--batches", default="500,100", help="batch_max_events values")
     parser.add_argument("--converge", default="100000,1000000",
                         help="backlog sizes (section 2); 3 drains the largest")  # fmt: skip
-    parser.add_argument("--sections", default="1,2,3,4")
+    parser.add_argument("--sections", default="1,2,3,4,5")
     parser.add_argument("--encoding-events", type=int, default=20_000,
                         help="section 4: events of the vehicle profile per run")  # fmt: skip
+    parser.add_argument("--scarce-backlog", type=int, default=1_000_000,
+                        help="section 5: backlog events behind the live traffic")  # fmt: skip
+    parser.add_argument("--scarce-seconds", type=float, default=60.0,
+                        help="section 5: seconds of live traffic per codec")  # fmt: skip
+    parser.add_argument("--scarce-live-rate", type=float, default=20.0,
+                        help="section 5: live events per second")  # fmt: skip
     parser.add_argument("--no-diagnostics", action="store_true",
                         help="skip the NODELAY, PUBACK-mode and raw-loop runs")  # fmt: skip
     parser.add_argument("--rss-collector-on-disk", action="store_true",
@@ -92,6 +106,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.quick:
         args.events, args.single_events, args.converge = 20_000, 300, "10000,50000"
+        args.scarce_backlog, args.scarce_seconds = 50_000, 10.0
     sections = {int(s) for s in args.sections.split(",")}
     tmp = Path(tempfile.mkdtemp(prefix="bench-uplink-"))
     broker = Broker(tmp / "broker")
@@ -114,6 +129,8 @@ def main() -> None:
             section_rss(args, broker, tmp)
         if 4 in sections:
             section_encoding(args)
+        if 5 in sections:
+            section_scarce(args, broker, tmp)
     finally:
         broker.stop()
         if fast is not None:

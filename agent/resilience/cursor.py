@@ -27,12 +27,21 @@ class AckedRun:
     positions: Mapping[str, Position]
 
 
+def _highest(a: Mapping[str, Position], b: Mapping[str, Position]) -> dict[str, Position]:
+    """Each stream's highest position over two runs."""
+    out = dict(a)
+    for stream, pos in b.items():
+        if pos > out.get(stream, (-1, -1)):
+            out[stream] = pos
+    return out
+
+
 class DeliveryCursor:
     """`delivered` is the highest rowid such that every row at or below it is acked.
 
-    Runs acked ahead of a missing one wait, at most `max_pending` of them (the oldest go
-    first: a run that old is resent in other batches anyway); a run at or below the cursor
-    is dropped on arrival.
+    Runs acked ahead of a missing one wait, joined where they touch, at most `max_pending`
+    of them (the oldest go first: a run that old is resent in other batches anyway); a run
+    at or below the cursor is dropped on arrival.
     """
 
     def __init__(self, delivered: int = 0, *, max_pending: int = 4096) -> None:
@@ -61,8 +70,23 @@ class DeliveryCursor:
         """
         if run.last <= self.delivered:
             return None
-        self._pending.append(run)
-        del self._pending[: -self.max_pending]
+        # Runs that touch or overlap join into one: a long drain whose live batches are
+        # acked ahead of the backlog keeps one waiting run, not one per batch (at 5 live
+        # batches a second the cap dropped runs after 14 minutes, and their rows were
+        # sent again once the backlog caught up).
+        joined = run
+        kept = []
+        for other in self._pending:
+            if other.first <= joined.last + 1 and joined.first <= other.last + 1:
+                joined = AckedRun(
+                    min(joined.first, other.first),
+                    max(joined.last, other.last),
+                    _highest(joined.positions, other.positions),
+                )
+            else:
+                kept.append(other)
+        kept.append(joined)
+        self._pending = kept
         upto = self.delivered
         positions: dict[str, Position] = {}
         progress = True
@@ -76,6 +100,7 @@ class DeliveryCursor:
                         if pos > positions.get(stream, (-1, -1)):
                             positions[stream] = pos
                     progress = True
+        del self._pending[: -self.max_pending]  # the cap counts only runs left waiting
         if upto <= self.delivered:
             return None
         self.delivered = upto

@@ -235,7 +235,10 @@ def test_refuse_new_keeps_a_class_and_stops_acking_when_nothing_else_can_go(
     assert high
     missing = [k for k in high if k not in stored]
     assert not missing, f"{len(missing)} ACKed high-priority events lost, e.g. {missing[:3]}"
-    assert sum(r[2] for r in shed) == len(truth.acked) - len(stored)  # every loss on record
+    # Every loss on record (the shed may also hold events stored whose ACK the controller,
+    # stopped mid-flight, never read: not in its ACKed truth).
+    lost = [k for k in truth.acked if k not in stored]
+    assert sum(r[2] for r in shed) >= len(lost)
 
 
 def test_sighup_reloads_log_level(start_sim: StartSim, start_agent: StartAgent) -> None:

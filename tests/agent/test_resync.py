@@ -543,12 +543,13 @@ def test_the_byte_budget_paces_what_is_published(store: EventStore) -> None:
     for _ in range(300):
         step(sync, 1, dt=0.1)
         ack_all(transport, sync, [b for b in transport.batches() if b.batch_id in resync._sent])
-    sent = sum(len(p) for _, p in transport.published)
-    biggest = max(len(p) for _, p in transport.published)
+    header = len("ironfleet/v1/v1/events") + 9  # MQTT PUBLISH header, counted too
+    sent = sum(len(p) + header for _, p in transport.published)
+    biggest = max(len(p) + header for _, p in transport.published)
     elapsed = clock[0] - start  # 30 s of steps, plus the acks' own steps
     assert sent <= 2000 * elapsed + 2000 + biggest, (sent, elapsed)
     assert sent >= 2000 * elapsed - 2 * biggest, (sent, elapsed)  # it used the budget too
-    assert resync.budget.spent == sent
+    assert resync.budget.spent == sent == resync.counters.bytes_sent
 
 
 def test_a_shed_tail_of_the_backlog_is_passed_over(store: EventStore) -> None:
@@ -574,29 +575,50 @@ def test_a_shed_tail_of_the_backlog_is_passed_over(store: EventStore) -> None:
 
 
 def test_a_forgotten_acked_run_is_sent_again(store: EventStore) -> None:
-    """More acked runs waiting than the cursor keeps: the oldest is dropped, the cursor
-    stops at its start, and once nothing is in flight the gap is sent again."""
-    fill(store, streams=1, per_stream=10)  # one backlog batch
+    """More disjoint acked runs waiting than the cursor keeps: the oldest is dropped, the
+    cursor stops at its start, and once nothing is in flight the gap is sent again."""
+    fill(store, streams=1, per_stream=40)  # four backlog batches of 10
     transport = FakeTransport()
     sync, resync, _, _ = make(store, transport, max_in_flight=4)
     for cursor in resync._cursor.cursors:
         cursor.max_pending = 1
     step(sync, 2)
     ack_all(transport, sync, [b for b in transport.batches() if b.kind == "state"])
-    backlog = _events_batches(transport)
-    for seq in (11, 12):  # two live batches, acked ahead of the backlog
+    b1, b2, b3, b4 = _events_batches(transport)
+    ack_all(transport, sync, [b2])
+    ack_all(transport, sync, [b4])  # disjoint from b2, whose run is dropped (max_pending 1)
+    ack_all(transport, sync, [b1])
+    ack_all(transport, sync, [b3])
+    assert store.cursor == 11  # b1 joined; b2's rows are a hole before b3 + b4
+    step(sync, 1)
+    again = _events_batches(transport)[4:]  # sent again from the hole on
+    assert again[0].events[0][0].seq == 11
+    ack_all(transport, sync, again)
+    assert store.cursor == 41
+
+
+def test_live_runs_acked_ahead_of_a_long_backlog_wait_as_one(store: EventStore) -> None:
+    """Hundreds of live batches acked while the backlog is still in flight join into one
+    waiting run per class, so no cap drops them and nothing is sent twice."""
+    fill(store, streams=1, per_stream=10)  # one backlog batch, never acked until the end
+    transport = FakeTransport()
+    sync, resync, _, _ = make(store, transport, max_in_flight=4, ack_timeout=3600.0)
+    step(sync, 2)
+    ack_all(transport, sync, [b for b in transport.batches() if b.kind == "state"])
+    (backlog,) = _events_batches(transport)
+    for seq in range(11, 311):
         store.append([In(Event("s0", seq, payload=b"\x80"))])
         step(sync, 1)
-    live = _events_batches(transport)[len(backlog) :]
-    assert len(live) == 2
-    ack_all(transport, sync, live)  # the first one's run is dropped (max_pending 1)
-    ack_all(transport, sync, backlog)
-    assert store.cursor == 11  # the backlog joined, the forgotten run is a hole
-    step(sync, 1)
-    again = _events_batches(transport)[-1]
-    assert [e.seq for e, _ in again.events] == [11, 12]
-    ack_all(transport, sync, [again])
-    assert store.cursor == 13
+        ack_all(
+            transport,
+            sync,
+            [b for b in _events_batches(transport)[1:] if b.batch_id in resync._sent],
+        )
+    assert resync._cursor.pending <= 8  # one joined run in each of the 8 classes
+    ack_all(transport, sync, [backlog])
+    assert store.cursor == 311
+    seqs = [e.seq for b in _events_batches(transport) for e, _ in b.events]
+    assert sorted(seqs) == list(range(1, 311))  # each event sent exactly once
 
 
 def test_the_backlog_drains_highest_priority_first(store: EventStore) -> None:

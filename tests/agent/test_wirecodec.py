@@ -163,3 +163,17 @@ def test_a_small_document_cannot_make_the_decoder_build_millions() -> None:
 def test_a_columnar_document_must_not_carry_rows_too() -> None:
     with pytest.raises(FleetMessageError, match="columns, not events"):
         Batch.decode(_envelope([[], b"", []], events=[]))
+
+
+def test_values_a_receiver_would_refuse_inside_a_document_stay_opaque() -> None:
+    """Ext types, long strings and nested arrays pass as payload bytes (as in the row
+    layout), never as column values the receiver's limits refuse."""
+    odd = [
+        msgpack.packb({"t": msgpack.Timestamp(1, 0)}),
+        msgpack.packb({"s": "x" * 70_000}),
+        msgpack.packb({"a": list(range(200_000))}),
+    ]
+    for payload in odd:
+        events = tuple((Event.trusted("s", q, 1, 1.0, "k", 0, payload), 0) for q in (1, 2))
+        batch = Batch("v", 1, "events", False, events)
+        assert Batch.decode(batch.encode(codec="columnar")) == batch

@@ -174,3 +174,16 @@ def test_classed_cursor_positions_wait_for_every_class() -> None:
     assert moved == (10, {"hi": (1, 5), "lo": (1, 5)})
     assert cursor.ack(AckedRun(11, 12, {"live": (1, 1)}), None) == (12, {"live": (1, 1)})
     assert cursor.frontier(0) == cursor.frontier(1) == cursor.delivered == 12
+
+
+def test_runs_that_touch_wait_as_one_so_no_cap_drops_them() -> None:
+    """10,000 adjacent live runs acked ahead of a backlog, with a cap of 4 waiting runs:
+    they join into one, and the backlog's ack passes them all (a cap counting each run
+    dropped the oldest and left a hole the cursor waited on)."""
+    cursor = ClassedCursor(0, classes=2, max_pending=4)
+    for row in range(101, 10_101):
+        assert cursor.ack(AckedRun(row, row, {"live": (1, row)})) is None
+    assert cursor.pending == 2  # one joined run per class
+    assert cursor.ack(AckedRun(1, 100, {"old": (1, 100)}), 1) is None
+    moved = cursor.ack(AckedRun(1, 100, {}), 0)
+    assert moved == (10_100, {"live": (1, 10_100), "old": (1, 100)})
