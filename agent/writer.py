@@ -204,6 +204,8 @@ class Writer:
             except (OSError, sqlite3.Error) as exc:
                 raise CommitFailed(f"eviction failed: {exc}") from exc
             if not room:
+                if not self.shared.store_full:  # once per episode, as the space check logs it
+                    log.error("store_full: nothing left to evict; ACKs stop until room returns")
                 self.shared.store_full = True
                 raise
             self.store.append(arrivals)

@@ -372,6 +372,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--session-expiry", type=int, default=60, metavar="SECONDS",
                      help="with --group: the broker drops our session (and stops dealing us "
                      "messages) this long after we disconnect")  # fmt: skip
+    run.add_argument("--store-wait", type=float, default=60.0, metavar="SECONDS",
+                     help="at start, keep trying to open the database this long (PostgreSQL "
+                     "restarting, the network coming up) before giving up")  # fmt: skip
     run.add_argument("--writers", type=int, default=0, metavar="N",
                      help="threads storing batches, each with its own database connection "
                      "(default: 1 for SQLite, 3 for PostgreSQL)")  # fmt: skip
@@ -484,6 +487,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     return _run(args, signer, host, port)
 
 
+def _open_waiting(db: str, seconds: float) -> FleetStore:
+    """`open_store`, tried again with a growing pause (0.2 s to 5 s) for up to `seconds`:
+    a collector started while PostgreSQL restarts ("the database system is starting up")
+    or before the network is up would otherwise exit at once (seen in the 3-collector chaos
+    test: a collector restarted just before a PostgreSQL crash stayed down)."""
+    deadline = time.monotonic() + max(0.0, seconds)
+    pause = 0.2
+    while True:
+        try:
+            return open_store(db)
+        except CommitFailed as exc:
+            if time.monotonic() + pause > deadline:
+                raise
+            log.warning("collector_store_unavailable error=%r retry_in=%.1fs", str(exc)[:200],
+                        pause)  # fmt: skip
+            time.sleep(pause)
+            pause = min(pause * 2, 5.0)
+
+
 def _database_command(args: argparse.Namespace) -> int:
     """`report`, `retention` and `import`: the database only, no broker."""
     if args.command == "import":
@@ -502,7 +524,7 @@ def _database_command(args: argparse.Namespace) -> int:
 def _run(args: argparse.Namespace, signer: FleetSigner | None, host: str, port: int) -> int:
     """`run`: subscribe (alone, or as one member of a share group) until SIGTERM."""
     try:
-        store = open_store(args.db)
+        store = _open_waiting(args.db, args.store_wait)
     except CommitFailed as exc:
         print(f"ironfleet-collector: {exc}", file=sys.stderr)
         return 1
