@@ -411,8 +411,7 @@ class Resync:
                 continue
             # The class's last batch covers up to the connection's top.
             end = self._connect_high if len(rows) < self.config.batch_max_events else 0
-            batch = self._batch(rows, after, now, cls=cls, end=end)
-            self._after[cls] = self._sent[batch.batch_id].upto_rowid
+            batch, self._after[cls] = self._batch(rows, after, now, cls=cls, end=end)
             return batch
         return None
 
@@ -429,8 +428,7 @@ class Resync:
             if now - self._partial_since < c.batch_max_delay_ms / 1000.0:
                 return None
         self._partial_since = None
-        batch = self._batch(rows, self._live_after, now, cls=None, end=0)
-        self._live_after = self._sent[batch.batch_id].upto_rowid
+        batch, self._live_after = self._batch(rows, self._live_after, now, cls=None, end=0)
         return batch
 
     def _read(self, after: int, upto: int | None, cls: int | None = None) -> list[Row]:
@@ -449,9 +447,10 @@ class Resync:
 
     def _batch(
         self, rows: list[Row], after: int, now: float, *, cls: int | None, end: int
-    ) -> Outgoing:
+    ) -> tuple[Outgoing, int]:
         """One events batch of `rows` (up to batch_max_bytes of them), covering every rowid
-        from `after` + 1 to its last row, or to `end` when it takes every row."""
+        from `after` + 1 to its last row, or to `end` when it takes every row; and that
+        last rowid covered (where the lane goes on from)."""
         c = self.config
         events: list[tuple[Event, int]] = []
         positions: dict[str, tuple[int, int]] = {}
@@ -484,4 +483,4 @@ class Resync:
             self._sent.popitem(last=False)
         self.counters.batches_sent += 1
         self.counters.events_sent += len(events)
-        return Outgoing("events", batch_id, payload, len(events))
+        return Outgoing("events", batch_id, payload, len(events)), upto
