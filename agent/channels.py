@@ -65,10 +65,12 @@ Task = Callable[[EventStore], None]  # work for the writer thread (the store's o
 
 @dataclass(frozen=True)
 class Delivered:
-    """The fleet holds every row up to `upto`; the writer persists it (coalesced)."""
+    """The fleet holds every row up to `upto`, and every row of priority class c up to
+    `frontiers[c]`; the writer persists it (coalesced)."""
 
     upto: int
     positions: dict[str, tuple[int, int]]
+    frontiers: tuple[int, ...] = ()
 
 
 @dataclass

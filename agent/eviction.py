@@ -69,6 +69,12 @@ class EvictionLadder:
     def _cursor(self) -> int:
         raise NotImplementedError
 
+    def _frontiers(self) -> tuple[int, ...]:
+        raise NotImplementedError
+
+    def acked_sql(self) -> str:
+        raise NotImplementedError
+
     def _rollback(self) -> None:
         raise NotImplementedError
 
@@ -203,12 +209,17 @@ class EvictionLadder:
         return [(a, min(a + LADDER_WINDOW_IDS, end)) for a in range(lo, end, LADDER_WINDOW_IDS)]
 
     def _prune_acked(self, keep: str, _target: float, at: float) -> None:
+        # Below the cursor every row is held; above it, up to the highest class frontier,
+        # the rows of the classes the backlog drained ahead (agent/delivery.py).
         deleted = 0
-        for lo, hi in self._windows(below=self._cursor()):
+        acked = self.acked_sql()
+        top = max(self._cursor() - 1, *self._frontiers())
+        for lo, hi in self._windows(below=top + 1):
             self.conn.execute("BEGIN IMMEDIATE")
             self._remember_max_id(at)
             cur = self.conn.execute(
-                f"DELETE FROM events WHERE id >= ? AND id < ? AND id NOT IN ({keep})", (lo, hi)
+                f"DELETE FROM events WHERE id >= ? AND id < ? AND {acked} AND id NOT IN ({keep})",
+                (lo, hi),
             )
             self.conn.execute("COMMIT")
             self._rows -= cur.rowcount
@@ -220,7 +231,7 @@ class EvictionLadder:
         self, where: str, params: tuple[object, ...], reason: str, at: float, *, quiet: bool = False
     ) -> int:
         """Record then delete the unacknowledged events matching `where`, one transaction."""
-        unacked = f"id >= {int(self._cursor())}"
+        unacked = f"id >= {int(self._cursor())} AND NOT {self.acked_sql()}"
         self.conn.execute("BEGIN IMMEDIATE")
         self._remember_max_id(at)
         self.conn.execute(
@@ -262,17 +273,18 @@ class EvictionLadder:
         }[(self.config.full_policy, self.config.full_policy_low)]
         while self.used_bytes() > target:
             # One scan per priority level: its oldest unacked row, then windows forward.
+            unacked = f"NOT {self.acked_sql()}"
             row = self.conn.execute(
                 f"SELECT min(priority), max(id) FROM events WHERE id >= ? AND {droppable} "
-                f"AND id NOT IN ({keep})",
+                f"AND {unacked} AND id NOT IN ({keep})",
                 (self._cursor(),),
             ).fetchone()
             if row is None or row[0] is None:
                 return
             priority, top = row
             first = self.conn.execute(
-                f"SELECT id FROM events WHERE priority = ? AND id >= ? AND id NOT IN ({keep}) "
-                "ORDER BY id LIMIT 1",
+                f"SELECT id FROM events WHERE priority = ? AND id >= ? AND {unacked} "
+                f"AND id NOT IN ({keep}) ORDER BY id LIMIT 1",
                 (priority, self._cursor()),
             ).fetchone()
             if first is None:

@@ -31,15 +31,17 @@ from agent.config import UplinkSection
 from agent.fleet import Batch, batch_digest, topic
 from agent.resilience import Event
 from agent.resilience.budget import ByteBudget
-from agent.resilience.cursor import CLASSES, AckedRun, ClassedCursor
-from agent.store import read_cursor, read_latest
+from agent.resilience.cursor import CLASSES, AckedRun, ClassedCursor, class_of
+from agent.store import read_cursor, read_frontiers, read_latest
 
 log = logging.getLogger(__name__)
 
 STATE_BATCH_EVENTS = 5000  # the compacted replay goes in as few messages as possible
 MAX_TRACKED_BATCHES = 4096  # sent batches whose late ack is still honoured
 
-Deliver = Callable[[int, dict[str, tuple[int, int]]], None]
+# What the fleet holds, to persist: (every row up to this rowid, checkpoint positions
+# passed, each priority class's frontier).
+Deliver = Callable[[int, dict[str, tuple[int, int]], tuple[int, ...]], None]
 # A stored event as the lanes read it: rowid, stream, boot_epoch, seq, ts, time quality,
 # kind, priority, payload.
 Row = tuple[int, str, int, int, float, int, str, int, bytes]
@@ -132,6 +134,7 @@ class Resync:
         # Highest rowid the fleet holds, from acks in any order, per priority class
         # (agent/resilience/cursor.py): the backlog drains highest priority first.
         self._cursor = ClassedCursor(read_cursor(reader) - 1, max_pending=MAX_TRACKED_BATCHES)
+        self._cursor.restore(read_cursor(reader) - 1, read_frontiers(reader))
         # The backlog lanes (rows up to _connect_high), one per priority class, and the
         # live lane (rows above it): the last rowid each has sent.
         self._after = [self._cursor.delivered] * CLASSES
@@ -155,7 +158,7 @@ class Resync:
 
     def on_connected(self, now: float) -> None:
         """Start over from what the fleet acknowledged: state first, then the backlog."""
-        self._cursor.restore(read_cursor(self.reader) - 1)
+        self._cursor.restore(read_cursor(self.reader) - 1, read_frontiers(self.reader))
         self._after = [self._cursor.frontier(cls) for cls in range(CLASSES)]
         self._inflight.clear()
         self._forget_state_pending()
@@ -167,7 +170,7 @@ class Resync:
         # One scan for the classes the backlog holds, not one per empty class (0.1 s per
         # million rows each, in the uplink's thread).
         self._empty = set(range(CLASSES)) - {
-            min(int(p), CLASSES - 1)
+            class_of(int(p))
             for (p,) in self.reader.execute(
                 "SELECT DISTINCT priority FROM events WHERE id > ? AND id <= ?",
                 (self._cursor.delivered, self._connect_high),
@@ -241,13 +244,16 @@ class Resync:
         """Feed an acked run to the cursor (an MQTT ack's, or a receipt's checked by
         agent/receipts.py; `cls`: the priority class of a backlog batch, None for every
         class); persist what it passes. True if the cursor moved."""
+        before = self._cursor.frontiers
         moved = self._cursor.ack(run, cls)
         if moved is None:
+            if self._cursor.frontiers != before:  # a class drained ahead: persisted too
+                self.deliver(self._cursor.delivered, {}, self._cursor.frontiers)
             return False
         upto, positions = moved
         self._after = [max(a, upto) for a in self._after]  # never resend what is held
         self._live_after = max(self._live_after, upto)
-        self.deliver(upto, positions)
+        self.deliver(upto, positions, self._cursor.frontiers)
         return True
 
     # -- sending -------------------------------------------------------------------------

@@ -8,7 +8,8 @@ backwards),
 
 Split by responsibility: agent/storedb.py (connect, PRAGMAs, readers any connection can
 use; re-exported here), agent/streamcache.py (bounded per-stream cache, dedup planning,
-the boot-epoch rule), agent/eviction.py (capacity and the eviction ladder).
+the boot-epoch rule), agent/delivery.py (cursor, class frontiers, checkpoints),
+agent/eviction.py (capacity and the eviction ladder).
 
 Design notes (measurements in docs/decisions.md):
 - `events` has no secondary index. Uniqueness of (stream, boot_epoch, seq) is kept by
@@ -45,6 +46,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
 
+from agent.delivery import DeliveryState
 from agent.errors import CommitFailed, StoreError, StoreFull
 from agent.eviction import EvictionLadder
 from agent.fsprobe import JournalProbe
@@ -61,6 +63,7 @@ from agent.storedb import (
     disk_free_bytes,
     load_loss,
     read_cursor,
+    read_frontiers,
     read_latest,
     set_state,
 )
@@ -84,6 +87,7 @@ __all__ = [
     "connect",
     "disk_free_bytes",
     "read_cursor",
+    "read_frontiers",
     "read_latest",
 ]
 
@@ -130,7 +134,7 @@ class ShedRecord:
     count: int
 
 
-class EventStore(EvictionLadder):
+class EventStore(DeliveryState, EvictionLadder):
     """The single writer's handle on the event store. Not thread-safe: one owner."""
 
     def __init__(
@@ -455,83 +459,6 @@ class EventStore(EvictionLadder):
             for row in rows:
                 yield self._row_to_event(row)
             last = rows[-1][0]
-
-    # -- checkpoints -------------------------------------------------------------------------
-
-    def checkpoint(self, stream: str) -> tuple[int, int] | None:
-        """(boot_epoch, seq) the fleet has acknowledged for `stream`, or None."""
-        entry = self._state.entry(stream)
-        return entry.checkpoint if entry is not None else None
-
-    def checkpoints(self) -> dict[str, tuple[int, int]]:
-        """Every stream's checkpoint (read from the database: one row per stream)."""
-        return {
-            name: (epoch, seq)
-            for name, epoch, seq in self.conn.execute(
-                "SELECT s.name, c.boot_epoch, c.seq FROM checkpoints AS c "
-                "JOIN streams AS s ON s.id = c.stream_id"
-            )
-        }
-
-    def mark_delivered(
-        self,
-        upto_rowid: int,
-        positions: Mapping[str, tuple[int, int]],
-        now: float | None = None,
-    ) -> bool:
-        """Record that the fleet holds every event with rowid <= `upto_rowid`.
-
-        The uplink cursor moves to `upto_rowid + 1` and each stream's checkpoint to the
-        highest `positions` entry seen; neither ever moves backwards (a lower or equal
-        value is ignored and counted in `acks_stale`). Both are persisted in one
-        transaction. Returns False if nothing moved.
-        """
-        at = time.time() if now is None else now
-        cursor = upto_rowid + 1
-        if cursor <= self._cursor():
-            self.counters["acks_stale"] += 1
-            return False
-        moves: dict[int, tuple[int, int]] = {}
-        names: dict[int, str] = {}
-        try:
-            for stream, position in positions.items():
-                entry = self._state.entry(stream)  # may read the database: inside the try
-                pos = (int(position[0]), int(position[1]))
-                if entry is None:
-                    continue
-                if entry.checkpoint is None or pos > entry.checkpoint:
-                    moves[entry.sid] = pos
-                    names[entry.sid] = stream
-            self.conn.execute("BEGIN IMMEDIATE")
-            self.conn.executemany(
-                "INSERT INTO checkpoints (stream_id, boot_epoch, seq, acked_at) VALUES (?,?,?,?) "
-                "ON CONFLICT (stream_id) DO UPDATE SET boot_epoch = excluded.boot_epoch, "
-                "seq = excluded.seq, acked_at = excluded.acked_at",
-                [(sid, e, s, at) for sid, (e, s) in moves.items()],
-            )
-            self._set_state(self.conn, "uplink.cursor", str(cursor), at)
-            self.conn.execute("COMMIT")
-        except sqlite3.Error as exc:
-            self._rollback()
-            raise CommitFailed(f"checkpoint update failed: {exc}") from exc
-        for sid, pos in moves.items():
-            self._state.set_checkpoint(names[sid], pos)
-        self._cursor_value = cursor
-        self.counters["acks_applied"] += 1
-        return True
-
-    def _cursor(self) -> int:
-        """Lowest rowid the fleet may not hold yet (persisted in agent_state)."""
-        value = getattr(self, "_cursor_value", None)
-        if value is None:
-            value = read_cursor(self.conn)
-            self._cursor_value = value
-        return value
-
-    @property
-    def cursor(self) -> int:
-        """Lowest rowid the fleet has not acknowledged."""
-        return self._cursor()
 
     # -- state and stats ---------------------------------------------------------------------
 

@@ -19,6 +19,7 @@ from agent.config import StoreSection
 from agent.errors import StoreError
 from agent.livestate import read_row
 from agent.resilience import Event
+from agent.resilience.cursor import CLASSES
 from agent.resilience.loss import LossLedger
 
 PAGE_SIZE: Final = 4096
@@ -56,6 +57,27 @@ def read_cursor(conn: sqlite3.Connection) -> int:
     """The persisted uplink cursor: lowest rowid the fleet has not acknowledged."""
     row = conn.execute("SELECT value FROM agent_state WHERE key = 'uplink.cursor'").fetchone()
     return int(row[0]) if row else 1
+
+
+def read_frontiers(conn: sqlite3.Connection, cursor: int | None = None) -> tuple[int, ...]:
+    """Each priority class's persisted frontier: the highest rowid at or below which every
+    row of that class is acknowledged (the backlog drains by priority, so a class runs
+    ahead of the cursor). Never below `cursor` - 1; a missing or malformed value (the file
+    is not trusted) reads as the cursor, which only costs resends."""
+    floor = (read_cursor(conn) if cursor is None else cursor) - 1
+    row = conn.execute("SELECT value FROM agent_state WHERE key = 'uplink.frontiers'").fetchone()
+    try:
+        values = [int(v) for v in str(row[0]).split(",")] if row else []
+    except ValueError:
+        values = []
+    if len(values) != CLASSES:
+        values = [floor] * CLASSES
+    return tuple(max(floor, v) for v in values)
+
+
+def frontiers_text(frontiers: tuple[int, ...]) -> str:
+    """How `read_frontiers` finds them in agent_state: the classes' rowids, comma-separated."""
+    return ",".join(str(int(f)) for f in frontiers)
 
 
 def exact_sum_sql(column: str) -> str:

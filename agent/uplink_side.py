@@ -43,9 +43,11 @@ class UplinkSide:
             ack_mode=c.ack_mode,
         )
 
-    def _deliver(self, upto: int, positions: dict[str, tuple[int, int]]) -> None:
+    def _deliver(
+        self, upto: int, positions: dict[str, tuple[int, int]], frontiers: tuple[int, ...]
+    ) -> None:
         # Persisting the cursor is the writer's job (the store's only writer).
-        self.tasks.put(Delivered(upto, positions))
+        self.tasks.put(Delivered(upto, positions, frontiers))
 
     def run_once(self, now: float) -> None:
         self.sync.run_once(now)

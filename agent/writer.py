@@ -89,6 +89,7 @@ class Writer:
         # What the fleet acknowledged and the store has not persisted yet (coalesced).
         self._cadence = CheckpointCadence()
         self._delivered = -1
+        self._frontiers: list[int] = []
         self._positions: dict[str, tuple[int, int]] = {}
 
     def run_once(self, now: float, timeout: float = 0.1) -> bool:
@@ -139,6 +140,14 @@ class Writer:
                 if task.upto > self._delivered:
                     self._cadence.acked(task.upto - max(self._delivered, 0), at)
                     self._delivered = task.upto
+                if task.frontiers:
+                    held = self._frontiers or task.frontiers
+                    ahead = [max(a, b) for a, b in zip(held, task.frontiers, strict=True)]
+                    if ahead != self._frontiers:
+                        # A class drained ahead of the cursor: persisted on the same
+                        # cadence, so the ladder and the TTL count its rows as held.
+                        self._cadence.acked(1, at)
+                        self._frontiers = ahead
                 positions = self._positions
                 for stream, pos in task.positions.items():
                     if pos > positions.get(stream, (-1, -1)):
@@ -159,7 +168,7 @@ class Writer:
     def _persist_delivery(self) -> None:
         """One durable commit for every fleet ack since the last (CheckpointCadence)."""
         try:
-            self.store.mark_delivered(self._delivered, self._positions)
+            self.store.mark_delivered(self._delivered, self._positions, frontiers=self._frontiers)
         except AgentError as exc:
             log.warning("checkpoint_persist_failed error=%r (will retry)", str(exc))
             return  # kept, and tried again at the next due time

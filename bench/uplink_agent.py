@@ -93,8 +93,8 @@ class AgentLoop:
         )
         self.checkpoints = 0
 
-    def _deliver(self, upto: int, positions: Positions) -> None:
-        if self.store.mark_delivered(upto, positions):
+    def _deliver(self, upto: int, positions: Positions, frontiers: tuple[int, ...]) -> None:
+        if self.store.mark_delivered(upto, positions, frontiers=frontiers):
             self.checkpoints += 1
 
     def latest(self) -> Positions:

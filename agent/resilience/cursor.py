@@ -12,7 +12,7 @@ writer, in one transaction with the checkpoints).
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 Position = tuple[int, int]  # (boot_epoch, seq)
@@ -110,6 +110,19 @@ class DeliveryCursor:
 CLASSES = 8  # priority classes: the serial protocol's priorities 0..7
 
 
+def class_of(priority: int) -> int:
+    """A row's priority class (the top class takes every priority above it)."""
+    return min(max(priority, 0), CLASSES - 1)
+
+
+def is_held(rowid: int, priority: int, delivered: int, frontiers: Sequence[int]) -> bool:
+    """Whether the fleet holds a stored row: every row at or below `delivered` is, and a
+    row at or below its class's frontier is (the backlog drained that class ahead). The
+    definition the store's SQL (agent/delivery.py `acked_sql`) is checked against."""
+    cls = class_of(priority)
+    return rowid <= delivered or (cls < len(frontiers) and rowid <= frontiers[cls])
+
+
 class ClassedCursor:
     """The delivery cursor when the backlog drains by priority: one `DeliveryCursor` per
     priority class, and `delivered` the rowid every class has reached.
@@ -139,13 +152,20 @@ class ClassedCursor:
         return sum(c.pending for c in self.cursors)
 
     def frontier(self, cls: int) -> int:
-        """Highest rowid below which every row of class `cls` is acked."""
+        """Highest rowid at or below which every row of class `cls` is acked."""
         return self.cursors[cls].delivered
 
-    def restore(self, delivered: int) -> None:
-        """Raise every class to a persisted value (never lowers one)."""
-        for c in self.cursors:
-            c.restore(delivered)
+    @property
+    def frontiers(self) -> tuple[int, ...]:
+        """Every class's frontier, lowest class first: what is persisted with the cursor,
+        so a row of a class drained ahead counts as delivered for space, TTL and restarts."""
+        return tuple(c.delivered for c in self.cursors)
+
+    def restore(self, delivered: int, frontiers: Sequence[int] = ()) -> None:
+        """Raise every class to a persisted value, and each class to its persisted
+        frontier if given (never lowers one)."""
+        for i, c in enumerate(self.cursors):
+            c.restore(max(delivered, frontiers[i] if i < len(frontiers) else delivered))
 
     def ack(self, run: AckedRun, cls: int | None = None) -> tuple[int, dict[str, Position]] | None:
         """Apply one acked run of class `cls` (None: every class); return (new `delivered`,

@@ -45,7 +45,7 @@ class Stored(NamedTuple):
 
     rowid: int  # arrival order: lower is older
     priority: int
-    acked: bool  # below the fleet cursor
+    acked: bool  # the fleet holds it (agent/resilience/cursor.py `is_held`)
     latest: bool  # its stream's latest event (newest stored boot epoch)
 
 

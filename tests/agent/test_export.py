@@ -141,7 +141,13 @@ def vehicle(tmp_path: Path, streams: int = 8, per_stream: int = 300) -> Vehicle:
     store = EventStore(state / "agent.db")
     fill(store, streams, per_stream)
     reader = connect(store.path, readonly=True)
-    resync = Resync(reader, VEHICLE, UplinkSection(), store.mark_delivered, run_id=7)
+    resync = Resync(
+        reader,
+        VEHICLE,
+        UplinkSection(),
+        lambda upto, positions, fronts: store.mark_delivered(upto, positions, frontiers=fronts),
+        run_id=7,
+    )
     return Vehicle(store, resync, ReceiptInbox(state, reader, auth(), resync))
 
 

@@ -1,9 +1,9 @@
 """The store's SQL eviction ladder against the core's definition of its victims
 (agent/resilience/ladder.py): over random stores (streams, priorities, boot epochs, an
-acked prefix) and random caps, what `EventStore.make_room` removes is exactly a prefix of
-`victim_order` (under random full-buffer policies per class), every stream's latest event
-survives, and what was lost unacknowledged
-is recorded in `shed` under the step that took it."""
+acked prefix, classes the backlog drained ahead of it: `is_held`) and random caps, what
+`EventStore.make_room` removes is exactly a prefix of `victim_order` (under random
+full-buffer policies per class), every stream's latest event survives, and what was lost
+unacknowledged is recorded in `shed` under the step that took it."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from agent.resilience import Event
+from agent.resilience.cursor import CLASSES, is_held
 from agent.resilience.ladder import ACKED, POLICIES, Stored, victim_order
 from agent.store import EventStore, StoreConfig
 
@@ -29,9 +30,10 @@ class In:
 
 
 @st.composite
-def stores(draw: st.DrawFn) -> tuple[list[In], int, float, tuple[str, str]]:
+def stores(draw: st.DrawFn) -> tuple[list[In], int, list[int], float, tuple[str, str]]:
     """Arrivals (streams with a priority each, a reboot or not), the acked prefix length,
-    the cap as a fraction of the bytes in use, and the classes' full-buffer policies."""
+    each priority class's acked prefix (at least that), the cap as a fraction of the
+    bytes in use, and the classes' full-buffer policies."""
     count = draw(st.integers(min_value=1, max_value=8))
     priorities = draw(st.lists(st.integers(0, 3), min_size=count, max_size=count))
     reboot_at = draw(st.integers(min_value=0, max_value=3000))
@@ -49,17 +51,18 @@ def stores(draw: st.DrawFn) -> tuple[list[In], int, float, tuple[str, str]]:
                       priority=priorities[s], payload=bytes([i % 251]) * 150)  # fmt: skip
         arrivals.append(In(event))
     acked = draw(st.integers(min_value=0, max_value=total))
+    ahead = [draw(st.sampled_from([acked, draw(st.integers(acked, total))])) for _ in range(4)]
     fraction = draw(st.floats(min_value=0.05, max_value=0.95))
     policies = (draw(st.sampled_from(POLICIES)), draw(st.sampled_from(POLICIES)))
-    return arrivals, acked, fraction, policies
+    return arrivals, acked, ahead, fraction, policies
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(stores())
 def test_the_ladder_removes_a_prefix_of_the_cores_victim_order(
-    drawn: tuple[list[In], int, float, tuple[str, str]],
+    drawn: tuple[list[In], int, list[int], float, tuple[str, str]],
 ) -> None:
-    arrivals, acked, fraction, (policy, policy_low) = drawn
+    arrivals, acked, ahead, fraction, (policy, policy_low) = drawn
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "agent.db"
         big = StoreConfig(max_buffer_bytes=2**30, min_free_bytes=0)
@@ -68,8 +71,10 @@ def test_the_ladder_removes_a_prefix_of_the_cores_victim_order(
             store.append(arrivals[lo : lo + 500], now=1.0)
         rowids = [r for (r,) in store.conn.execute("SELECT id FROM events ORDER BY id")]
         keys = [(a.event.stream, a.event.boot_epoch, a.event.seq) for a in arrivals]
-        if acked:
-            store.mark_delivered(rowids[acked - 1], {}, now=2.0)
+        delivered = rowids[acked - 1] if acked else 0
+        frontiers = [rowids[n - 1] if n else 0 for n in ahead] + [delivered] * (CLASSES - 4)
+        if acked or ahead != [0] * 4:
+            store.mark_delivered(delivered, {}, now=2.0, frontiers=frontiers)
         used = store.used_bytes()
         store.close()
 
@@ -80,8 +85,9 @@ def test_the_ladder_removes_a_prefix_of_the_cores_victim_order(
         keep = {rowid for _, _, rowid in latest.values()}
         priority = {a.event.stream: a.event.priority for a in arrivals}
         stored = [
-            Stored(rowid, priority[key[0]], index < acked, rowid in keep)
-            for index, (rowid, key) in enumerate(zip(rowids, keys, strict=True))
+            Stored(rowid, p, is_held(rowid, p, delivered, frontiers), rowid in keep)
+            for rowid, key in zip(rowids, keys, strict=True)
+            for p in (priority[key[0]],)
         ]
         order = victim_order(stored, LOW_PRIORITY_MAX, policy, policy_low)
 

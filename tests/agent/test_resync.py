@@ -21,7 +21,7 @@ from agent.fleet_auth import FleetAuth, FleetSigner
 from agent.fleetsync import FleetSync
 from agent.resilience import Backoff, CircuitBreaker, Event
 from agent.resync import Phase, Resync
-from agent.store import EventStore, connect
+from agent.store import EventStore, StoreConfig, connect, read_frontiers
 
 
 @dataclass(frozen=True)
@@ -103,9 +103,12 @@ def make(
 ) -> tuple[FleetSync, Resync, CircuitBreaker, list[tuple[int, dict[str, tuple[int, int]]]]]:
     delivered: list[tuple[int, dict[str, tuple[int, int]]]] = []
 
-    def deliver(upto: int, positions: dict[str, tuple[int, int]]) -> None:
-        delivered.append((upto, positions))
-        store.mark_delivered(upto, positions)
+    def deliver(
+        upto: int, positions: dict[str, tuple[int, int]], frontiers: tuple[int, ...]
+    ) -> None:
+        if upto >= store.cursor:  # the cursor moves (not only a class frontier)
+            delivered.append((upto, positions))
+        store.mark_delivered(upto, positions, frontiers=frontiers)
 
     section = UplinkSection(**{"batch_max_events": 10, "batch_max_delay_ms": 0.0, **config})  # type: ignore[arg-type]
     resync = Resync(connect(store.path, readonly=True), "v1", section, deliver, run_id=1)
@@ -642,3 +645,55 @@ def test_the_backlog_drains_highest_priority_first(store: EventStore) -> None:
     assert store.cursor == 91
     assert delivered[-1][0] == 90
     assert store.conn.execute("SELECT count(*) FROM checkpoints").fetchone()[0] == 3
+
+
+def test_a_class_drained_ahead_stays_delivered_after_a_restart(store: EventStore) -> None:
+    """Priority 3 acknowledged, priorities 0 and 1 not yet: the class frontiers are
+    persisted with the cursor, so after a restart priority 3 is not sent again, the TTL
+    never counts it lost, and the ladder prunes it as acknowledged (not shed)."""
+    t0 = 1_800_000_000.0
+    store.append([In(Event(f"p{p}", q, priority=p, payload=b"\x80"))
+                  for q in range(1, 31) for p in (0, 1, 3)], now=t0)  # fmt: skip
+    transport = FakeTransport()
+    sync, resync, _, _ = make(store, transport, max_in_flight=1)
+    step(sync, 2)
+    ack_all(transport, sync, [b for b in transport.batches() if b.kind == "state"])
+    for _ in range(10):
+        pending = [b for b in _events_batches(transport) if b.batch_id in resync._sent]
+        if not pending or any(e.priority != 3 for e, _ in pending[0].events):
+            break
+        ack_all(transport, sync, pending)
+    assert store.cursor == 1  # priorities 0 and 1 are not acknowledged
+    assert store.frontiers[3] == 90
+    assert read_frontiers(connect(store.path, readonly=True))[3] == 90
+
+    again = FakeTransport()
+    sync, _, _, _ = make(store, again, max_in_flight=8)  # a new Resync: the agent restarted
+    step(sync, 4)
+    resent = [e.priority for b in _events_batches(again) for e, _ in b.events]
+    assert len(resent) == 60
+    assert 3 not in resent
+
+    config = StoreConfig(ttl_seconds=10.0, ttl_low_seconds=10.0, max_buffer_bytes=4096,
+                         min_free_bytes=0)  # fmt: skip
+    reopened = EventStore(store.path, config, free_bytes=lambda _: 2**40)
+    assert reopened.expire(t0 + 1000.0) == 58  # p0 and p1 but each stream's latest
+    assert reopened.loss.shed == {"ttl": 58}
+    reopened.make_room(now=t0 + 1000.0)
+    assert reopened.counters["pruned_acked"] == 29  # p3 but its latest
+    assert reopened.conn.execute(
+        "SELECT count(*) FROM shed AS sh JOIN streams AS s "
+        "ON s.id = sh.stream_id WHERE s.name = 'p3'"
+    ).fetchone() == (0,)
+
+
+def test_unreadable_frontiers_read_as_the_cursor(store: EventStore) -> None:
+    """agent_state is a file on disk, not trusted: a malformed frontier list costs
+    resends (every class back at the cursor), never a row counted as held."""
+    fill(store, streams=1, per_stream=10)
+    store.mark_delivered(4, {}, frontiers=[4, 4, 4, 9, 4, 4, 4, 4])
+    assert read_frontiers(store.conn) == (4, 4, 4, 9, 4, 4, 4, 4)
+    for bad in ("9,9", "x,1,2,3,4,5,6,7", "", "1e9,1,1,1,1,1,1,1"):
+        store.conn.execute("UPDATE agent_state SET value = ? WHERE key = 'uplink.frontiers'",
+                           (bad,))  # fmt: skip
+        assert read_frontiers(store.conn) == (4,) * 8

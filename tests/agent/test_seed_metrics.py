@@ -159,9 +159,12 @@ def test_loss_ratio_counts_rows_a_salvage_could_not_read(db: Path) -> None:
 def resync_on(store: EventStore, **config: object) -> tuple[Resync, list[int]]:
     delivered: list[int] = []
 
-    def deliver(upto: int, positions: dict[str, tuple[int, int]]) -> None:
-        delivered.append(upto)
-        store.mark_delivered(upto, positions)
+    def deliver(
+        upto: int, positions: dict[str, tuple[int, int]], frontiers: tuple[int, ...]
+    ) -> None:
+        if upto >= store.cursor:  # the cursor moves (not only a class frontier)
+            delivered.append(upto)
+        store.mark_delivered(upto, positions, frontiers=frontiers)
 
     section = UplinkSection(**{"batch_max_events": 10, "batch_max_delay_ms": 0.0, **config})  # type: ignore[arg-type]
     return Resync(connect(store.path, readonly=True), "v1", section, deliver, run_id=1), delivered

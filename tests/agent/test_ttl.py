@@ -14,6 +14,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from agent.resilience import Event
+from agent.resilience.cursor import CLASSES, is_held
 from agent.resilience.ladder import SANE_WALL_CLOCK, Stored, is_expired
 from agent.store import EventStore, StoreConfig
 
@@ -33,9 +34,12 @@ class In:
 
 
 @st.composite
-def histories(draw: st.DrawFn) -> tuple[list[tuple[float, list[In]]], int, float, float, float]:
+def histories(
+    draw: st.DrawFn,
+) -> tuple[list[tuple[float, list[In]]], int, list[int], float, float, float]:
     """Commits (wall time, arrivals) of streams with a priority each, some before the
-    clock was set; the acked prefix; both TTLs; the time the TTL runs."""
+    clock was set; the acked prefix and each class's (the backlog drains by priority);
+    both TTLs; the time the TTL runs."""
     count = draw(st.integers(1, 6))
     priorities = draw(st.lists(st.integers(0, 3), min_size=count, max_size=count))
     rng = draw(st.randoms(use_true_random=False))
@@ -54,17 +58,18 @@ def histories(draw: st.DrawFn) -> tuple[list[tuple[float, list[In]]], int, float
         commits[0] = (500.0, commits[0][1])  # stored before the clock was set
     total = sum(len(b) for _, b in commits)
     acked = draw(st.integers(0, total))
+    ahead = [draw(st.sampled_from([acked, draw(st.integers(acked, total))])) for _ in range(4)]
     ttl = draw(st.sampled_from([0.0, 50.0, 500.0, 5000.0]))
     ttl_low = draw(st.sampled_from([0.0, 20.0, 300.0]))
-    return commits, acked, ttl, ttl_low, commits[-1][0] + draw(st.floats(0, 1000))
+    return commits, acked, ahead, ttl, ttl_low, commits[-1][0] + draw(st.floats(0, 1000))
 
 
 @settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(histories())
 def test_the_store_expires_exactly_what_the_core_says(
-    drawn: tuple[list[tuple[float, list[In]]], int, float, float, float],
+    drawn: tuple[list[tuple[float, list[In]]], int, list[int], float, float, float],
 ) -> None:
-    commits, acked, ttl, ttl_low, now = drawn
+    commits, acked, ahead, ttl, ttl_low, now = drawn
     with tempfile.TemporaryDirectory() as tmp:
         config = StoreConfig(max_buffer_bytes=2**30, min_free_bytes=0, low_priority_max=LOW,
                              ttl_seconds=ttl, ttl_low_seconds=ttl_low)  # fmt: skip
@@ -75,13 +80,15 @@ def test_the_store_expires_exactly_what_the_core_says(
             "SELECT e.id, s.name, e.seq, e.priority, e.received_at FROM events AS e "
             "JOIN streams AS s ON s.id = e.stream_id ORDER BY e.id"
         ).fetchall()
-        if acked:
-            store.mark_delivered(rows[acked - 1][0], {}, now=now)
+        delivered = rows[acked - 1][0] if acked else 0
+        frontiers = [rows[n - 1][0] if n else 0 for n in ahead] + [delivered] * (CLASSES - 4)
+        store.mark_delivered(delivered, {}, now=now, frontiers=frontiers)
         latest = {name: rowid for rowid, name, *_ in rows}  # one boot epoch: highest seq
         expected = {
             rowid
-            for index, (rowid, name, _, priority, received_at) in enumerate(rows)
-            if is_expired(Stored(rowid, priority, index < acked, latest[name] == rowid),
+            for rowid, name, _, priority, received_at in rows
+            if is_expired(Stored(rowid, priority, is_held(rowid, priority, delivered, frontiers),
+                                 latest[name] == rowid),
                           received_at, now, ttl=ttl, ttl_low=ttl_low, low_priority_max=LOW)
         }  # fmt: skip
         shed = store.expire(now)

@@ -196,7 +196,9 @@ class World:
         for _ in range(3):
             self.step()
 
-    def _deliver(self, upto: int, positions: dict[str, tuple[int, int]]) -> None:
+    def _deliver(
+        self, upto: int, positions: dict[str, tuple[int, int]], frontiers: tuple[int, ...]
+    ) -> None:
         self.delivered.append(upto)
 
     def transport_payloads(self) -> list[bytes]:

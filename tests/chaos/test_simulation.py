@@ -159,7 +159,9 @@ class CoreSimulation(RuleBasedStateMachine):
         self.cursors: list[int] = []
         self.disk_is_full = False
         self.failed_commits = 0
-        self.unsaved_checkpoint: tuple[int, dict[str, tuple[int, int]]] | None = None
+        self.unsaved_checkpoint: tuple[int, dict[str, tuple[int, int]], tuple[int, ...]] | None = (
+            None
+        )
         self.broker = Broker()
         self.signer = fleet_signer()  # acks signed as in production
         self.collector = Collector(CollectorStore(":memory:"), AckSink(self.broker), self.signer)
@@ -192,12 +194,14 @@ class CoreSimulation(RuleBasedStateMachine):
                               Backoff(0.05, 0.5, rng=random.Random(1)),
                               auth=FleetAuth(VEHICLE, self.signer.key.public_key()))  # fmt: skip
 
-    def _deliver(self, upto: int, positions: dict[str, tuple[int, int]]) -> None:
+    def _deliver(
+        self, upto: int, positions: dict[str, tuple[int, int]], frontiers: tuple[int, ...]
+    ) -> None:
         # As the daemon's writer: a checkpoint that cannot be saved is retried later.
         try:
-            self.store.mark_delivered(upto, positions)
+            self.store.mark_delivered(upto, positions, frontiers=frontiers)
         except StoreError:
-            self.unsaved_checkpoint = (upto, positions)
+            self.unsaved_checkpoint = (upto, positions, frontiers)
             return
         self.unsaved_checkpoint = None
         self.cursors.append(self.store.cursor)

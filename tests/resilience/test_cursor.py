@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from agent.resilience.cursor import AckedRun, ClassedCursor, DeliveryCursor, Position
+from agent.resilience.cursor import AckedRun, ClassedCursor, DeliveryCursor, Position, is_held
 
 
 def partition(total: int, cuts: list[int]) -> list[tuple[int, int]]:
@@ -187,3 +187,19 @@ def test_runs_that_touch_wait_as_one_so_no_cap_drops_them() -> None:
     assert cursor.ack(AckedRun(1, 100, {"old": (1, 100)}), 1) is None
     moved = cursor.ack(AckedRun(1, 100, {}), 0)
     assert moved == (10_100, {"live": (1, 10_100), "old": (1, 100)})
+
+
+def test_classed_frontiers_restore_per_class_and_never_lower() -> None:
+    """What the store persists (`frontiers`) restores each class on its own: a class
+    drained ahead stays ahead after a restart, `delivered` stays the lowest."""
+    cursor = ClassedCursor(10)
+    cursor.ack(AckedRun(11, 50, {"s": (1, 5)}), 3)
+    assert cursor.frontiers == (10, 10, 10, 50, 10, 10, 10, 10)
+    assert cursor.delivered == 10
+    again = ClassedCursor(10)
+    again.restore(10, cursor.frontiers)
+    assert again.frontiers == cursor.frontiers
+    again.restore(20, (5,) * 8)  # a lower persisted frontier never lowers one
+    assert again.frontiers == (20, 20, 20, 50, 20, 20, 20, 20)
+    assert [is_held(r, 3, 20, again.frontiers) for r in (20, 50, 51)] == [True, True, False]
+    assert [is_held(r, 9, 20, again.frontiers) for r in (20, 21)] == [True, False]  # class 7
