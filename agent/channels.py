@@ -1,9 +1,10 @@
 """What joins the daemon's threads: the bounded hand-over queue, reports, wake-up, flags.
 
-The serial thread hands received events to the writer through `to_writer` (bounded: a
-slow disk stops reading, and the controller keeps its events); the writer reports each
-group durable or not through `reports` and wakes the serial thread through `waker`; the
-uplink thread asks the writer to persist fleet acknowledgements through `tasks`.
+Each serial thread (one per controller port) hands received events to the writer through
+`to_writer` (bounded: a slow disk stops reading, and the controller keeps its events),
+tagged with its port; the writer reports each group durable or not through that port's
+`reports` and wakes that thread through its `waker`; the uplink thread asks the writer to
+persist fleet acknowledgements through `tasks`.
 """
 
 from __future__ import annotations
@@ -12,11 +13,43 @@ import contextlib
 import os
 import queue
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 from agent.store import EventStore
 from firmware_bridge.link import Received, Token
+
+
+class Handover(NamedTuple):
+    """Events one serial thread read, for the writer to commit and report back."""
+
+    port: int  # the index of its [[serial]] entry: where the report goes
+    items: list[Received]
+
+
+class Claims:
+    """Which port each controller id (HELLO) is on, so two ports announcing the same id
+    are caught: the events of both would share streams and boot epochs. A claim holds
+    while its port keeps receiving (`hold` seconds); one entry per port at most."""
+
+    def __init__(self, hold: float) -> None:
+        self.hold = hold
+        self._lock = threading.Lock()
+        self._by_id: dict[str, tuple[int, float]] = {}  # controller id -> (port, last seen)
+
+    def claim(self, controller: str, port: int, now: float | None = None) -> int | None:
+        """Take or refresh `controller` for `port`; the other port holding it, or None."""
+        at = time.monotonic() if now is None else now
+        with self._lock:
+            holder = self._by_id.get(controller)
+            if holder is not None and holder[0] != port and at - holder[1] < self.hold:
+                return holder[0]
+            for cid in [c for c, (p, _) in self._by_id.items() if p == port and c != controller]:
+                del self._by_id[cid]  # the port's previous controller: one entry per port
+            self._by_id[controller] = (port, at)
+            return None
 
 
 @dataclass
@@ -74,13 +107,21 @@ class Delivered:
 
 
 @dataclass
+class Port:
+    """One serial thread's side of the channels: its reports and its wake-up."""
+
+    reports: queue.Queue[tuple[bool, list[Token]]] = field(default_factory=queue.Queue)
+    waker: Waker = field(default_factory=Waker)
+
+
+@dataclass
 class Channels:
     """What joins the threads: the bounded hand-over queue, reports, wake-up, flags."""
 
-    to_writer: queue.Queue[list[Received]]
-    reports: queue.Queue[tuple[bool, list[Token]]]
-    waker: Waker
+    to_writer: queue.Queue[Handover]
+    ports: list[Port]
     shared: Shared
+    claims: Claims
     # Small, rare writes from other threads (uplink checkpoints). Unbounded on purpose:
     # at most one per acknowledged batch, and the uplink thread must never block on it.
     tasks: queue.Queue[Task | Delivered] = field(default_factory=queue.Queue)

@@ -55,16 +55,37 @@ def daemon_line(d: Row) -> str:
     return lines[d["condition"]]
 
 
+def _controller(link: Row, epoch: str = ", boot epoch {}") -> str:
+    """A controller's id and boot epoch, as its link published them."""
+    text = link["controller"] or "none"
+    if link["boot_epoch"] is not None:
+        text += epoch.format(link["boot_epoch"])
+    return text
+
+
+def _port(link: Row) -> str:
+    return (link["port"] or "-") + (f" on {link['device']}" if link["device"] else "")
+
+
+def _controller_lines(s: Row) -> list[tuple[str, str]]:
+    """One controller: its id and serial port; several: one line each, named by its
+    [[serial]] entry (names and ids are escaped with the values, never in a label)."""
+    links = s.get("controllers") or [s["link"]]
+    if len(links) == 1:
+        link = s["link"]
+        return [("controller", f"{_controller(link)}; serial link {link['state']}"),
+                ("serial port", _port(link))]  # fmt: skip
+    return [
+        ("controller", f"{k['name'] or '?'}: {_controller(k)}; serial link {k['state']}; "
+                       f"port {_port(k)}")
+        for k in links
+    ]  # fmt: skip
+
+
 def status_text(s: Row) -> str:
     """The status screen."""
     d, link, buf, back, fleet = s["daemon"], s["link"], s["buffer"], s["backlog"], s["fleet"]
     gaps, shed = s["gaps"], s["shed"]
-    controller = link["controller"] or "none"
-    if link["boot_epoch"] is not None:
-        controller += f", boot epoch {link['boot_epoch']}"
-    port = link["port"] or "-"
-    if link["device"]:
-        port += f" on {link['device']}"
     unacked = f"{n(back['unacked_events'])} events"
     if back["unacked_events"]:
         unacked += f", oldest received {ago(back['oldest_unacked_age_s'])}"
@@ -83,8 +104,7 @@ def status_text(s: Row) -> str:
                      f"WAL {human_bytes(buf['wal_bytes'])})"),
         ("daemon", daemon_line(d)),
         ("alarm", d["alarm"] or "none"),
-        ("controller", f"{controller}; serial link {link['state']}"),
-        ("serial port", port),
+        *_controller_lines(s),
         ("last event", ago(link["last_event_age_s"])),
         ("buffer", f"{n(buf['events'])} events in {n(buf['streams'])} streams, "
                    f"{human_bytes(buf['used_bytes'])} used"),
@@ -218,28 +238,47 @@ def shed_text(rows: list[Row], totals: list[tuple[str, int, int, float]], now: f
     return "\n".join(lines)
 
 
+LINK_COUNTERS: Final = ("events_accepted", "acks_sent", "nacks_sent", "gaps",
+                        "retransmits_reacked", "link_downs", "controller_reboots",
+                        "outside_window", "foreign_session", "duplicate_controller")  # fmt: skip
+
+
+def _link_items(k: Row) -> list[tuple[str, str]]:
+    """One link's counters and rejected frames."""
+    counters = k["counters"]
+    rejects = {name: c for name, c in k["rejects"].items() if c}
+    items = []
+    if counters:
+        shown = " ".join(f"{c}={counters[c]}" for c in LINK_COUNTERS if counters.get(c))
+        items.append(("counters", shown or "none"))
+    items.append(("rejected frames", " ".join(f"{c}={v}" for c, v in rejects.items()) or "none"))
+    return items
+
+
 def link_text(v: Row) -> str:
-    """The serial link screen."""
-    counters = v["counters"]
-    rejects = {k: c for k, c in v["rejects"].items() if c}
-    controller = v["controller"] or "none"
-    if v["boot_epoch"] is not None:
-        controller += f" (boot epoch {v['boot_epoch']})"
+    """The serial link screen: one block per controller when there are several."""
     last = ago(v["last_event_age_s"])
     if v["last_event_stream"]:
         last += f" ({v['last_event_stream']}); {n(v['events_last_10s'])} in the last 10 s"
-    items = [
-        ("daemon", daemon_line(v["daemon"])),
+    items = [("daemon", daemon_line(v["daemon"]))]
+    links = v.get("controllers") or []
+    if len(links) > 1:
+        for k in links:
+            items += [
+                ("controller", f"{k['name'] or '?'}: {_controller(k)}"),
+                ("link", f"{k['state']} (published {ago(v['published_age_s'])})"),
+                ("port", _port(k)),
+                *_link_items(k),
+            ]
+        items.append(("last event", last))
+        return pairs(items)
+    items += [
         ("link", f"{v['state']} (published {ago(v['published_age_s'])})"),
-        ("controller", controller),
-        ("port", f"{v['port'] or '-'}" + (f" on {v['device']}" if v["device"] else "")),
+        ("controller", _controller(v, " (boot epoch {})")),
+        ("port", _port(v)),
         ("last event", last),
-    ]
-    keys = ("events_accepted", "acks_sent", "nacks_sent", "gaps", "retransmits_reacked",
-            "link_downs", "controller_reboots", "outside_window", "foreign_session")  # fmt: skip
-    if counters:
-        items.append(("counters", " ".join(f"{k}={counters[k]}" for k in keys if k in counters)))
-    items.append(("rejected frames", " ".join(f"{k}={c}" for k, c in rejects.items()) or "none"))
+        *_link_items(v),
+    ]  # fmt: skip
     return pairs(items)
 
 

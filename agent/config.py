@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,10 +41,17 @@ class AgentSection:
         return problems
 
 
+MAX_CONTROLLERS = 8  # [[serial]] entries: each a thread, a queue share, a metrics label
+_NAME = re.compile(r"[A-Za-z0-9_.-]{1,32}")
+
+
 @dataclass(frozen=True)
 class SerialSection:
-    """[serial]: the controller's device and link timing."""
+    """[serial], or one [[serial]] entry: a controller's device and link timing."""
 
+    # How status, metrics (the `controller` label) and the capture file name the port;
+    # "" is the device's file name (a glob's characters replaced).
+    name: str = ""
     device: str = "/dev/ttyIronFleet0"
     baudrate: int = 921_600
     heartbeat_interval: float = 1.0
@@ -55,8 +63,18 @@ class SerialSection:
     capture: bool = False
     capture_max_bytes: int = 64 * 2**20  # the capture and its rotated predecessor together
 
+    @property
+    def label(self) -> str:
+        """`name`, or one made of the device's file name (never peer input)."""
+        if self.name:
+            return self.name
+        base = re.sub(r"[^A-Za-z0-9_.-]", "_", Path(self.device).name)[:32]
+        return base or "serial"
+
     def validate(self) -> dict[str, str]:
         problems = {}
+        if self.name and not _NAME.fullmatch(self.name):
+            problems["name"] = "must be 1 to 32 of A-Z a-z 0-9 _ . -"
         if not self.device:
             problems["device"] = "must name a device path or a glob"
         if self.baudrate <= 0:
@@ -278,11 +296,17 @@ class Config:
     """The whole configuration; `load` builds it, `validate` ran before you see it."""
 
     agent: AgentSection = field(default_factory=AgentSection)
-    serial: SerialSection = field(default_factory=SerialSection)
+    # One per controller: `[serial]`, or several `[[serial]]` entries.
+    serials: tuple[SerialSection, ...] = (SerialSection(),)
     store: StoreSection = field(default_factory=StoreSection)
     uplink: UplinkSection = field(default_factory=UplinkSection)
     metrics: MetricsSection = field(default_factory=MetricsSection)
     source: str = "<defaults>"
+
+    @property
+    def serial(self) -> SerialSection:
+        """The first controller's port (the only one unless [[serial]] lists several)."""
+        return self.serials[0]
 
     @property
     def database(self) -> Path:
@@ -305,7 +329,7 @@ SECTIONS: dict[str, type] = {
 
 
 def _coerce(section: str, key: str, value: Any, expected: type, source: str) -> Any:
-    where = f"{source}: [{section}] {key}"
+    where = f"{source}: {section} {key}"
     if expected is float and type(value) in (int, float):
         if not math.isfinite(value):
             raise ConfigError(f"{where}: must be a finite number, got {value!r}")
@@ -321,6 +345,63 @@ def _coerce(section: str, key: str, value: Any, expected: type, source: str) -> 
     )
 
 
+def _build(name: str, cls: type, value: dict[str, Any], source: str, problems: list[str]) -> Any:
+    """One section from its table; its problems appended, each naming `name` and the key."""
+    hints = get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    kwargs = {}
+    mistyped = False
+    for key, raw in value.items():
+        if key not in known:
+            listing = ", ".join(sorted(known))
+            problems.append(f"{source}: {name} unknown key {key!r}; known keys: {listing}")
+            continue
+        try:
+            kwargs[key] = _coerce(name, key, raw, hints[key], source)
+        except ConfigError as exc:
+            problems.append(str(exc))
+            mistyped = True
+    section = cls(**kwargs)
+    # A mistyped key stands at its default here: a check of two keys would then
+    # report a problem the file does not have.
+    for key, problem in ({} if mistyped else section.validate()).items():
+        problems.append(f"{source}: {name} {key} = {getattr(section, key)!r}: {problem}")
+    return section
+
+
+def _serials(value: Any, source: str, problems: list[str]) -> tuple[SerialSection, ...]:
+    """`[serial]` (one controller) or `[[serial]]` (several, each with its own name)."""
+    if isinstance(value, dict):
+        return (_build("[serial]", SerialSection, value, source, problems),)
+    if not isinstance(value, list) or not value or not all(isinstance(v, dict) for v in value):
+        problems.append(f"{source}: [serial] must be a table, or [[serial]] entries")
+        return (SerialSection(),)
+    if len(value) > MAX_CONTROLLERS:
+        problems.append(f"{source}: [[serial]] lists {len(value)} controllers; "
+                        f"at most {MAX_CONTROLLERS}")  # fmt: skip
+    entries = tuple(
+        _build(f"[[serial]] #{i + 1}", SerialSection, v, source, problems)
+        for i, v in enumerate(value)
+    )
+    for key in ("device", "label"):
+        seen: dict[str, int] = {}
+        for i, entry in enumerate(entries):
+            first = seen.setdefault(getattr(entry, key), i)
+            if first == i:
+                continue
+            where = f"{source}: [[serial]] #{i + 1}"
+            if key == "device":
+                problems.append(f"{where} device = {entry.device!r}: also the device of entry "
+                                f"#{first + 1}; each controller needs its own port")  # fmt: skip
+            elif entry.name:
+                problems.append(f"{where} name = {entry.name!r}: also the name of entry "
+                                f"#{first + 1}; each controller needs its own")  # fmt: skip
+            elif entries[first].device != entry.device:
+                problems.append(f"{where} name: {entry.label!r}, made of the device's file "
+                                f"name, is also entry #{first + 1}'s; set name")  # fmt: skip
+    return entries
+
+
 def from_mapping(data: dict[str, Any], source: str = "<mapping>") -> Config:
     """Build and validate a Config from parsed TOML; errors name the key and `source`.
 
@@ -334,36 +415,20 @@ def from_mapping(data: dict[str, Any], source: str = "<mapping>") -> Config:
                 f"{source}: unknown section [{name}]; known sections: {', '.join(SECTIONS)}"
             )
             continue
+        if name == "serial":
+            sections["serials"] = _serials(value, source, problems)
+            continue
         if not isinstance(value, dict):
             problems.append(f"{source}: [{name}] must be a table")
             continue
-        cls = SECTIONS[name]
-        hints = get_type_hints(cls)
-        known = {f.name for f in dataclasses.fields(cls)}
-        kwargs = {}
-        mistyped = False
-        for key, raw in value.items():
-            if key not in known:
-                listing = ", ".join(sorted(known))
-                problems.append(f"{source}: [{name}] unknown key {key!r}; known keys: {listing}")
-                continue
-            try:
-                kwargs[key] = _coerce(name, key, raw, hints[key], source)
-            except ConfigError as exc:
-                problems.append(str(exc))
-                mistyped = True
-        section = cls(**kwargs)
-        # A mistyped key stands at its default here: a check of two keys would then
-        # report a problem the file does not have.
-        for key, problem in ({} if mistyped else section.validate()).items():
-            problems.append(f"{source}: [{name}] {key} = {getattr(section, key)!r}: {problem}")
-        sections[name] = section
+        sections[name] = _build(f"[{name}]", SECTIONS[name], value, source, problems)
     if problems:
         raise ConfigError("\n".join(problems))
     config = Config(**sections, source=source)
     for name in SECTIONS:  # defaults are validated too, so a bad default cannot ship
-        for key, problem in getattr(config, name).validate().items():
-            raise ConfigError(f"{source}: [{name}] {key}: {problem}")
+        for section in config.serials if name == "serial" else (getattr(config, name),):
+            for key, problem in section.validate().items():
+                raise ConfigError(f"{source}: [{name}] {key}: {problem}")
     return config
 
 

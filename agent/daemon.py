@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import logging
 import os
 import pwd
@@ -27,7 +28,7 @@ import socket
 import sys
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import FrameType
 from typing import Final
@@ -36,7 +37,7 @@ import click
 
 from agent import config as config_mod
 from agent import filecheck
-from agent.channels import Channels, Shared, Waker
+from agent.channels import Channels, Claims, Port, Shared
 from agent.config import Config
 from agent.errors import AgentError, ConfigError
 from agent.metrics import Metrics
@@ -59,9 +60,13 @@ class Daemon:
         self.config = config
         self.pinned_level: str | None = None  # --log-level / -v: wins over the file
         self.shared = Shared()
-        self.waker = Waker()
+        # A controller id is held by its port while the link would stay up without news.
+        hold = max(s.heartbeat_interval * s.missed_heartbeats for s in config.serials)
         channels = Channels(
-            queue.Queue(config.store.queue_max_batches), queue.Queue(), self.waker, self.shared
+            queue.Queue(config.store.queue_max_batches),
+            [Port() for _ in config.serials],
+            self.shared,
+            Claims(hold),
         )
         self.channels = channels
         os.makedirs(config.agent.state_dir, exist_ok=True)
@@ -79,8 +84,9 @@ class Daemon:
         filecheck.verify_opened(config.database, None if self.store.quarantined else before)
         if self.store.quarantined:
             self.shared.alarm = f"database quarantined to {self.store.quarantined}"
-        self.serial = SerialSide(config, channels)
-        self.writer = Writer(self.store, config, channels, self.serial)
+        self.sides = [SerialSide(config, channels, i) for i in range(len(config.serials))]
+        self.serial = self.sides[0]
+        self.writer = Writer(self.store, config, channels, self.sides)
         self.uplink = UplinkSide(config, channels) if config.uplink.enabled else None
         self.writer.uplink = self.uplink
         self.flags = flags if flags is not None else {"stop": False, "reload": False}
@@ -99,36 +105,45 @@ class Daemon:
         now = time.monotonic()
         # When each loop last finished an iteration: the watchdog pings only while all
         # of them make progress (a free-running ping thread would hide a stuck loop).
-        self.progress: dict[str, float] = {"serial": now, "writer": now}
+        self.progress: dict[str, float] = {self._thread(s): now for s in self.sides}
+        self.progress["writer"] = now
         if self.uplink is not None:
             self.progress["uplink"] = now
         self._threads: list[threading.Thread] = []
+        self._handing = len(self.sides)  # serial loops still handing over (a stop)
+        self._handing_lock = threading.Lock()
 
-    def _serial_loop(self) -> None:
-        self.serial.start(time.monotonic())
+    def _thread(self, side: SerialSide) -> str:
+        """A serial thread's name: `serial`, or `serial:<name>` with several controllers."""
+        return "serial" if len(self.sides) == 1 else f"serial:{side.name}"
+
+    def _serial_loop(self, side: SerialSide) -> None:
+        side.start(time.monotonic())
         shared = self.shared
+        name = self._thread(side)
         while not shared.stopping.is_set():
-            self.serial.run_once(time.monotonic())
-            self.progress["serial"] = time.monotonic()
+            side.run_once(time.monotonic())
+            self.progress[name] = time.monotonic()
         # What was read but found no room yet goes to the writer (which still commits);
-        # then nothing more is handed over (the writer's drain waits for this point).
+        # then nothing more is handed over (the writer's drain waits for this point, when
+        # every serial loop has reached it).
         deadline = time.monotonic() + STOP_TIMEOUT
-        while self.serial.pending and time.monotonic() < deadline:
-            self.serial.run_once(time.monotonic(), timeout=0.05)
-        shared.reading_done.set()
+        while side.pending and time.monotonic() < deadline:
+            side.run_once(time.monotonic(), timeout=0.05)
+        with self._handing_lock:
+            self._handing -= 1
+            if self._handing == 0:
+                shared.reading_done.set()
         # Shutdown: wait for the writer's last reports and send their ACKs.
         deadline = time.monotonic() + STOP_TIMEOUT
         while time.monotonic() < deadline and (
-            not self.shared.writer_done.is_set() or self.serial.in_flight > 0
+            not self.shared.writer_done.is_set() or side.in_flight > 0
         ):
-            self.serial.run_once(time.monotonic(), timeout=0.01)
-            if self.shared.writer_done.is_set() and self.reports_drained():
+            side.run_once(time.monotonic(), timeout=0.01)
+            if self.shared.writer_done.is_set() and side.reports.empty():
                 break  # what is still queued will never commit: unACKed, resent later
-        self.serial.run_once(time.monotonic(), timeout=0.0)
-        self.serial.close()
-
-    def reports_drained(self) -> bool:
-        return self.channels.reports.empty()
+        side.run_once(time.monotonic(), timeout=0.0)
+        side.close()
 
     def _uplink_loop(self) -> None:
         assert self.uplink is not None
@@ -159,13 +174,17 @@ class Daemon:
         self.writer.drain()
         self.writer._publish()
         self.shared.writer_done.set()
-        self.waker.wake()
+        for port in self.channels.ports:
+            port.waker.wake()
 
     def _alive(self, name: str) -> bool:
         return any(t.name == name and t.is_alive() for t in self._threads)
 
     def start(self) -> None:
-        loops = [("serial", self._serial_loop), ("writer", self._writer_loop)]
+        loops: list[tuple[str, Callable[[], None]]] = [
+            (self._thread(side), functools.partial(self._serial_loop, side)) for side in self.sides
+        ]
+        loops.append(("writer", self._writer_loop))
         if self.uplink is not None:
             loops.append(("uplink", self._uplink_loop))
         for name, target in loops:
@@ -177,7 +196,7 @@ class Daemon:
             agent_version(),
             self.config.agent.vehicle_id,
             self.config.database,
-            self.config.serial.device,
+            ",".join(s.device for s in self.config.serials),
             self.config.store.synchronous,
             self.store.event_count,
         )
@@ -191,7 +210,8 @@ class Daemon:
         # The loops are gone: say so, or the CLI would show the last live values forever.
         self.writer.publish(self.writer.last_live.stopped(round(time.time(), 3)))
         self.store.close()
-        self.waker.close()
+        for port in self.channels.ports:
+            port.waker.close()
         log.info("agent_stopped")
 
     def reload(self) -> None:
@@ -208,11 +228,15 @@ class Daemon:
         else:
             logging.getLogger().setLevel(fresh.agent.log_level.upper())
             log.info("reloaded log_level=%s", fresh.agent.log_level.upper())
-        if fresh.serial.capture != self.config.serial.capture:
-            self.serial.want_capture = fresh.serial.capture  # the serial thread applies it
-            self.config = dataclasses.replace(self.config, serial=dataclasses.replace(
-                self.config.serial, capture=fresh.serial.capture))  # fmt: skip
-            log.info("reloaded capture=%s", str(fresh.serial.capture).lower())
+        if len(fresh.serials) == len(self.config.serials):
+            serials = list(self.config.serials)
+            for i, (now_s, new_s) in enumerate(zip(serials, fresh.serials, strict=True)):
+                if new_s.capture != now_s.capture and new_s.label == now_s.label:
+                    self.sides[i].want_capture = new_s.capture  # its thread applies it
+                    serials[i] = dataclasses.replace(now_s, capture=new_s.capture)
+                    log.info("reloaded capture=%s port=%s", str(new_s.capture).lower(),
+                             now_s.label)  # fmt: skip
+            self.config = dataclasses.replace(self.config, serials=tuple(serials))
         # Everything else needs a restart: say so rather than ignore it silently.
         live = dataclasses.replace(fresh.agent, log_level=self.config.agent.log_level)
         if dataclasses.replace(fresh, agent=live, source=self.config.source) != self.config:
@@ -265,15 +289,18 @@ class Daemon:
 
     def status_text(self) -> str:
         """One line for `systemctl status`: link, backlog, breaker."""
-        link = self.serial.link
         # From the published snapshot: the uplink's connection belongs to its thread.
         live = self.writer.last_live
         backlog = max(0, int(live.store.get("top_rowid", 0)) - int(live.store.get("cursor", 1)) + 1)
         breaker = live.breaker.state if live.published else "-"
-        text = (
-            f"link={link.state} controller={link.controller_id or '-'} "
-            f"events={self.store.event_count} backlog={backlog} breaker={breaker}"
-        )
+        if len(self.sides) == 1:
+            link = self.serial.link
+            links = f"link={link.state} controller={link.controller_id or '-'}"
+        else:  # names are the configuration's; a controller id is peer input, left out
+            up = sum(1 for side in self.sides if side.link.state == "up")
+            down = [side.name for side in self.sides if side.link.state != "up"]
+            links = f"links={up}/{len(self.sides)} up" + (f" down={','.join(down)}" if down else "")
+        text = f"{links} events={self.store.event_count} backlog={backlog} breaker={breaker}"
         # The alarm also goes here: while the disk is full the database cannot show it.
         alarm = self.shared.alarm
         return f"{text} ALARM: {alarm}" if alarm else text

@@ -28,7 +28,15 @@ from agent.config import Config
 from agent.errors import ConfigError
 from agent.render import CLOCK_BACK_TOLERANCE, TIME_QUALITY, human_bytes, span
 from agent.store import check_integrity
-from agent.views import Row, daemon_view, file_bytes, flash_view, fleet_view, read_live
+from agent.views import (
+    Row,
+    daemon_view,
+    file_bytes,
+    flash_view,
+    fleet_view,
+    links_view,
+    read_live,
+)
 
 CREDENTIALS: Final = "/run/credentials/"  # systemd LoadCredential=: the service's own
 MIN_SANE_YEAR: Final = 2020  # an earlier wall clock was never set (RTC without battery)
@@ -55,7 +63,9 @@ def check_config(path: str) -> tuple[Check, Config | None]:
         config = config_mod.load(path)
     except ConfigError as exc:
         return Check("config", "fail", str(exc)), None
-    return Check("config", "ok", f"{path}: valid (device {config.serial.device})"), config
+    devices = ", ".join(s.device for s in config.serials)
+    plural = "devices" if len(config.serials) > 1 else "device"
+    return Check("config", "ok", f"{path}: valid ({plural} {devices})"), config
 
 
 def _mode(path: Path) -> str:
@@ -105,11 +115,32 @@ def resolve_device(pattern: str) -> list[str]:
     return [pattern] if os.path.exists(pattern) else []
 
 
-def check_device(config: Config | None, published: str) -> Check:
-    """The configured serial device (glob resolved) is present."""
+def check_devices(config: Config | None, links: list[Row]) -> list[Check]:
+    """Each configured serial device (glob resolved) is present; with several
+    controllers one check each, named by its [[serial]] entry, with its published link."""
     if config is None:
-        return Check("device", "skip", "needs a valid configuration")
-    pattern = config.serial.device
+        return [Check("device", "skip", "needs a valid configuration")]
+    several = len(config.serials) > 1
+    published = {k["name"]: k for k in links}
+    checks = []
+    for i, s in enumerate(config.serials):
+        # An older agent's snapshot has no names: its one link is the first port's.
+        link = published.get(s.label) or (links[0] if i == 0 and len(links) == 1 else None)
+        check = check_device(s.device, link["device"] if link else "")
+        if several:
+            state = (
+                f"; link {link['state']}, controller {link['controller'] or 'none'}" if link else ""
+            )
+            status = (
+                "warn" if check.status == "ok" and link and link["state"] != "up" else check.status
+            )
+            check = Check(f"device {s.label}", status, check.detail + state)
+        checks.append(check)
+    return checks
+
+
+def check_device(pattern: str, published: str) -> Check:
+    """One configured serial device (glob resolved) is present."""
     found = resolve_device(pattern)
     if not found:
         return Check("device", "fail", f"{pattern}: not present (cable, power, udev rule?)")
@@ -200,7 +231,7 @@ def read_doctor(conn: sqlite3.Connection, now: float) -> Row:
     ]  # fmt: skip
     return {
         "daemon": daemon_view(live, now),
-        "device": live.link.device,
+        "links": links_view(live),
         "flash": flash_view(live),
         "fleet_key": live.uplink.fleet_key,
         "rejected": dict(live.uplink.rejected),
@@ -327,8 +358,8 @@ def doctor_checks(
         checks.append(Check("wal", "warn", f"{human_bytes(wal)} of WAL: a reader holding a "
                             "transaction open starves checkpoints"))  # fmt: skip
     daemon = found["daemon"] if found else None
+    checks += check_devices(config, found["links"] if found else [])
     checks += [
-        check_device(config, found["device"] if found else ""),
         check_disk(config, db),
         check_clock(now, daemon["heartbeat"] if daemon else None, found["skew"] if found else None),
         check_daemon(daemon) if daemon else Check("daemon", "skip", "database unreadable"),

@@ -83,11 +83,12 @@ def check_present(config: Config) -> list[Finding]:
         ):  # fmt: skip
             if value and not value.startswith(SYSTEMD_CREDENTIALS):
                 findings += _present_file(value, f"[uplink] {key}")
-    device = config.serial.device
-    if not glob.glob(device):
-        findings.append(Finding(device, "[serial] device: nothing there now", "check the "
-                                "cable, the controller's power and the udev rule; the agent "
-                                "waits for it", fatal=False))  # fmt: skip
+    for s in config.serials:
+        if not glob.glob(s.device):
+            where = "[serial]" if len(config.serials) == 1 else f"[[serial]] {s.label}"
+            findings.append(Finding(s.device, f"{where} device: nothing there now", "check "
+                                    "the cable, the controller's power and the udev rule; "
+                                    "the agent waits for it", fatal=False))  # fmt: skip
     return findings
 
 

@@ -42,6 +42,7 @@ MAX_BYTES: Final = 256 * 1024  # a snapshot is ~3 KiB; larger is refused unread
 MAX_TEXT: Final = 1024  # characters of one text field (an error message, a device path)
 MAX_COUNTERS: Final = 256  # entries of one counter bag (every bag the daemon has is < 60)
 MAX_NAME: Final = 64  # characters of a counter's name
+MAX_LINKS: Final = 8  # controller links in one snapshot (config.MAX_CONTROLLERS)
 
 Counters = Mapping[str, float]
 
@@ -65,8 +66,9 @@ class DaemonLive:
 
 @dataclass(frozen=True, slots=True)
 class LinkLive:
-    """The serial link to the controller."""
+    """The serial link to one controller (`name`: its [[serial]] entry's name)."""
 
+    name: str = ""
     state: str = "unknown"
     controller: str = ""
     boot_epoch: int | None = None
@@ -113,7 +115,8 @@ class LiveState:
     database_id: str = ""  # "<st_dev>:<st_ino>" of that file: a copy elsewhere differs
     runtime_file: str = ""  # where the daemon also writes it
     daemon: DaemonLive = field(default_factory=DaemonLive)
-    link: LinkLive = field(default_factory=LinkLive)
+    link: LinkLive = field(default_factory=LinkLive)  # the first controller's
+    links: tuple[LinkLive, ...] = ()  # every controller's, the first included
     uplink: UplinkLive = field(default_factory=UplinkLive)
     breaker: BreakerLive = field(default_factory=BreakerLive)
     store: Counters = field(default_factory=_counters)  # EventStore.stats()
@@ -124,12 +127,18 @@ class LiveState:
     def published(self) -> bool:
         return self.daemon.heartbeat is not None
 
+    @property
+    def controllers(self) -> tuple[LinkLive, ...]:
+        """Every controller's link (a snapshot of an older agent has `link` only)."""
+        return self.links or (self.link,)
+
     def stopped(self, at: float) -> LiveState:
         """This snapshot as a clean stop leaves it: loops gone, link and uplink down."""
         return dataclasses.replace(
             self,
             daemon=dataclasses.replace(self.daemon, stopped_at=at),
             link=dataclasses.replace(self.link, state="down", port="closed"),
+            links=tuple(dataclasses.replace(k, state="down", port="closed") for k in self.links),
             uplink=dataclasses.replace(
                 self.uplink,
                 state="disconnected" if self.uplink.state != "disabled" else "disabled",
@@ -142,6 +151,7 @@ class LiveState:
 _SECTIONS: Final = {"daemon": DaemonLive, "link": LinkLive, "uplink": UplinkLive,
                     "breaker": BreakerLive}  # fmt: skip
 _LOCAL: Final = ("source", "problems")  # never encoded
+_LINKS: Final = "links"  # a list of LinkLive sections
 
 
 def encode(live: LiveState) -> str:
@@ -151,6 +161,7 @@ def encode(live: LiveState) -> str:
     for name in _SECTIONS:
         section = doc[name]
         doc[name] = {f.name: getattr(section, f.name) for f in dataclasses.fields(section)}
+    doc[_LINKS] = [{f.name: getattr(k, f.name) for f in dataclasses.fields(k)} for k in live.links]
     return json.dumps(doc, separators=(",", ":"), sort_keys=True, default=dict)
 
 
@@ -172,13 +183,12 @@ def decode(data: str | bytes | None, source: str = "") -> LiveState:
         if f.name in _LOCAL or f.name not in doc:
             continue
         raw = doc[f.name]
-        if f.name in _SECTIONS:
-            if isinstance(raw, dict):
-                values[f.name] = _section(_SECTIONS[f.name], raw, f.name, problems)
-            else:
-                problems.append(f.name)
-            continue
-        value = _field(str(f.type), raw)
+        if f.name == _LINKS:
+            value = _links(raw, problems)
+        elif f.name in _SECTIONS:
+            value = _section(_SECTIONS[f.name], raw, f.name, problems)
+        else:
+            value = _field(str(f.type), raw)
         if value is _BAD:
             problems.append(f.name)
         else:
@@ -186,7 +196,19 @@ def decode(data: str | bytes | None, source: str = "") -> LiveState:
     return LiveState(**values, source=source, problems=tuple(problems))
 
 
-def _section(cls: Any, raw: dict[str, Any], prefix: str, problems: list[str]) -> Any:
+def _links(raw: object, problems: list[str]) -> Any:
+    """The controllers' links: a list of at most MAX_LINKS sections, else _BAD."""
+    if not isinstance(raw, list) or len(raw) > MAX_LINKS:
+        return _BAD
+    links = tuple(_section(LinkLive, k, f"links[{i}]", problems) for i, k in enumerate(raw))
+    return _BAD if any(k is _BAD for k in links) else links
+
+
+def _section(cls: Any, raw: object, prefix: str, problems: list[str]) -> Any:
+    """A section from its JSON object (a field of the wrong type stands at its default,
+    named in `problems`), or _BAD if `raw` is not an object."""
+    if not isinstance(raw, dict):
+        return _BAD
     values: dict[str, Any] = {}
     for f in dataclasses.fields(cls):
         if f.name not in raw:

@@ -51,12 +51,14 @@ class AgentCollector(Collector):
         if not snap.published:
             return
         now = self.clock()
-        store, link, rejects = snap.store, snap.link.counters, snap.link.rejects
-        uplink, daemon = snap.uplink.counters, snap.daemon.counters
+        store, uplink, daemon = snap.store, snap.uplink.counters, snap.daemon.counters
+        # Frame gaps over every controller's link.
+        link = {"gaps": sum(k.counters.get("gaps", 0) for k in snap.controllers)}
 
         yield from self._replay(store, link, uplink)
         yield from self._buffer(snap, store, uplink, now)
-        yield from self._transport(snap, rejects, uplink, daemon, store)
+        yield from _serial(snap)
+        yield from self._transport(snap, uplink, daemon, store)
 
     def _replay(self, store: Counters, link: Counters, uplink: Counters) -> Iterator[Metric]:
         yield gauge(
@@ -139,7 +141,6 @@ class AgentCollector(Collector):
     def _transport(
         self,
         snap: LiveState,
-        rejects: Counters,
         uplink: Counters,
         daemon: Counters,
         store: Counters,
@@ -154,15 +155,6 @@ class AgentCollector(Collector):
         yield breaker
         yield gauge("ironfleet_uplink_connected", "1 while connected to the broker.",
                     1.0 if snap.uplink.state == "connected" else 0.0)  # fmt: skip
-        yield gauge("ironfleet_serial_link_up", "1 while the controller link is up.",
-                    1.0 if snap.link.state == "up" else 0.0)  # fmt: skip
-        frames = CounterMetricFamily(
-            "ironfleet_serial_frames", "Serial frames by outcome.", labels=["outcome"]
-        )
-        frames.add_metric(["accepted"], snap.link.frames_accepted)
-        for outcome in FRAME_OUTCOMES:
-            frames.add_metric([outcome], rejects.get(outcome, 0))
-        yield frames
         batches = uplink.get("batches_sent", 0) + uplink.get("state_batches_sent", 0)
         yield counter("ironfleet_uplink_batches", "Batches published (state, events).", batches)
         yield counter("ironfleet_uplink_events", "Events published (resends included).",
@@ -183,6 +175,28 @@ class AgentCollector(Collector):
         yield counter("ironfleet_store_duplicates", "Events the store skipped as already stored.",
                       store.get("duplicates", 0))  # fmt: skip
         yield from _flash(store)
+
+
+def _serial(snap: LiveState) -> Iterator[Metric]:
+    """Each controller's link, labelled by its [[serial]] entry's name (from the
+    configuration, at most MAX_LINKS: never by what a controller announces)."""
+    up = GaugeMetricFamily("ironfleet_serial_link_up", "1 while the controller link is up.",
+                           labels=["controller"])  # fmt: skip
+    frames = CounterMetricFamily("ironfleet_serial_frames", "Serial frames by outcome.",
+                                 labels=["controller", "outcome"])  # fmt: skip
+    refused = CounterMetricFamily(
+        "ironfleet_serial_duplicate_controller_events", "Events not ACKed because another "
+        "port announced the same controller id.", labels=["controller"],
+    )  # fmt: skip
+    for k in snap.controllers:
+        up.add_metric([k.name], 1.0 if k.state == "up" else 0.0)
+        frames.add_metric([k.name, "accepted"], k.frames_accepted)
+        for outcome in FRAME_OUTCOMES:
+            frames.add_metric([k.name, outcome], k.rejects.get(outcome, 0))
+        refused.add_metric([k.name], k.counters.get("duplicate_controller", 0))
+    yield up
+    yield frames
+    yield refused
 
 
 def _flash(store: Counters) -> Iterator[Metric]:

@@ -1,18 +1,20 @@
-"""The serial thread's work: the port, the link, hand-over to the writer, ACKs back.
+"""A serial thread's work: the port, the link, hand-over to the writer, ACKs back.
 
-Steppable: `run_once(now)` does one read-and-react, so a test can drive it.
+One per controller ([[serial]] entries), each on its own thread with its own port, link,
+reconnect and share of the writer's queue, so a flooding, noisy or unplugged port never
+stalls the others. Steppable: `run_once(now)` does one read-and-react, so a test can
+drive it.
 """
 
 from __future__ import annotations
 
 import logging
 import queue
-import re
 import select
 import time
 from pathlib import Path
 
-from agent.channels import Channels
+from agent.channels import Channels, Handover
 from agent.config import Config
 from agent.resilience import Backoff
 from firmware_bridge.capture import FROM_CONTROLLER, SUFFIX, TO_CONTROLLER, CaptureWriter
@@ -24,10 +26,12 @@ CAPTURE_FLUSH_INTERVAL = 1.0  # seconds between flushes of a wire capture
 
 
 class SerialSide:
-    """The serial thread's work, steppable: `run_once(now)` does one read-and-react."""
+    """A serial thread's work, steppable: `run_once(now)` does one read-and-react."""
 
-    def __init__(self, config: Config, channels: Channels) -> None:
-        s = config.serial
+    def __init__(self, config: Config, channels: Channels, index: int = 0) -> None:
+        s = config.serials[index]
+        self.index = index
+        self.name = s.label
         self.link = AgentLink(
             agent_id=config.agent.vehicle_id,
             heartbeat_interval=s.heartbeat_interval,
@@ -41,15 +45,23 @@ class SerialSide:
             read_size=s.read_size,
         )
         self.to_writer = channels.to_writer
-        self.reports = channels.reports
-        self.waker = channels.waker
+        self.reports = channels.ports[index].reports
+        self.waker = channels.ports[index].waker
         self.shared = channels.shared
+        self.claims = channels.claims
+        ports = len(config.serials)
+        # This port's share of the writer's queue: a port whose events come faster than
+        # the disk takes them fills its share only, never the others' room.
+        self.max_in_flight = max(1, config.store.queue_max_batches // ports)
+        # With several controllers each stream is stored under its controller's id, so
+        # two controllers using the same stream name never collide.
+        self.namespace = ports > 1
+        self.counters = {"duplicate_controller": 0}
         self._reopened = False
         self.in_flight = 0  # batches handed to the writer and not yet reported
         self.pending: list[Received] = []  # received, waiting for room in the writer's queue
         # [serial] capture: the port's raw bytes both ways (firmware_bridge/capture.py).
-        name = re.sub(r"[^A-Za-z0-9._-]", "_", Path(s.device).name) or "serial"
-        self.capture_path = Path(config.agent.state_dir) / "capture" / f"{name}{SUFFIX}"
+        self.capture_path = Path(config.agent.state_dir) / "capture" / f"{s.label}{SUFFIX}"
         self.capture_max_bytes = s.capture_max_bytes
         self.capture: CaptureWriter | None = None
         self._capture_flush_at = 0.0
@@ -91,6 +103,8 @@ class SerialSide:
             self.capture.record(now, FROM_CONTROLLER, data)
         if data:
             received = self.link.receive(data, now)
+            if received and self.namespace:
+                received = self._namespaced(received, now)
             if received:
                 self.pending = received
                 self._offer(0.0)
@@ -105,6 +119,34 @@ class SerialSide:
                 log.warning("capture_failed %s (capture off)", self.capture.failed)
                 self.capture = None
                 self.want_capture = False  # until the next SIGHUP asks again
+
+    def _namespaced(self, received: list[Received], now: float) -> list[Received]:
+        """Each stream under its controller's id (kept when it already starts with it).
+        A controller id another port holds is refused, not ACKed: its controller resends
+        once the conflict is gone (a swapped cable), and nothing is stored twice."""
+        refused = {
+            cid for cid in {r.controller_id for r in received}
+            if self.claims.claim(cid, self.index, now) is not None
+        }  # fmt: skip
+        out = []
+        for r in received:
+            if r.controller_id in refused:
+                continue
+            prefix = f"{r.controller_id}/"
+            if r.event.stream.startswith(prefix):
+                out.append(r)
+            else:
+                event = r.event._replace(stream=prefix + r.event.stream)
+                out.append(Received(r.token, event, r.time_quality, r.controller_id))
+        if refused:
+            if not self.counters["duplicate_controller"]:
+                log.warning("duplicate_controller port=%s controller=%r: another port has "
+                            "this controller id; its events are not ACKed", self.name,
+                            sorted(refused)[0][:64])  # fmt: skip
+            dropped = [r.token for r in received if r.controller_id in refused]
+            self.counters["duplicate_controller"] += len(dropped)
+            self.link.forget(dropped)
+        return out
 
     def set_capture(self, on: bool) -> None:
         """Start or stop the wire capture (at start, and on SIGHUP)."""
@@ -142,11 +184,15 @@ class SerialSide:
             self.link.forget([r.token for r in self.pending])
             self.pending = []
             return
+        if self.in_flight >= self.max_in_flight:  # this port's share is used: wait for a report
+            if timeout > 0:
+                select.select([self.waker.read_fd], [], [], timeout)
+            return
         try:
             if timeout > 0:
-                self.to_writer.put(self.pending, timeout=timeout)
+                self.to_writer.put(Handover(self.index, self.pending), timeout=timeout)
             else:
-                self.to_writer.put_nowait(self.pending)
+                self.to_writer.put_nowait(Handover(self.index, self.pending))
         except queue.Full:
             if self.shared.stopping.is_set() and self.shared.writer_done.is_set():
                 self.link.forget([r.token for r in self.pending])

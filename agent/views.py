@@ -22,7 +22,7 @@ from typing import Any, Final
 from agent import livestate
 from agent.cliaccess import CliError
 from agent.identity import boot_id, host_name
-from agent.livestate import LiveState
+from agent.livestate import LinkLive, LiveState
 from agent.pages import decode_signals
 from agent.readsafe import exact_sum, exact_sum_sql, fetch_bounded
 from agent.render import CLOCK_BACK_TOLERANCE
@@ -128,15 +128,28 @@ def fleet_view(live: LiveState, conn: sqlite3.Connection, now: float) -> Row:
 
 
 def link_view(live: LiveState) -> Row:
-    """The serial side as last published."""
-    link = live.link
+    """The serial side as last published (the first controller's link)."""
+    return _link_row(live.link)
+
+
+def _link_row(link: LinkLive) -> Row:
     return {
+        "name": link.name,
         "state": link.state,
         "controller": link.controller,
         "boot_epoch": link.boot_epoch,
         "port": link.port,
         "device": link.device,
     }
+
+
+def links_view(live: LiveState) -> list[Row]:
+    """Every controller's link as last published, with its frame counters."""
+    return [
+        {**_link_row(k), "frames_accepted": k.frames_accepted, "counters": dict(k.counters),
+         "rejects": dict(k.rejects)}
+        for k in live.controllers
+    ]  # fmt: skip
 
 
 def file_bytes(path: Path) -> tuple[int, int]:
@@ -179,6 +192,7 @@ def read_status(conn: sqlite3.Connection, path: Path, now: float) -> Row:
         "daemon": daemon_view(live, now),
         "link": {**link_view(live), "last_event_at": newest_at,
                  "last_event_age_s": _age(newest_at, now)},
+        "controllers": links_view(live),
         "buffer": {
             "events": events,
             "streams": streams,
@@ -379,6 +393,7 @@ def read_link(conn: sqlite3.Connection, now: float) -> Row:
         "frames_accepted": live.link.frames_accepted,
         "counters": dict(live.link.counters),
         "rejects": dict(live.link.rejects),
+        "controllers": links_view(live),
     }
 
 

@@ -17,7 +17,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from agent.channels import Channels, Delivered
+from agent.channels import Channels, Delivered, Handover
 from agent.config import Config
 from agent.errors import AgentError, CommitFailed, StoreFull
 from agent.flashwear import FlashWear, process_write_bytes
@@ -67,16 +67,15 @@ class Writer:
     """The writer thread's work, steppable: `run_once(now)` commits one group."""
 
     def __init__(
-        self, store: EventStore, config: Config, channels: Channels, serial: SerialSide
+        self, store: EventStore, config: Config, channels: Channels, sides: list[SerialSide]
     ) -> None:
         self.store = store
         self.config = config
         self.to_writer = channels.to_writer
         self.tasks = channels.tasks
-        self.reports = channels.reports
-        self.waker = channels.waker
+        self.ports = channels.ports
         self.shared = channels.shared
-        self.serial = serial
+        self.sides = sides
         self.uplink: UplinkSide | None = None
         self.last_live = LiveState()
         self.flash = FlashWear()
@@ -107,7 +106,7 @@ class Writer:
             self._housekeeping(now)
             return False
         groups = [first]
-        count = len(first)
+        count = len(first.items)
         delay = self.config.store.commit_delay_ms / 1000.0
         deadline = time.monotonic() + delay
         while count < self.config.store.commit_max_events:
@@ -119,7 +118,7 @@ class Writer:
             except queue.Empty:
                 break
             groups.append(group)
-            count += len(group)
+            count += len(group.items)
         self._commit(groups)
         self._housekeeping(time.monotonic())
         return True
@@ -175,8 +174,15 @@ class Writer:
         self._positions = {}
         self._cadence.persisted()
 
-    def _commit(self, groups: list[list[Received]]) -> None:
-        arrivals = [r for g in groups for r in g]
+    def _report(self, groups: list[Handover], durable: bool) -> None:
+        """Tell each group's serial thread whether its events are durable, and wake it."""
+        for g in groups:
+            self.ports[g.port].reports.put((durable, [r.token for r in g.items]))
+        for port in {g.port for g in groups}:
+            self.ports[port].waker.wake()
+
+    def _commit(self, groups: list[Handover]) -> None:
+        arrivals = [r for g in groups for r in g.items]
         try:
             self._append(arrivals)
         except (CommitFailed, StoreFull) as exc:
@@ -186,9 +192,7 @@ class Writer:
             level = logging.WARNING if self._failure_streak == 1 else logging.DEBUG
             log.log(level, "commit_failed events=%d error=%r (not ACKed)", len(arrivals), str(exc))
             self.shared.alarm = f"commit failed: {exc}"
-            for g in groups:
-                self.reports.put((False, [r.token for r in g]))
-            self.waker.wake()
+            self._report(groups, False)
             # A failing disk: back off, 50 ms more per failure in a row, at most 1 s.
             self.retry_at = time.monotonic() + min(0.05 * self._failure_streak, 1.0)
             return
@@ -198,9 +202,7 @@ class Writer:
             self.shared.alarm = ""
         self.shared.counters["batches"] += 1
         self.shared.counters["events_committed"] += len(arrivals)
-        for g in groups:
-            self.reports.put((True, [r.token for r in g]))
-        self.waker.wake()
+        self._report(groups, True)
 
     def _append(self, arrivals: Sequence[Received]) -> None:
         try:
@@ -257,7 +259,7 @@ class Writer:
 
     def snapshot(self) -> LiveState:
         """The live state now (link, uplink, breaker, store figures, counters)."""
-        link = self.serial.link
+        links = tuple(self._link(side) for side in self.sides)
         uplink, breaker = (
             self.uplink.live() if self.uplink is not None
             else (UplinkLive(state="disabled"), BreakerLive(state="disabled"))
@@ -275,19 +277,27 @@ class Writer:
                 alarm=self.shared.alarm or ("store full" if self.shared.store_full else ""),
                 counters=dict(self.shared.counters),
             ),
-            link=LinkLive(
-                state=str(link.state),
-                controller=link.controller_id or "",
-                boot_epoch=link.boot_epoch,
-                port=str(self.serial.port.state),
-                device=self.serial.port.device or "",
-                frames_accepted=link.decoder.accepted,
-                counters=dict(link.counters),
-                rejects={str(k): v for k, v in link.decoder.rejects.items()},
-            ),
+            link=links[0],
+            links=links,
             uplink=uplink,
             breaker=breaker,
             store=self._store_figures() | self._flash(),
+        )
+
+    @staticmethod
+    def _link(side: SerialSide) -> LinkLive:
+        """One controller's link (plain attribute reads of the serial thread's objects)."""
+        link = side.link
+        return LinkLive(
+            name=side.name,
+            state=str(link.state),
+            controller=link.controller_id or "",
+            boot_epoch=link.boot_epoch,
+            port=str(side.port.state),
+            device=side.port.device or "",
+            frames_accepted=link.decoder.accepted,
+            counters=dict(link.counters) | side.counters,
+            rejects={str(k): v for k, v in link.decoder.rejects.items()},
         )
 
     def _store_figures(self) -> dict[str, float]:

@@ -129,7 +129,10 @@ class ControllerLink:
             self._hello_due = False
             # An exhausted session (every link_seq used and ACKed) has nothing to resend.
             base = min(self.base, MAX_U32)
-            self._out += encode(Frame(self.boot_epoch, base, self.hello))
+            # A 0x00 first ends whatever noise the line carried before (protocol 2.1):
+            # a HELLO right behind a noise burst merged with it, and a controller whose
+            # noise always came just before its answers never completed the handshake.
+            self._out += b"\x00" + encode(Frame(self.boot_epoch, base, self.hello))
             self.frames_sent += 1
             self._last_tx = now
             for slot in self.ring.values():

@@ -14,6 +14,7 @@ import contextlib
 import json
 import os
 import random
+import time
 import tty
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -175,7 +176,9 @@ class Device:
         )
 
     def _acked(self, body: EventBody, now: float) -> None:
-        self.truth.write(event_record("acked", self.controller_id, self.link.boot_epoch, body))
+        record = event_record("acked", self.controller_id, self.link.boot_epoch, body)
+        record["acked_at"] = time.time()  # wall clock, as `ts`: the ACK latency is the gap
+        self.truth.write(record)
 
     # -- traffic -------------------------------------------------------------------------
 
@@ -188,15 +191,18 @@ class Device:
         if self.model is not None:
             self.model.step(min(max(wall - self.model_wall, 0.0), 1.0))
             self.model_wall = wall
+        # A controller that does not follow the naming convention sends bare names (the
+        # agent then stores them under its id when it reads several controllers).
+        prefix = "" if getattr(self.args, "bare_streams", False) else f"{self.controller_id}/"
         for _ in range(count):
             stream = self.sent % self.streams
             seq = self.seqs[stream] + 1
             if self.model is not None:  # position, speed, engine, status, position, ...
                 family = FAMILIES[stream % len(FAMILIES)]
-                name = f"{self.controller_id}/{family}{stream // len(FAMILIES)}"
+                name = f"{prefix}{family}{stream // len(FAMILIES)}"
                 signals = self.model.sample(family)
             else:
-                name = f"{self.controller_id}/s{stream:03d}"
+                name = f"{prefix}s{stream:03d}"
                 signals = {"v": self.sent, "x": round(self.rng.uniform(-180.0, 180.0), 6),
                            "ok": True}  # fmt: skip
             body = EventBody(

@@ -75,6 +75,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--drain-timeout", type=float, default=30.0, help="seconds to wait for the last ACKs"
     )
     g.add_argument("--kind", default="telemetry", help="event kind")
+    g.add_argument("--bare-streams", action="store_true",
+                   help="stream names without the '<controller>/' prefix")  # fmt: skip
     g.add_argument(
         "--profile", choices=("counter", "vehicle"), default="counter",
         help="signals: a counter and a random float (default), or a vehicle's position, "

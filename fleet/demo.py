@@ -1,6 +1,6 @@
 """`make demo`: the whole chain on one machine, with the faults a vehicle sees.
 
-Controller simulator on a pseudo-terminal -> agent -> MQTT broker (mosquitto when
+Two controllers, each on a pseudo-terminal -> agent -> MQTT broker (mosquitto when
 installed, otherwise the pure-Python amqtt) -> reference collector. A scripted scenario
 of about a minute: steady state, link loss with buffering, restore and resync, a
 controller reboot, a burst of serial noise. A live status line, then a report that
@@ -34,6 +34,7 @@ from fleet.collector import Collector, CollectorStore
 from fleet.subscriber import FleetSubscriber
 
 VEHICLE = "demo-truck-7"
+CONTROLLERS = 2  # onboard controllers, each on its own pty and [[serial]] entry
 BIN = Path(sys.executable).parent
 
 
@@ -135,7 +136,7 @@ def status_line(t: float, agent: tuple[LiveState, int], delivered: int) -> str:
         f"t={t:5.1f}s stored={int(store.get('stored', 0)):6d} "
         f"published={int(uplink.get('events_sent', 0)):6d} fleet_acked={fleet_acked:6d} "
         f"at_collector={delivered:6d} breaker={live.breaker.state:9s} "
-        f"serial={live.link.state:4s} mqtt={live.uplink.state}"
+        f"serial={','.join(k.state for k in live.controllers):9s} mqtt={live.uplink.state}"
     )
 
 
@@ -202,7 +203,8 @@ class Demo:
     def _start_sim(self) -> subprocess.Popen[str]:
         sim = subprocess.Popen(
             [str(BIN / "ironfleet-sim"), "--link-dir", str(self.workdir / "dev"), "--truth",
-             str(self.truth), "--rate", "400", "--streams", "12", "--seed", "7",
+             str(self.truth), "--controllers", str(CONTROLLERS), "--rate", "200",
+             "--streams", "6", "--seed", "7",
              "--control", str(self.control)],
             stdout=subprocess.PIPE, text=True,
         )  # fmt: skip
@@ -211,12 +213,15 @@ class Demo:
 
     def _start_agent(self, sim: subprocess.Popen[str]) -> subprocess.Popen[bytes]:
         assert sim.stdout is not None
-        device = sim.stdout.readline().split()[2]
+        devices = [sim.stdout.readline().split()[2] for _ in range(CONTROLLERS)]
+        serial = "".join(
+            f'[[serial]]\ndevice = "{device}"\nheartbeat_interval = 0.25\n' for device in devices
+        )  # one entry per controller: one thread and link each, one writer
         config = self.workdir / "agent.toml"
         config.write_text(
             f'[agent]\nvehicle_id = "{VEHICLE}"\nstate_dir = "{self.workdir / "state"}"\n'
             f'runtime_dir = "{self.workdir / "run"}"\n'
-            f'[serial]\ndevice = "{device}"\nheartbeat_interval = 0.25\n'
+            f"{serial}"
             "[store]\nmin_free_bytes = 0\n"
             f"[uplink]\nport = {self.port}\nkeepalive = 5\nack_timeout = 5.0\n"
             f'fleet_key_file = "{self.fleet_pub}"\n'
@@ -318,7 +323,11 @@ class Demo:
         lost = acked - delivered
         rows = self.collector.store.report()
         row = rows[0] if rows else {}
-        link, store_stats, uplink = live.link.counters, live.store, live.uplink.counters
+        link = {
+            key: sum(k.counters.get(key, 0) for k in live.controllers)
+            for key in ("retransmits_reacked",)
+        }  # over every controller
+        store_stats, uplink = live.store, live.uplink.counters
         restored = self.restored_at
         converge = [
             t - restored for t in self.collector.state_batches_at if restored and t >= restored
@@ -328,11 +337,11 @@ class Demo:
             + link.get("retransmits_reacked", 0)
             + store_stats.get("duplicates", 0)
         )
-        rejected = int(sum(live.link.rejects.values()))
+        rejected = int(sum(sum(k.rejects.values()) for k in live.controllers))
         lines = [
             "",
             "IronFleet demo report",
-            f"  events sent by the controller   {len(sent):8d}",
+            f"  events sent by the controllers  {len(sent):8d}",
             f"  ACKed to the controller          {len(acked):8d}"
             f"  (sent, never ACKed: {len(sent - acked)}: in flight when it stopped or lost at"
             " its reboot)",

@@ -66,7 +66,7 @@ def start_agent(tmp_path: Path) -> Iterator[Callable[..., AgentProcess]]:
     """Make `ironfleet-agent` processes (not started); any left running are killed."""
     agents: list[AgentProcess] = []
 
-    def make(device: str, **overrides: dict[str, object]) -> AgentProcess:
+    def make(device: str | list[str], **overrides: dict[str, object]) -> AgentProcess:
         agent = AgentProcess(tmp_path / f"agent{len(agents)}", device, overrides)
         agents.append(agent)
         return agent

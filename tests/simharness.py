@@ -132,8 +132,11 @@ class AgentSide:
 class TruthReader:
     """Reads a growing ground-truth file incrementally (complete lines only)."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, *, namespace: bool = False) -> None:
+        """`namespace`: the agent reads several controllers, so it stores each stream
+        under `<controller>/` (unless the name already starts with it)."""
         self.path = path
+        self.namespace = namespace
         self._offset = 0
         self.sent: dict[Key, str] = {}
         self.acked: dict[Key, str] = {}
@@ -151,7 +154,10 @@ class TruthReader:
             record = json.loads(line)
             op = record["op"]
             if op in ("sent", "acked", "lost_at_reboot"):
-                key = (record["stream"], record["boot_epoch"], record["seq"])
+                stream, prefix = record["stream"], f"{record['controller']}/"
+                if self.namespace and not stream.startswith(prefix):
+                    stream = prefix + stream
+                key = (stream, record["boot_epoch"], record["seq"])
                 getattr(self, op)[key] = record["payload"]
 
 
@@ -223,7 +229,7 @@ class AgentProcess:
     """An `ironfleet-agent run` process with its own config, state dir and log."""
 
     workdir: Path
-    device: str
+    device: str | list[str]  # several: one [[serial]] entry each
     overrides: dict[str, dict[str, object]] = field(default_factory=dict)
     proc: subprocess.Popen[bytes] | None = None
     starts: int = 0
@@ -237,7 +243,9 @@ class AgentProcess:
                 "state_dir": str(self.workdir / "state"),
                 "runtime_dir": str(self.workdir / "run"),
             },
-            "serial": {"device": self.device, "heartbeat_interval": 0.2},
+            "serial": {"device": self.device, "heartbeat_interval": 0.2}
+            if isinstance(self.device, str)
+            else {},  # one [[serial]] entry per device
             "store": {"min_free_bytes": 0},
             "uplink": {"enabled": False},
         }
@@ -248,6 +256,12 @@ class AgentProcess:
             up["fleet_key_file"] = str(fleet_keys()[1])  # signed, as in production
         lines = []
         for name, values in sections.items():
+            if name == "serial" and not isinstance(self.device, str):
+                for device in self.device:  # the [serial] overrides apply to every entry
+                    entry = {"device": device, "heartbeat_interval": 0.2, **values}
+                    lines.append("[[serial]]")
+                    lines += [f"{k} = {toml_value(v)}" for k, v in entry.items()]
+                continue
             lines.append(f"[{name}]")
             lines += [f"{k} = {toml_value(v)}" for k, v in values.items()]
         self.config = self.workdir / "agent.toml"

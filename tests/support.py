@@ -48,14 +48,20 @@ def scaled(seconds: float) -> float:
     return seconds * slowdown()
 
 
-def wait_for(condition: Callable[[], object], timeout: float, what: str) -> None:
+def wait_for(
+    condition: Callable[[], object],
+    timeout: float,
+    what: str,
+    detail: Callable[[], str] | None = None,
+) -> None:
     """Poll `condition` until truthy, or fail after `timeout` seconds (scaled by
-    `slowdown()`) naming `what`."""
+    `slowdown()`) naming `what` (and what `detail` says, to read the failure by)."""
     limit = scaled(timeout)
     deadline = time.monotonic() + limit
     while not condition():
         if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {limit:.0f} s waiting for {what}")
+            more = f": {detail()}" if detail is not None else ""
+            raise AssertionError(f"timed out after {limit:.0f} s waiting for {what}{more}")
         time.sleep(0.01)
 
 

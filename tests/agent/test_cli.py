@@ -328,8 +328,9 @@ def test_commands_on_a_live_daemon_database(
     assert status["daemon"]["pid"] == agent.proc.pid
     assert status["daemon"]["heartbeat_age_s"] < 5
     assert status["link"] | {"last_event_at": 0, "last_event_age_s": 0} == {
-        "state": "up", "controller": "ecu0", "boot_epoch": epoch, "port": "open",
-        "device": sim.devices["ecu0"], "last_event_at": 0, "last_event_age_s": 0,
+        "name": Path(sim.devices["ecu0"]).name, "state": "up", "controller": "ecu0",
+        "boot_epoch": epoch, "port": "open", "device": sim.devices["ecu0"],
+        "last_event_at": 0, "last_event_age_s": 0,
     }  # fmt: skip
     assert status["fleet"]["uplink"] == "connected"
     assert status["fleet"]["breaker"] == "closed"

@@ -17,6 +17,7 @@ from agent.identity import boot_id
 from agent.livestate import (
     MAX_BYTES,
     MAX_COUNTERS,
+    MAX_LINKS,
     BreakerLive,
     DaemonLive,
     LinkLive,
@@ -34,8 +35,12 @@ FULL = LiveState(
     runtime_file="/run/ironfleet/live.json",
     daemon=DaemonLive(pid=42, host="truck", boot_id="b", heartbeat=1.5e9, alarm="store full",
                       counters={"events_committed": 7}),
-    link=LinkLive(state="up", controller="ecu0", boot_epoch=3, port="open", device="/dev/x",
-                  frames_accepted=9, counters={"gaps": 1}, rejects={"crc": 2}),
+    link=LinkLive(name="x", state="up", controller="ecu0", boot_epoch=3, port="open",
+                  device="/dev/x", frames_accepted=9, counters={"gaps": 1}, rejects={"crc": 2}),
+    links=(LinkLive(name="x", state="up", controller="ecu0", boot_epoch=3, port="open",
+                    device="/dev/x", frames_accepted=9, counters={"gaps": 1},
+                    rejects={"crc": 2}),
+           LinkLive(name="nav", state="down", port="reconnecting", device="/dev/y")),
     uplink=UplinkLive(state="connected", phase="live", broker="127.0.0.1:1883", delivered=5,
                       in_flight=1, next_attempt_in=0.0, counters={"last_convergence_s": 0.25}),
     breaker=BreakerLive(state="closed", failures=0, successes=3, retry_in=0.0, transitions=2),
@@ -194,3 +199,21 @@ def test_a_file_from_another_boot_or_another_inode_is_not_read(tmp_path: Path) -
         assert _read(db).daemon.heartbeat == 100.0
     write_file(run / "live.json", encode(dataclasses.replace(newer, database_id=file_id(db))))
     assert _read(db).daemon.heartbeat == 200.0
+
+
+def test_the_controllers_links_are_bounded_and_each_read_on_its_own() -> None:
+    """`links` (one per [[serial]] entry): more than MAX_LINKS, or not a list, reads as
+    none; a bad field in one link is named by its index and the link is kept."""
+    doc = json.loads(encode(FULL))
+    doc["links"][1]["boot_epoch"] = "seven"
+    got = decode(json.dumps(doc))
+    assert [k.name for k in got.controllers] == ["x", "nav"]
+    assert got.links[1].boot_epoch is None
+    assert got.problems == ("links[1].boot_epoch",)
+    for bad in ([doc["links"][0]] * (MAX_LINKS + 1), {"0": {}}, [1, 2], "x"):
+        got = decode(json.dumps(doc | {"links": bad}))
+        assert got.links == ()
+        assert got.controllers == (got.link,)  # an older agent's snapshot: its one link
+        assert "links" in got.problems
+    stopped = FULL.stopped(2.0e9)
+    assert [(k.state, k.port) for k in stopped.controllers] == [("down", "closed")] * 2

@@ -88,7 +88,9 @@ def test_scrape_a_running_daemon(
     assert breaker[(("state", "closed"),)] == 1.0
     assert sum(breaker.values()) == 1.0
     frames = metrics["ironfleet_serial_frames"]
-    assert frames[(("outcome", "accepted"),)] > 200
+    port_name = (("controller", Path(sim.devices["ecu0"]).name),)
+    assert frames[(*port_name, ("outcome", "accepted"))] > 200
+    assert metrics["ironfleet_serial_link_up"][port_name] == 1.0
     assert metrics["ironfleet_buffer_bytes"][()] > 0
     wait_for(textfile.exists, 10, "the textfile")
     assert "ironfleet_buffer_events" in textfile.read_text()

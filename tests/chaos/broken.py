@@ -33,13 +33,11 @@ from firmware_bridge import frames
 
 
 def ack_before_commit() -> None:
-    def commit(self: writer.Writer, groups: list[list[Any]]) -> None:
-        for g in groups:
-            self.reports.put((True, [r.token for r in g]))
-        self.waker.wake()
+    def commit(self: writer.Writer, groups: list[Any]) -> None:
+        self._report(groups, True)
         time.sleep(0.002)  # let the serial thread send the ACK before the commit
         with contextlib.suppress(CommitFailed, StoreFull):
-            self._append([r for g in groups for r in g])
+            self._append([r for g in groups for r in g.items])
 
     writer.Writer._commit = commit  # type: ignore[method-assign]
 

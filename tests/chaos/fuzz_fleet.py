@@ -199,7 +199,8 @@ class World:
     def _deliver(
         self, upto: int, positions: dict[str, tuple[int, int]], frontiers: tuple[int, ...]
     ) -> None:
-        self.delivered.append(upto)
+        if upto > (self.delivered[-1] if self.delivered else 0):  # the cursor moved
+            self.delivered.append(upto)
 
     def transport_payloads(self) -> list[bytes]:
         """The last batches FleetSync published (at most 16)."""
