@@ -44,9 +44,12 @@ from agent.clitext import (
     doctor_text,
     event_line,
     events_rows,
+    export_summary,
+    export_text,
     gaps_text,
     link_text,
     more_note,
+    plan_text,
     query_text,
     replay_text,
     shed_text,
@@ -62,13 +65,10 @@ from agent.export import (
     EXPORTS_DIR,
     MAX_CHUNK_EVENTS,
     export_bundle,
-    export_summary,
-    export_text,
     plan,
-    plan_text,
 )
 from agent.filecheck import SYSTEMD_CREDENTIALS
-from agent.fleet_auth import FleetAuth, load_fleet_auth
+from agent.fleet_auth import FleetAuth, key_fingerprint, load_fleet_auth, load_private_key
 from agent.pages import PAGE_ROWS, Page, read_checkpoints, read_replay, read_streams
 from agent.readsafe import limit_process_heap
 from agent.receipts import (
@@ -466,9 +466,16 @@ def export(
         emit(view, as_json, lambda: plan_text(view))
         return
     try:
-        vehicle = opts.config().agent.vehicle_id
+        agent = opts.config().agent
     except ConfigError as exc:
         raise CliError(f"export needs the vehicle id of the configuration: {exc}") from None
+    vehicle, key = agent.vehicle_id, None
+    if agent.signing_key_file:
+        try:  # read before any file is written: an unreadable key stops the export
+            key = load_private_key(agent.signing_key_file, "[agent] signing_key_file")
+        except ConfigError as exc:
+            why = f"{exc}; run as root or as the agent's user (the key is theirs)"
+            raise CliError(f"{why}, or clear signing_key_file for an unsigned bundle") from None
     if len(prune_ledgers(db.parent, opts.read(read_cursor))) >= MAX_LEDGERS:
         raise CliError(f"{MAX_LEDGERS} exports await a receipt ({db.parent / EXPORTS_DIR}): "
                        "import their receipts first (ironfleet import-receipt)")  # fmt: skip
@@ -479,10 +486,12 @@ def export(
     try:
         m = export_bundle(read, directory, db.parent / EXPORTS_DIR, vehicle,
                           chunk_events=chunk_events, max_events=max_events,
-                          database=None if same_filesystem else db)  # fmt: skip
+                          database=None if same_filesystem else db,
+                          signing_key=key)  # fmt: skip
     except (AgentError, OSError) as exc:
         raise CliError(str(exc)) from None
-    data = export_summary(directory, m, time.monotonic() - started)
+    signed_by = key_fingerprint(key) if key is not None else ""
+    data = export_summary(directory, m, time.monotonic() - started, signed_by)
     emit(data, as_json, lambda: export_text(data))
 
 

@@ -9,10 +9,12 @@ table helpers they use are in `agent.render`.
 from __future__ import annotations
 
 import time
-from typing import Final
+from pathlib import Path
+from typing import Any, Final
 
 from agent.cliaccess import MAX_LIMIT
 from agent.doctor import Check, flash_text
+from agent.export import Manifest
 from agent.pages import PAGE_ROWS, Page
 from agent.readsafe import MAX_FETCH_BYTES
 from agent.render import age_of as _age
@@ -338,3 +340,48 @@ def more_note(command: str, page: Page, limit: int) -> str:
         f"({n(limit)} streams shown, by name; next page: ironfleet {command}{extra} "
         f"--after {shell_arg(page.next_after or '')})"
     )
+
+
+# -- ironfleet export ----------------------------------------------------------------------
+
+
+def plan_text(view: dict[str, int]) -> str:
+    """`ironfleet export` without a directory: what an export would carry now."""
+    return pairs([
+        ("would export", f"{view['events']:,} events (rows {view['cursor']:,} to "
+                         f"{view['top']:,}) in {view['chunks']:,} chunks, plus the latest "
+                         f"state of {view['streams']:,} streams"),
+        ("size", f"about {human_bytes(view['bytes_estimate'])}"),
+    ])  # fmt: skip
+
+
+def export_summary(
+    directory: Path, m: Manifest, seconds: float, signed_by: str = ""
+) -> dict[str, Any]:
+    """What `ironfleet export` reports of a bundle written in `seconds` (`signed_by`: the
+    vehicle key's fingerprint, "" for an unsigned bundle)."""
+    return {"bundle": str(directory), "export": m.export, "vehicle": m.vehicle,
+            "first": m.cursor, "top": m.top, "events": m.events, "state_events": m.state_events,
+            "chunks": len(m.chunks), "bytes": m.size, "complete": m.complete,
+            "stopped": m.stopped, "seconds": round(seconds, 3),
+            "signed_by": signed_by}  # fmt: skip
+
+
+def export_text(d: dict[str, Any]) -> str:
+    """`export_summary` for people, with the next steps."""
+    why = {"max_events": "--max-events", "space": "the stick being full",
+           "max_chunks": "the chunk limit"}.get(d["stopped"], "")  # fmt: skip
+    return pairs([
+        ("bundle", f"{d['bundle']} (export {d['export']}, vehicle {d['vehicle']})"),
+        ("events", f"{d['events']:,} (rows {d['first']:,} to {d['top']:,}) in "
+                   f"{d['chunks']:,} chunks, plus the latest state of {d['state_events']:,} "
+                   "streams"),
+        ("size", f"{human_bytes(d['bytes'])} in {d['seconds']:.2f} s"),
+        ("complete", "yes" if d["complete"] else f"no, stopped by {why}: export again once "
+                                                 "the receipt is back"),
+        ("signed", f"by the vehicle's key {d['signed_by']}" if d["signed_by"] else
+                   "no ([agent] signing_key_file unset): a collector checking vehicle keys "
+                   "refuses it"),
+        ("next", f"on the fleet side: ironfleet-collector import {d['bundle']} --db ... "
+                 f"--vehicle-keys ...; then here: ironfleet import-receipt {d['bundle']}"),
+    ])  # fmt: skip

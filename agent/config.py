@@ -27,6 +27,10 @@ class AgentSection:
     # it stays current while the database cannot be written. "" writes it nowhere.
     runtime_dir: str = "/run/ironfleet"
     log_level: str = "INFO"
+    # The vehicle's Ed25519 private key (PEM; `ironfleet-agent keygen`): `ironfleet export`
+    # signs its bundles with it. "" writes unsigned bundles, which a collector with
+    # --vehicle-keys refuses.
+    signing_key_file: str = ""
 
     def validate(self) -> dict[str, str]:
         problems = {}
@@ -38,6 +42,8 @@ class AgentSection:
             problems["runtime_dir"] = "must be an absolute path, or empty for none"
         if self.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
             problems["log_level"] = "must be one of DEBUG, INFO, WARNING, ERROR"
+        if self.signing_key_file and not self.signing_key_file.startswith("/"):
+            problems["signing_key_file"] = "must be an absolute path, or empty for none"
         return problems
 
 

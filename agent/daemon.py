@@ -40,6 +40,7 @@ from agent import filecheck
 from agent.channels import Channels, Claims, Port, Shared
 from agent.config import Config
 from agent.errors import AgentError, ConfigError
+from agent.fleet_auth import key_fingerprint, keygen, load_private_key
 from agent.metrics import Metrics
 from agent.notify import Notifier
 from agent.serial_side import SerialSide
@@ -364,6 +365,26 @@ def check_config_command(ctx: click.Context, config_path: str, strict: bool) -> 
             print(f"ironfleet-agent: {finding}", file=sys.stderr)
         ctx.exit(2)
     ctx.exit(check_config(config_path, config, strict=strict))
+
+
+@cli.command("keygen")
+@click.option("--private", "private_path", required=True, type=click.Path(path_type=Path),
+              help="The vehicle's private key to create (0600, never overwritten): "
+              "[agent] signing_key_file.")  # fmt: skip
+@click.option("--public", "public_path", required=True, type=click.Path(path_type=Path),
+              help="Its public key, for the fleet: <vehicle id>.pub in the collector's "
+              "--vehicle-keys directory.")  # fmt: skip
+@click.pass_context
+def keygen_command(ctx: click.Context, private_path: Path, public_path: Path) -> None:
+    """Create the vehicle's Ed25519 key pair, which signs the bundles `ironfleet export`
+    writes (the fleet checks them on import); prints the fingerprint to compare."""
+    try:
+        keygen(private_path, public_path)
+    except OSError as exc:
+        print(f"ironfleet-agent: {exc.filename}: {exc.strerror or exc}", file=sys.stderr)
+        ctx.exit(1)
+    print(f"wrote {private_path} (0600) and {public_path}: key "
+          f"{key_fingerprint(load_private_key(str(private_path)))}")  # fmt: skip
 
 
 def print_config_error(exc: ConfigError) -> None:

@@ -46,9 +46,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
 
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from agent.bundlesig import SIGNATURE_NAME, signature_file
 from agent.errors import AgentError
 from agent.fleet import Batch
-from agent.render import human_bytes, pairs
 from agent.resilience import Event
 from agent.store import read_cursor, read_latest
 from agent.version import agent_version
@@ -416,7 +418,7 @@ def prepare_directory(directory: Path, database: Path | None = None) -> Path:
         names = list_names(directory)
     except OSError as exc:
         raise BundleError(f"{directory}: cannot use it: {exc.strerror or exc}") from None
-    if any(n in (MANIFEST_NAME, SUMS_NAME) or _CHUNK_FILE.match(n) for n in names):
+    if any(n in (MANIFEST_NAME, SUMS_NAME, SIGNATURE_NAME) or _CHUNK_FILE.match(n) for n in names):
         raise BundleError(f"{directory} already holds a bundle: give a new directory")
     return directory
 
@@ -469,6 +471,7 @@ def export_bundle(
     max_events: int | None = None,
     database: Path | None = None,
     rng: random.Random | None = None,
+    signing_key: Ed25519PrivateKey | None = None,
 ) -> Manifest:
     """Write the latest state and the unacknowledged backlog into `directory` as a bundle,
     and its manifest into `ledger_dir` (the ledger); return the manifest.
@@ -477,7 +480,8 @@ def export_bundle(
     chunk. Rows stored after the start are left for the next export or the uplink. Stops
     early, with a complete and valid but shorter bundle (`stopped` says why), at
     `max_events`, at MAX_CHUNKS files, or when the stick is nearly full. With `database`,
-    a `directory` on that database's file system is refused (`prepare_directory`).
+    a `directory` on that database's file system is refused (`prepare_directory`). With
+    `signing_key` (the vehicle's), the bundle is signed (agent/bundlesig.py).
     """
     if not 1 <= chunk_events <= MAX_CHUNK_EVENTS:
         raise BundleError(f"chunk_events must be in [1, {MAX_CHUNK_EVENTS}]")
@@ -517,11 +521,14 @@ def export_bundle(
     data = manifest.to_json()
     sums = [f"{hashlib.sha256(data).hexdigest()}  {MANIFEST_NAME}\n"]
     sums += [f"{c.sha256}  {c.file}\n" for c in manifest.chunks]
+    sums_bytes = "".join(sums).encode("ascii")
     try:
         write_atomic(directory / MANIFEST_NAME, data)
         # The ledger before the commit point: any bundle the collector can import has one.
         write_atomic(ledger_dir / f"{manifest.export}.json", data, 0o640)
-        write_atomic(directory / SUMS_NAME, "".join(sums).encode("ascii"))
+        if signing_key is not None:
+            write_atomic(directory / SIGNATURE_NAME, signature_file(signing_key, sums_bytes))
+        write_atomic(directory / SUMS_NAME, sums_bytes)
     except OSError as exc:
         raise BundleError(f"{directory}: cannot finish the bundle: {exc.strerror or exc}") from None
     return manifest
@@ -547,41 +554,3 @@ def _add_state(read: Reader, bundle: _Bundle) -> str:
         if len(page) < STATE_CHUNK_EVENTS:
             return ""
         after = page[-1][1].stream
-
-
-# -- what `ironfleet export` prints ----------------------------------------------------------
-
-
-def plan_text(view: dict[str, int]) -> str:
-    """`ironfleet export` without a directory: what an export would carry now."""
-    return pairs([
-        ("would export", f"{view['events']:,} events (rows {view['cursor']:,} to "
-                         f"{view['top']:,}) in {view['chunks']:,} chunks, plus the latest "
-                         f"state of {view['streams']:,} streams"),
-        ("size", f"about {human_bytes(view['bytes_estimate'])}"),
-    ])  # fmt: skip
-
-
-def export_summary(directory: Path, m: Manifest, seconds: float) -> dict[str, Any]:
-    """What `ironfleet export` reports of a bundle written in `seconds`."""
-    return {"bundle": str(directory), "export": m.export, "vehicle": m.vehicle,
-            "first": m.cursor, "top": m.top, "events": m.events, "state_events": m.state_events,
-            "chunks": len(m.chunks), "bytes": m.size, "complete": m.complete,
-            "stopped": m.stopped, "seconds": round(seconds, 3)}  # fmt: skip
-
-
-def export_text(d: dict[str, Any]) -> str:
-    """`export_summary` for people, with the next steps."""
-    why = {"max_events": "--max-events", "space": "the stick being full",
-           "max_chunks": "the chunk limit"}.get(d["stopped"], "")  # fmt: skip
-    return pairs([
-        ("bundle", f"{d['bundle']} (export {d['export']}, vehicle {d['vehicle']})"),
-        ("events", f"{d['events']:,} (rows {d['first']:,} to {d['top']:,}) in "
-                   f"{d['chunks']:,} chunks, plus the latest state of {d['state_events']:,} "
-                   "streams"),
-        ("size", f"{human_bytes(d['bytes'])} in {d['seconds']:.2f} s"),
-        ("complete", "yes" if d["complete"] else f"no, stopped by {why}: export again once "
-                                                 "the receipt is back"),
-        ("next", f"on the fleet side: ironfleet-collector import {d['bundle']} --db ...; "
-                 f"then here: ironfleet import-receipt {d['bundle']}"),
-    ])  # fmt: skip

@@ -83,6 +83,9 @@ def check_present(config: Config) -> list[Finding]:
         ):  # fmt: skip
             if value and not value.startswith(SYSTEMD_CREDENTIALS):
                 findings += _present_file(value, f"[uplink] {key}")
+    key = config.agent.signing_key_file
+    if key and not key.startswith(SYSTEMD_CREDENTIALS):
+        findings += _present_file(key, "[agent] signing_key_file")
     for s in config.serials:
         if not glob.glob(s.device):
             where = "[serial]" if len(config.serials) == 1 else f"[[serial]] {s.label}"

@@ -394,6 +394,9 @@ def build_parser() -> argparse.ArgumentParser:
     imp.add_argument("--db", required=True, help=DB_HELP)
     imp.add_argument("--receipt", help="receipt file to write (default: BUNDLE/receipt.msgpack)")
     imp.add_argument("--json", action="store_true", help="JSON instead of a line of text")
+    imp.add_argument("--vehicle-keys", metavar="DIR",
+                     help="the vehicles' public keys (<vehicle id>.pub): the bundle must be "
+                     "signed by its vehicle (required unless --unsigned)")  # fmt: skip
     _signing_arguments(imp)
     key = sub.add_parser("keygen", help="create the fleet's Ed25519 signing key pair")
     key.add_argument("--private", required=True, help="private key file to create (0600)")

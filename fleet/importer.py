@@ -1,7 +1,9 @@
 """`ironfleet-collector import DIR`: a bundle carried home, loaded as if it came over MQTT.
 
-The bundle (agent/export.py) is checked whole before anything is stored: SHA256SUMS
-against the manifest, every chunk's size and SHA-256 against the manifest. A missing,
+The bundle (agent/export.py) is checked whole before anything is stored: the vehicle's
+signature on SHA256SUMS with that vehicle's public key (`--vehicle-keys DIR`,
+agent/bundlesig.py), SHA256SUMS against the manifest, every chunk's size and SHA-256
+against the manifest. A missing,
 truncated or altered file refuses the whole bundle with an error naming it. Then each
 chunk is read again (what is stored is what was checked), decoded by the same total
 `Batch.decode` as an MQTT message, stored by `CollectorStore.ingest` (idempotent: a
@@ -17,7 +19,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import logging
 import re
 import sqlite3
 import sys
@@ -27,6 +28,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Final
 
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+from agent.bundlesig import MAX_SIGNATURE_BYTES, SIGNATURE_NAME, check_signature
 from agent.errors import AgentError, ConfigError
 from agent.export import (
     MANIFEST_NAME,
@@ -41,13 +45,38 @@ from agent.export import (
     write_atomic,
 )
 from agent.fleet import MAX_DOCUMENT_BYTES, Ack, Batch, FleetMessageError, batch_digest
-from agent.fleet_auth import FleetSigner, load_private_key
+from agent.fleet_auth import FleetSigner, load_private_key, load_public_key
 from agent.receipts import RECEIPT_NAME, Receipt
 from fleet.collector import FleetStore, open_store
 
-log = logging.getLogger(__name__)
-
 _SUMS_LINE: Final = re.compile(r"\A([0-9a-f]{64})  (\S+)\Z")  # sha256sum(1)'s own format
+# A vehicle id that can name its key file: <id>.pub in the --vehicle-keys directory.
+_KEY_NAME: Final = re.compile(r"\A[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}\Z")
+
+
+class VehicleKeys:
+    """The vehicles' public keys, one PEM file `<vehicle id>.pub` each in `directory`
+    (`ironfleet-agent keygen --public` writes one; the fleet collects them)."""
+
+    def __init__(self, directory: Path) -> None:
+        if not directory.is_dir():
+            raise ConfigError(f"--vehicle-keys {directory}: not a directory")
+        self.directory = directory
+
+    def key(self, vehicle: str) -> Ed25519PublicKey:
+        """`vehicle`'s key; BundleError if the id cannot name a file or has no key."""
+        if not _KEY_NAME.match(vehicle):
+            raise BundleError(f"vehicle id {vehicle[:80]!r} cannot name a key file in "
+                              f"{self.directory}: not importable with --vehicle-keys")  # fmt: skip
+        path = self.directory / f"{vehicle}.pub"
+        if not path.exists():
+            raise BundleError(f"{path}: no public key for vehicle {vehicle!r}: add the key "
+                              "its `ironfleet-agent keygen` wrote, or the bundle is not "
+                              "from a vehicle of this fleet")  # fmt: skip
+        try:
+            return load_public_key(str(path), "--vehicle-keys")
+        except ConfigError as exc:
+            raise BundleError(str(exc)) from None
 
 
 class ImportFailed(AgentError):
@@ -68,10 +97,11 @@ class ImportResult:
     seconds: float
 
 
-def open_bundle(directory: Path) -> Manifest:
+def open_bundle(directory: Path, vehicle_keys: VehicleKeys | None = None) -> Manifest:
     """The manifest of the bundle in `directory`, checked against SHA256SUMS (which must
-    list exactly the manifest and its chunks, with the manifest's digests); BundleError
-    naming the file for a missing, truncated or altered one. Chunks: `read_chunk`."""
+    list exactly the manifest and its chunks, with the manifest's digests) and, with
+    `vehicle_keys`, SHA256SUMS against the vehicle's signature; BundleError naming the file
+    for a missing, truncated, altered or unsigned one. Chunks: `read_chunk`."""
     sums_path = directory / SUMS_NAME
     if not sums_path.exists() and (directory / MANIFEST_NAME).exists():
         raise BundleError(f"{sums_path}: missing: the bundle is incomplete (export interrupted "
@@ -95,6 +125,17 @@ def open_bundle(directory: Path) -> Manifest:
     manifest = Manifest.from_json(data, str(manifest_path))
     if sums != {c.file: c.sha256 for c in manifest.chunks}:
         raise BundleError(f"{sums_path}: does not list exactly the manifest's chunks")
+    if vehicle_keys is not None:
+        key = vehicle_keys.key(manifest.vehicle)
+        path = directory / SIGNATURE_NAME
+        if not path.exists():
+            raise BundleError(f"{path}: missing: the bundle is not signed by its vehicle "
+                              "([agent] signing_key_file on the vehicle)")  # fmt: skip
+        problem = check_signature(read_bounded(path, MAX_SIGNATURE_BYTES, "the signature"),
+                                  raw, key)  # fmt: skip
+        if problem is not None:
+            raise BundleError(f"{path}: {problem}: not imported (altered, or not written "
+                              f"by vehicle {manifest.vehicle!r})")  # fmt: skip
     return manifest
 
 
@@ -114,14 +155,16 @@ def import_bundle(
     directory: Path,
     signer: FleetSigner | None,
     *,
+    vehicle_keys: VehicleKeys | None = None,
     receipt_path: Path | None = None,
     clock_ms: Callable[[], int] = lambda: int(time.time() * 1000),
 ) -> ImportResult:
     """Check the bundle in `directory`, store every chunk, write the receipt (by default
     `directory/receipt.msgpack`). BundleError for a damaged bundle (nothing stored),
-    ImportFailed when storing stops (no receipt)."""
+    ImportFailed when storing stops (no receipt). Without `vehicle_keys` nothing checks
+    who wrote the bundle (the command line allows that only with --unsigned)."""
     started = time.monotonic()
-    manifest = open_bundle(directory)
+    manifest = open_bundle(directory, vehicle_keys)
     for chunk in manifest.chunks:  # the whole bundle first: a bad file refuses all of it
         read_chunk(directory, chunk)
     acks = []
@@ -164,18 +207,30 @@ def import_bundle(
 
 def cli_import(args: argparse.Namespace) -> int:
     """The body of `ironfleet-collector import` (its arguments: fleet/collector.py)."""
+    if args.vehicle_keys is None and not args.unsigned:
+        print("ironfleet-collector: import needs --vehicle-keys DIR (each vehicle's public key, "
+              "<vehicle id>.pub) to check who wrote the bundle; --unsigned skips every "
+              "signature (lab only)", file=sys.stderr)  # fmt: skip
+        return 2
     try:
         signer = None if args.unsigned else FleetSigner(load_private_key(args.signing_key))
+        keys = VehicleKeys(Path(args.vehicle_keys)) if args.vehicle_keys else None
     except ConfigError as exc:
         print(f"ironfleet-collector: {exc}", file=sys.stderr)
         return 2
+    # On stderr, not the log: an import is a command a person runs and reads.
     if signer is None:
-        log.warning("collector_unsigned: the receipt's acks are not signed; agents with a "
-                    "fleet key refuse them (lab only)")  # fmt: skip
+        print("ironfleet-collector: warning: collector_unsigned: the receipt's acks are not "
+              "signed; agents with a fleet key refuse them (lab only)",
+              file=sys.stderr)  # fmt: skip
+    if keys is None:
+        print("ironfleet-collector: warning: bundle_unverified: nothing checks which vehicle "
+              "wrote the bundle (--unsigned without --vehicle-keys; lab only)",
+              file=sys.stderr)  # fmt: skip
     receipt = Path(args.receipt) if args.receipt else None
     try:
         result = import_bundle(open_store(args.db), Path(args.bundle), signer,
-                               receipt_path=receipt)  # fmt: skip
+                               vehicle_keys=keys, receipt_path=receipt)  # fmt: skip
     except (AgentError, sqlite3.Error) as exc:
         print(f"ironfleet-collector: {exc}", file=sys.stderr)
         return 1

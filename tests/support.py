@@ -26,6 +26,16 @@ def fleet_keys() -> tuple[Path, Path]:
     return folder / "fleet.key", folder / "fleet.pub"
 
 
+@functools.cache
+def vehicle_keys(vehicle: str) -> tuple[Path, Path]:
+    """(the vehicle's private key, the collector's --vehicle-keys directory holding its
+    `<vehicle>.pub`), made once per process and vehicle id."""
+    folder = Path(tempfile.mkdtemp(prefix="ironfleet-test-vehicle-keys-"))
+    (folder / "pub").mkdir()
+    keygen(folder / "vehicle.key", folder / "pub" / f"{vehicle}.pub")
+    return folder / "vehicle.key", folder / "pub"
+
+
 def fleet_signer() -> FleetSigner:
     """The signer of `fleet_keys()`."""
     return FleetSigner(load_private_key(str(fleet_keys()[0])))

@@ -17,9 +17,12 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import random
+import re
+import shutil
 import signal
 import sqlite3
 import subprocess
@@ -34,6 +37,7 @@ import msgpack
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from agent.bundlesig import SIGNATURE_NAME
 from agent.config import UplinkSection
 from agent.export import (
     CHUNK_BITS,
@@ -49,7 +53,13 @@ from agent.export import (
     export_bundle,
 )
 from agent.fleet import Ack, batch_digest
-from agent.fleet_auth import FleetAuth, FleetSigner, load_public_key
+from agent.fleet_auth import (
+    FleetAuth,
+    FleetSigner,
+    key_fingerprint,
+    load_private_key,
+    load_public_key,
+)
 from agent.receipts import (
     INBOX_DIR,
     MAX_RECEIPT_BYTES,
@@ -63,7 +73,7 @@ from agent.resilience import Event
 from agent.resync import Resync
 from agent.store import EventStore, connect
 from fleet.collector import CollectorStore
-from fleet.importer import import_bundle
+from fleet.importer import VehicleKeys, import_bundle
 
 from fleetharness import (
     VEHICLE,
@@ -76,7 +86,7 @@ from fleetharness import (
     wait_drained,
 )
 from simharness import Broker, TruthReader, agent_state, free_port, stored_events
-from support import fleet_keys, fleet_signer, wait_for
+from support import fleet_keys, fleet_signer, vehicle_keys, wait_for
 
 IRONFLEET = str(Path(sys.executable).with_name("ironfleet"))
 COLLECTOR = str(Path(sys.executable).with_name("ironfleet-collector"))
@@ -152,8 +162,15 @@ def vehicle(tmp_path: Path, streams: int = 8, per_stream: int = 300) -> Vehicle:
 
 
 def export(v: Vehicle, bundle: Path, **kwargs: Any) -> Manifest:
+    """An export signed by the vehicle's key (as `ironfleet export` with signing_key_file)."""
+    kwargs.setdefault("signing_key", load_private_key(str(vehicle_keys(VEHICLE)[0])))
     return export_bundle(lambda: reading(v.store.path), bundle, v.state_dir / EXPORTS_DIR,
                          VEHICLE, **kwargs)  # fmt: skip
+
+
+def keys() -> VehicleKeys:
+    """The collector's view of the vehicles' public keys (this test's vehicle only)."""
+    return VehicleKeys(vehicle_keys(VEHICLE)[1])
 
 
 def queue(v: Vehicle, receipt: Receipt, name: str = "1-1.receipt") -> None:
@@ -185,9 +202,9 @@ def test_bundle_import_receipt_moves_the_cursor_exactly(tmp_path: Path) -> None:
     ).read_bytes()
 
     fleet = CollectorStore(tmp_path / "collector.db")
-    first = import_bundle(fleet, bundle, fleet_signer())
+    first = import_bundle(fleet, bundle, fleet_signer(), vehicle_keys=keys())
     assert (first.stored, first.duplicates) == (2400, 8)  # the state's 8 come again
-    again = import_bundle(fleet, bundle, fleet_signer())
+    again = import_bundle(fleet, bundle, fleet_signer(), vehicle_keys=keys())
     assert (again.stored, again.duplicates) == (0, 2408)
     assert len(fleet.keys(VEHICLE)) == 2400
 
@@ -251,7 +268,8 @@ def test_a_flipped_byte_refuses_the_whole_bundle(tmp_path: Path) -> None:
     assert fleet.keys(VEHICLE) == set(), "nothing of a refused bundle is stored"
     assert not (tmp_path / "b" / RECEIPT_NAME).exists(), "nor acked"
     result = run_collector("import", str(tmp_path / "b"), "--db", str(tmp_path / "c2.db"),
-                           "--signing-key", str(fleet_keys()[0]))  # fmt: skip
+                           "--signing-key", str(fleet_keys()[0]),
+                           "--vehicle-keys", str(vehicle_keys(VEHICLE)[1]))  # fmt: skip
     assert result.returncode == 1
     assert "0003-events.msgpack" in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
@@ -282,6 +300,72 @@ def test_truncated_or_incomplete_bundles_are_refused(tmp_path: Path) -> None:
     (bundle / SUMS_NAME).write_text("\n".join([f"{digest}  {MANIFEST_NAME}", *lines[1:]]) + "\n")
     with pytest.raises(BundleError, match=r"manifest.json: not JSON .*truncated\?"):
         import_bundle(fleet, bundle, fleet_signer())
+
+
+def test_only_a_bundle_signed_by_its_vehicle_is_imported(tmp_path: Path) -> None:
+    """The stick travels outside the broker's authentication: the collector checks the
+    vehicle's signature on SHA256SUMS before storing anything (agent/bundlesig.py)."""
+    v = vehicle(tmp_path)
+    fleet = CollectorStore(tmp_path / "collector.db")
+    other = Ed25519PrivateKey.generate()
+    cases: list[tuple[str, dict[str, Any], Any, str]] = [
+        ("unsigned", {"signing_key": None}, None, "SIGNATURE: missing: the bundle is not signed"),
+        ("other-key", {"signing_key": other}, None, "does not verify with the vehicle's key"),
+        # Altered after signing, SHA256SUMS recomputed to match: the signature catches it.
+        ("resummed", {}, resum_after_flip, "does not verify with the vehicle's key"),
+        ("garbage", {}, lambda b: (b / SIGNATURE_NAME).write_bytes(b"\x00" * 10), "not JSON"),
+        ("huge", {}, lambda b: (b / SIGNATURE_NAME).write_bytes(b" " * 5000), "is over 4096"),
+    ]
+    for name, kwargs, damage, message in cases:
+        bundle = tmp_path / name
+        export(v, bundle, chunk_events=1000, **kwargs)
+        if damage is not None:
+            damage(bundle)
+        with pytest.raises(BundleError, match=message):
+            import_bundle(fleet, bundle, fleet_signer(), vehicle_keys=keys())
+    assert fleet.keys(VEHICLE) == set(), "nothing of a refused bundle is stored"
+    # Signed by vehicle A's key, claiming to be vehicle B: B's key does not verify it.
+    forged = tmp_path / "forged"
+    export_bundle(lambda: reading(v.store.path), forged, v.state_dir / EXPORTS_DIR, "truck-b",
+                  signing_key=load_private_key(str(vehicle_keys(VEHICLE)[0])))  # fmt: skip
+    shutil.copy(vehicle_keys("truck-b")[1] / "truck-b.pub", vehicle_keys(VEHICLE)[1])
+    with pytest.raises(BundleError, match="does not verify"):
+        import_bundle(fleet, forged, fleet_signer(), vehicle_keys=keys())
+    # A vehicle without a registered key, and one whose id cannot name a file.
+    for stranger, message in [("truck-z", "no public key for vehicle 'truck-z'"),
+                              ("truck z", "cannot name a key file")]:  # fmt: skip
+        bundle = tmp_path / f"stranger-{stranger.replace(' ', '_')}"
+        export_bundle(lambda: reading(v.store.path), bundle, v.state_dir / EXPORTS_DIR,
+                      stranger, signing_key=other)  # fmt: skip
+        with pytest.raises(BundleError, match=re.escape(message)):
+            import_bundle(fleet, bundle, fleet_signer(), vehicle_keys=keys())
+    # The command line insists on a check, unless told this is a lab.
+    unchecked = run_collector("import", str(tmp_path / "other-key"), "--db",
+                              str(tmp_path / "c2.db"), "--signing-key",
+                              str(fleet_keys()[0]))  # fmt: skip
+    assert unchecked.returncode == 2
+    assert "import needs --vehicle-keys DIR" in unchecked.stderr
+    lab = run_collector("import", str(tmp_path / "other-key"), "--db", str(tmp_path / "c2.db"),
+                        "--unsigned", "--json")  # fmt: skip
+    assert lab.returncode == 0, lab.stderr
+    assert "bundle_unverified" in lab.stderr
+
+
+def resum_after_flip(bundle: Path) -> None:
+    """Flip a byte of a chunk, then rewrite the manifest's digest and SHA256SUMS to match,
+    as someone who knows the format (but not the vehicle's key) would."""
+    chunk = bundle / "0002-events.msgpack"
+    data = bytearray(chunk.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    chunk.write_bytes(bytes(data))
+    digest = hashlib.sha256(bytes(data)).hexdigest()
+    manifest = json.loads((bundle / MANIFEST_NAME).read_bytes())
+    old = next(c["sha256"] for c in manifest["chunks"] if c["file"] == chunk.name)
+    text = (bundle / MANIFEST_NAME).read_text().replace(old, digest)
+    (bundle / MANIFEST_NAME).write_text(text)
+    sums = (bundle / SUMS_NAME).read_text().replace(old, digest).splitlines()
+    sums[0] = f"{hashlib.sha256(text.encode()).hexdigest()}  {MANIFEST_NAME}"
+    (bundle / SUMS_NAME).write_text("\n".join(sums) + "\n")
 
 
 def truncate(path: Path) -> None:
@@ -430,7 +514,8 @@ def run_collector(*args: str) -> subprocess.CompletedProcess[str]:
 
 def collector_import(bundle: Path, db: Path) -> dict[str, Any]:
     result = run_collector("import", str(bundle), "--db", str(db), "--signing-key",
-                           str(fleet_keys()[0]), "--json")  # fmt: skip
+                           str(fleet_keys()[0]), "--vehicle-keys",
+                           str(vehicle_keys(VEHICLE)[1]), "--json")  # fmt: skip
     assert result.returncode == 0, result.stderr
     out: dict[str, Any] = json.loads(result.stdout.strip().splitlines()[-1])
     return out
@@ -466,7 +551,11 @@ def test_export_import_receipt_end_to_end_with_no_broker(
 ) -> None:
     port = free_port()  # nothing listens here until the very end
     sim = start_sim("--rate", "2000", "--streams", "8")
-    agent = start_agent(sim.devices["ecu0"], uplink=uplink(port)).start()
+    agent = start_agent(
+        sim.devices["ecu0"],
+        uplink=uplink(port),
+        agent={"signing_key_file": str(vehicle_keys(VEHICLE)[0])},
+    ).start()
     truth = TruthReader(sim.truth_path)
     cfg = ("--config", str(agent.config))
     fleet_db = tmp_path / "fleet.db"
@@ -546,3 +635,21 @@ def test_export_import_receipt_end_to_end_with_no_broker(
     print(f"\nexport of {top} events while ingesting: {took:.2f} s ({top / took:,.0f} events/s "
           f"incl. process start); import {first['seconds']:.2f} s; "
           f"{out['bytes'] / (top + out['state_events']):.0f} bytes per event")  # fmt: skip
+
+
+def test_agent_keygen_makes_a_vehicle_key_once(tmp_path: Path) -> None:
+    """`ironfleet-agent keygen`: the vehicle's pair, private 0600, never overwritten; the
+    fingerprint printed is the one the collector's key file yields."""
+    agent = str(Path(sys.executable).with_name("ironfleet-agent"))
+    private, public = tmp_path / "vehicle.key", tmp_path / f"{VEHICLE}.pub"
+    made = subprocess.run([agent, "keygen", "--private", str(private), "--public", str(public)],
+                          capture_output=True, text=True, check=False)  # fmt: skip
+    assert made.returncode == 0, made.stderr
+    assert private.stat().st_mode & 0o777 == 0o600
+    assert key_fingerprint(load_public_key(str(public))) in made.stdout
+    again = subprocess.run([agent, "keygen", "--private", str(private), "--public",
+                            str(tmp_path / "x.pub")], capture_output=True, text=True,
+                           check=False)  # fmt: skip
+    assert again.returncode == 1
+    assert "File exists" in again.stderr
+    assert not (tmp_path / "x.pub").exists(), "no public key without its private one"
