@@ -47,7 +47,7 @@ from agent.serial_side import SerialSide
 from agent.store import EventStore
 from agent.uplink_side import UplinkSide
 from agent.version import DISTRIBUTION, agent_version
-from agent.writer import Writer, store_config
+from agent.writer import Writer
 
 log = logging.getLogger("agent.daemon")
 
@@ -80,7 +80,7 @@ class Daemon:
         # SQLite follows symlinks: lstat right before the open, and check after it that
         # the file this process holds is the one at the path (docs/operations.md).
         before = filecheck.stat_before_open(config.database)
-        self.store = EventStore(config.database, store_config(config))
+        self.store = EventStore(config.database, config.store)
         # (A quarantine renamed the checked file away: the fresh one is new, not swapped.)
         filecheck.verify_opened(config.database, None if self.store.quarantined else before)
         if self.store.quarantined:

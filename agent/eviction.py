@@ -17,6 +17,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Final
 
+from agent.config import StoreSection
 from agent.resilience.ladder import (
     ACKED,
     COMPACT_LOW_PRIORITY,
@@ -27,7 +28,7 @@ from agent.resilience.ladder import (
     SANE_WALL_CLOCK,
 )
 from agent.resilience.loss import LossLedger
-from agent.storedb import PAGE_SIZE, WAL_RESERVE_BYTES, StoreConfig, set_state
+from agent.storedb import PAGE_SIZE, WAL_RESERVE_BYTES, set_state
 
 log = logging.getLogger("agent.store")
 
@@ -58,7 +59,7 @@ class EvictionLadder:
     """Space figures and the eviction ladder of `EventStore` (which provides the state)."""
 
     conn: sqlite3.Connection
-    config: StoreConfig
+    config: StoreSection
     path: Path
     counters: dict[str, int]
     loss: LossLedger

@@ -46,6 +46,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
 
+from agent.config import StoreSection
 from agent.delivery import DeliveryState
 from agent.errors import CommitFailed, StoreError, StoreFull
 from agent.eviction import EvictionLadder
@@ -56,7 +57,6 @@ from agent.storedb import (
     PAGE_SIZE,
     SYNCHRONOUS_MODES,
     WAL_RESERVE_BYTES,
-    StoreConfig,
     check_integrity,
     connect,
     damaged,
@@ -79,9 +79,9 @@ __all__ = [
     "CommitFailed",
     "EventStore",
     "ShedRecord",
-    "StoreConfig",
     "StoreError",
     "StoreFull",
+    "StoreSection",
     "StoredEvent",
     "check_integrity",
     "connect",
@@ -140,18 +140,21 @@ class EventStore(DeliveryState, EvictionLadder):
     def __init__(
         self,
         path: str | os.PathLike[str],
-        config: StoreConfig | None = None,
+        config: StoreSection | None = None,
         *,
         free_bytes: Callable[[Path], int] = disk_free_bytes,
+        busy_timeout_ms: int = 5000,
     ) -> None:
-        """Open (or create, migrate, recover) the store at `path`.
+        """Open (or create, migrate, recover) the store at `path` ([store] `config`).
 
         `free_bytes(directory)` is where the free-space floor reads the disk; tests give
         it a model of a disk, since a shared file system's free space moves under them.
+        `busy_timeout_ms`: how long a write waits for another connection's lock.
         """
         self.path = Path(path)
-        self.config = config or StoreConfig()
+        self.config = config or StoreSection()
         self._free_bytes = free_bytes
+        self._busy_timeout_ms = busy_timeout_ms
         self.quarantined: Path | None = None
         self.salvaged = 0
         self.conn = self._open_or_recover()
@@ -177,10 +180,7 @@ class EventStore(DeliveryState, EvictionLadder):
     def _connect(self) -> sqlite3.Connection:
         c = self.config
         conn = connect(
-            self.path,
-            synchronous=c.synchronous,
-            busy_timeout_ms=c.busy_timeout_ms,
-            journal_size_limit=c.journal_size_limit,
+            self.path, synchronous=c.synchronous.upper(), busy_timeout_ms=self._busy_timeout_ms
         )
         # Hard cap: SQLite itself refuses to grow past it (SQLITE_FULL), so a runaway can
         # never fill the disk; the eviction ladder runs well before it.

@@ -11,11 +11,9 @@ from __future__ import annotations
 import os
 import sqlite3
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
 
-from agent.config import StoreSection
 from agent.errors import StoreError
 from agent.livestate import read_row
 from agent.resilience import Event
@@ -32,25 +30,6 @@ SYNCHRONOUS_MODES: Final = ("OFF", "NORMAL", "FULL", "EXTRA")
 # controller's sequence numbers reach 2**63 - 1, so a plain sum() of gap sizes overflows.
 LOW_BITS: Final = 32
 LOW_MASK: Final = 2**LOW_BITS - 1
-
-
-@dataclass(frozen=True, slots=True)
-class StoreConfig:
-    """Store knobs. Defaults come from the [store] section: one place (agent/config.py)."""
-
-    synchronous: str = StoreSection.synchronous
-    max_buffer_bytes: int = StoreSection.max_buffer_bytes
-    min_free_bytes: int = StoreSection.min_free_bytes
-    high_water: float = StoreSection.high_water  # run the eviction ladder above this
-    low_water: float = StoreSection.low_water  # ... until usage is back under this
-    low_priority_max: int = StoreSection.low_priority_max  # compacted first (ladder step 2)
-    max_cached_streams: int = StoreSection.max_cached_streams  # LRU cap of per-stream state
-    full_policy: str = StoreSection.full_policy  # above low_priority_max: drop_oldest | refuse_new
-    full_policy_low: str = StoreSection.full_policy_low  # at or below it
-    ttl_seconds: float = StoreSection.ttl_seconds  # unacked events older are shed (0: never)
-    ttl_low_seconds: float = StoreSection.ttl_low_seconds  # the same, priority <= low_max
-    busy_timeout_ms: int = 5000
-    journal_size_limit: int = 64 * 2**20
 
 
 def read_cursor(conn: sqlite3.Connection) -> int:

@@ -34,7 +34,7 @@ from agent.livestate import (
 )
 from agent.resilience.checkpoint import CheckpointCadence
 from agent.serial_side import SerialSide
-from agent.store import EventStore, StoreConfig
+from agent.store import EventStore
 from agent.uplink_side import UplinkSide
 from firmware_bridge.link import Received
 
@@ -43,24 +43,6 @@ log = logging.getLogger("agent.daemon")
 PUBLISH_INTERVAL = 1.0  # seconds between live-state writes for the CLI
 SPACE_CHECK_INTERVAL = 1.0  # seconds between eviction-ladder checks
 TTL_CHECK_INTERVAL = 10.0  # seconds between scans for events past their TTL
-
-
-def store_config(config: Config) -> StoreConfig:
-    """The store's knobs from the [store] section."""
-    s = config.store
-    return StoreConfig(
-        synchronous=s.synchronous.upper(),
-        max_buffer_bytes=s.max_buffer_bytes,
-        min_free_bytes=s.min_free_bytes,
-        high_water=s.high_water,
-        low_water=s.low_water,
-        low_priority_max=s.low_priority_max,
-        max_cached_streams=s.max_cached_streams,
-        full_policy=s.full_policy,
-        full_policy_low=s.full_policy_low,
-        ttl_seconds=s.ttl_seconds,
-        ttl_low_seconds=s.ttl_low_seconds,
-    )
 
 
 class Writer:

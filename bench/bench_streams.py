@@ -100,7 +100,7 @@ def distinct(first: int, n: int, pool: list[bytes]) -> Iterator[list[Received]]:
 def child_ingest(mod: ModuleType, db: str, n: int) -> dict[str, Any]:
     pool = [random.Random(k).randbytes(60) for k in range(PAYLOAD_POOL)]
     base = status_kib("VmRSS")
-    store = mod.EventStore(db, mod.StoreConfig(max_buffer_bytes=8 * 2**30, min_free_bytes=0))
+    store = mod.EventStore(db, mod.StoreSection(max_buffer_bytes=8 * 2**30, min_free_bytes=0))
     t0 = time.perf_counter()
     for chunk in distinct(0, n, pool):
         store.append(chunk)
@@ -115,7 +115,7 @@ def child_restart(mod: ModuleType, db: str, n: int) -> dict[str, Any]:
     pool = [random.Random(k).randbytes(60) for k in range(PAYLOAD_POOL)]
     base = status_kib("VmRSS")
     t0 = time.perf_counter()
-    store = mod.EventStore(db, mod.StoreConfig(max_buffer_bytes=8 * 2**30, min_free_bytes=0))
+    store = mod.EventStore(db, mod.StoreSection(max_buffer_bytes=8 * 2**30, min_free_bytes=0))
     opened = time.perf_counter() - t0
     rng = random.Random(5)
     known = [rng.randrange(n) for _ in range(BATCH // 2)]
@@ -151,7 +151,7 @@ def child_append(mod: ModuleType, db: str, events: int, durable: int = 1) -> dic
         ]  # fmt: skip
 
     # durable=0: synchronous=OFF, so the figure is the Python hot path (dedup planning).
-    store = mod.EventStore(db, mod.StoreConfig(synchronous="FULL" if durable else "OFF"))
+    store = mod.EventStore(db, mod.StoreSection(synchronous="FULL" if durable else "OFF"))
     store.append(make(0, streams))  # first sight of every stream: not steady state
     timed = make(streams, events)
     t0, c0 = time.perf_counter(), time.process_time()
@@ -167,7 +167,7 @@ def child_append(mod: ModuleType, db: str, events: int, durable: int = 1) -> dic
 
 def child_evict_build(mod: ModuleType, db: str, streams: int, per_stream: int) -> dict[str, Any]:
     pool = [random.Random(k).randbytes(80) for k in range(PAYLOAD_POOL)]
-    big = mod.StoreConfig(max_buffer_bytes=8 * 2**30, min_free_bytes=0, synchronous="OFF")
+    big = mod.StoreSection(max_buffer_bytes=8 * 2**30, min_free_bytes=0, synchronous="OFF")
     store = mod.EventStore(db, big)
     total = streams * per_stream
     for start in range(0, total, 5000):
@@ -186,7 +186,7 @@ def child_evict_build(mod: ModuleType, db: str, streams: int, per_stream: int) -
 
 def child_evict(mod: ModuleType, db: str, used: int) -> dict[str, Any]:
     """Reopen with a cap just under what is used: the ladder's step 1 must run."""
-    small = mod.StoreConfig(max_buffer_bytes=used, min_free_bytes=0, high_water=0.9, low_water=0.5)
+    small = mod.StoreSection(max_buffer_bytes=used, min_free_bytes=0, high_water=0.9, low_water=0.5)
     store = mod.EventStore(db, small)
     base = status_kib("VmHWM")
     rows = store.event_count

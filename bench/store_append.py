@@ -33,14 +33,14 @@ from store_common import (
     settle_heap,
 )
 
-from agent.store import EventStore, StoreConfig
+from agent.store import EventStore, StoreSection
 from firmware_bridge.link import Received
 
 # -- 1. durable append -----------------------------------------------------------------------
 
 
 def store_group_commit(path: Path, warm: list[Received], timed: list[Received], batch: int) -> Run:
-    store = EventStore(path, StoreConfig())
+    store = EventStore(path, StoreSection())
     store.append(warm)  # first sight of every stream: not part of the steady state
     checkpoint(store.conn)
     size0 = file_size(path)
@@ -63,7 +63,7 @@ def store_group_commit(path: Path, warm: list[Received], timed: list[Received], 
 
 
 def store_one_per_call(path: Path, warm: list[Received], timed: list[Received]) -> Run:
-    store = EventStore(path, StoreConfig())
+    store = EventStore(path, StoreSection())
     store.append(warm)
     checkpoint(store.conn)
     size0 = file_size(path)
@@ -184,7 +184,7 @@ def persist_queue(
 
 def store_drain(path: Path, window_pages: int) -> tuple[Run, DrainResult]:
     """Page the whole backlog read-only, then again with a fleet ACK after every page."""
-    store = EventStore(path, StoreConfig())
+    store = EventStore(path, StoreSection())
     total = store.event_count
     t0 = time.perf_counter()
     count = sum(len(page) for page in iter_backlog(store))
@@ -340,7 +340,7 @@ class TimedConnection:
 
 def profile_append(path: Path, warm: list[Received], timed: list[Received], batch: int) -> None:
     """cProfile of the group commit, then wall time per SQL statement kind, per event."""
-    store = EventStore(path, StoreConfig())
+    store = EventStore(path, StoreSection())
     store.append(warm)
     profiler = cProfile.Profile()
     profiler.enable()

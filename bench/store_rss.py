@@ -25,7 +25,7 @@ from store_common import (
     ratio,
 )
 
-from agent.store import EventStore, StoreConfig
+from agent.store import EventStore, StoreSection
 
 # -- 3. a million-event backlog --------------------------------------------------------------
 
@@ -36,7 +36,7 @@ def build_store(path: Path, n: int, streams: int, batch: int, seed: int) -> floa
     synchronous=OFF: this is a fixture, its durability is not what is measured.
     """
     rng = random.Random(seed)
-    store = EventStore(path, StoreConfig(synchronous="OFF"))
+    store = EventStore(path, StoreSection(synchronous="OFF"))
     t0 = time.perf_counter()
     for first in range(0, n, batch):
         store.append(make_arrivals(first, min(batch, n - first), streams, rng))
@@ -57,7 +57,7 @@ def child_json(*extra: str) -> dict[str, Any]:
 def rss_child(db: str, events: int, streams: int) -> None:
     """Open the store, time latest(), page through the whole backlog; print JSON."""
     t0 = time.perf_counter()
-    store = EventStore(db, StoreConfig())
+    store = EventStore(db, StoreSection())
     opened = time.perf_counter() - t0
     t0 = time.perf_counter()
     latest = store.latest()

@@ -14,7 +14,7 @@ from agent.fleet_auth import FleetAuth
 from agent.fleetsync import FleetSync
 from agent.resilience import Backoff, CircuitBreaker
 from agent.resync import Resync
-from agent.store import EventStore, StoreConfig, connect, read_latest
+from agent.store import EventStore, StoreSection, connect, read_latest
 from agent.uplink import MqttTransport
 
 # -- the agent side, in this process -----------------------------------------------------------
@@ -72,7 +72,7 @@ class AgentLoop:
     def __init__(
         self, db: Path, vehicle: str, section: UplinkSection, *, nodelay: bool = False
     ) -> None:
-        self.store = EventStore(db, StoreConfig(min_free_bytes=0, max_buffer_bytes=BUFFER_BYTES))
+        self.store = EventStore(db, StoreSection(min_free_bytes=0, max_buffer_bytes=BUFFER_BYTES))
         self.top = int(self.store.conn.execute("SELECT max(id) FROM events").fetchone()[0] or 0)
         self.reader = connect(db, readonly=True)
         self.resync = Resync(self.reader, vehicle, section, self._deliver)

@@ -17,7 +17,7 @@ from typing import Any
 import msgpack
 
 from agent.resilience import Event
-from agent.store import EventStore, StoreConfig
+from agent.store import EventStore, StoreSection
 
 # The entry script: the collector child runs as `python bench_uplink.py _collector ...`.
 THIS = str(Path(__file__).resolve().with_name("bench_uplink.py"))
@@ -66,7 +66,7 @@ def build_store(path: Path, n: int, streams: int, seed: int = 1) -> tuple[float,
     """
     rng = random.Random(seed)
     store = EventStore(
-        path, StoreConfig(synchronous="OFF", min_free_bytes=0, max_buffer_bytes=BUFFER_BYTES)
+        path, StoreSection(synchronous="OFF", min_free_bytes=0, max_buffer_bytes=BUFFER_BYTES)
     )
     t0 = time.perf_counter()
     for first in range(0, n, 20_000):

@@ -49,7 +49,7 @@ from agent.config import UplinkSection
 from agent.fleet import Batch, topic
 from agent.resilience import Event
 from agent.resync import ResyncCounters
-from agent.store import EventStore, StoreConfig, connect
+from agent.store import EventStore, StoreSection, connect
 from agent.uplink import MqttTransport
 from firmware_bridge.telemetry import FAMILIES, VehicleModel, drive
 from fleet.collector import Collector, CollectorStore
@@ -167,7 +167,7 @@ def fill_vehicle(tmp: Path, n: int) -> tuple[Path, float]:
     t0 = time.perf_counter()
     events = drive(n, seed=7, per_family=PER_FAMILY)
     store = EventStore(
-        path, StoreConfig(synchronous="OFF", min_free_bytes=0, max_buffer_bytes=BUFFER_BYTES)
+        path, StoreSection(synchronous="OFF", min_free_bytes=0, max_buffer_bytes=BUFFER_BYTES)
     )
     for first in range(0, n, 20_000):
         store.append(

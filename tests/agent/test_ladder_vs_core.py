@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 from agent.resilience import Event
 from agent.resilience.cursor import CLASSES, is_held
 from agent.resilience.ladder import ACKED, POLICIES, Stored, victim_order
-from agent.store import EventStore, StoreConfig
+from agent.store import EventStore, StoreSection
 
 LOW_PRIORITY_MAX = 1
 
@@ -65,7 +65,7 @@ def test_the_ladder_removes_a_prefix_of_the_cores_victim_order(
     arrivals, acked, ahead, fraction, (policy, policy_low) = drawn
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "agent.db"
-        big = StoreConfig(max_buffer_bytes=2**30, min_free_bytes=0)
+        big = StoreSection(max_buffer_bytes=2**30, min_free_bytes=0)
         store = EventStore(path, big, free_bytes=lambda _: 2**40)
         for lo in range(0, len(arrivals), 500):
             store.append(arrivals[lo : lo + 500], now=1.0)
@@ -91,7 +91,7 @@ def test_the_ladder_removes_a_prefix_of_the_cores_victim_order(
         ]
         order = victim_order(stored, LOW_PRIORITY_MAX, policy, policy_low)
 
-        small = StoreConfig(max_buffer_bytes=max(4096, int(used * fraction)), min_free_bytes=0,
+        small = StoreSection(max_buffer_bytes=max(4096, int(used * fraction)), min_free_bytes=0,
                             low_priority_max=LOW_PRIORITY_MAX, full_policy=policy,
                             full_policy_low=policy_low)  # fmt: skip
         store = EventStore(path, small, free_bytes=lambda _: 2**40)

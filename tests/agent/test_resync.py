@@ -21,7 +21,7 @@ from agent.fleet_auth import FleetAuth, FleetSigner
 from agent.fleetsync import FleetSync
 from agent.resilience import Backoff, CircuitBreaker, Event
 from agent.resync import Phase, Resync
-from agent.store import EventStore, StoreConfig, connect, read_frontiers
+from agent.store import EventStore, StoreSection, connect, read_frontiers
 
 
 @dataclass(frozen=True)
@@ -674,7 +674,7 @@ def test_a_class_drained_ahead_stays_delivered_after_a_restart(store: EventStore
     assert len(resent) == 60
     assert 3 not in resent
 
-    config = StoreConfig(ttl_seconds=10.0, ttl_low_seconds=10.0, max_buffer_bytes=4096,
+    config = StoreSection(ttl_seconds=10.0, ttl_low_seconds=10.0, max_buffer_bytes=4096,
                          min_free_bytes=0)  # fmt: skip
     reopened = EventStore(store.path, config, free_bytes=lambda _: 2**40)
     assert reopened.expire(t0 + 1000.0) == 58  # p0 and p1 but each stream's latest

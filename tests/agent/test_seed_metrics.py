@@ -21,7 +21,7 @@ from agent.resilience import Event
 from agent.resilience.loss import LossLedger
 from agent.resilience.sequence import MAX_GAP_PIECES
 from agent.resync import Resync
-from agent.store import EventStore, StoreConfig, connect
+from agent.store import EventStore, StoreSection, connect
 
 Samples = dict[str, dict[tuple[tuple[str, str], ...], float]]
 
@@ -84,7 +84,7 @@ def test_ledger_arithmetic() -> None:
 
 
 def test_loss_ratio_rises_when_unacked_events_are_shed_and_survives_restart(db: Path) -> None:
-    config = StoreConfig(max_buffer_bytes=2 * 2**20, min_free_bytes=0, low_water=0.3)
+    config = StoreSection(max_buffer_bytes=2 * 2**20, min_free_bytes=0, low_water=0.3)
     store = EventStore(db, config)
     assert seed(scrape(store))["loss_ratio"] == 0.0
     per_stream = 0
@@ -108,7 +108,7 @@ def test_loss_ratio_rises_when_unacked_events_are_shed_and_survives_restart(db: 
 
 
 def test_acked_events_pruned_are_not_loss(db: Path) -> None:
-    store = EventStore(db, StoreConfig(max_buffer_bytes=2 * 2**20, min_free_bytes=0))
+    store = EventStore(db, StoreSection(max_buffer_bytes=2 * 2**20, min_free_bytes=0))
     for start in range(0, 20_000, 500):
         store.append([ev("s", start + k, size=200) for k in range(1, 501)])
         store.mark_delivered(store.stats()["top_rowid"], {})  # type: ignore[arg-type]

@@ -18,7 +18,7 @@ from agent.resilience import Event, replay
 from agent.store import (
     WAL_RESERVE_BYTES,
     EventStore,
-    StoreConfig,
+    StoreSection,
     check_integrity,
     connect,
 )
@@ -118,7 +118,7 @@ def test_first_sight_of_a_stream_is_not_a_gap(db: Path) -> None:
 
 
 def test_failed_commit_changes_nothing_and_retry_succeeds(db: Path) -> None:
-    store = EventStore(db, StoreConfig(busy_timeout_ms=50))
+    store = EventStore(db, busy_timeout_ms=50)
     store.append([ev("s", 1)])
     blocker = sqlite3.connect(db, isolation_level=None)
     blocker.execute("BEGIN IMMEDIATE")
@@ -226,7 +226,7 @@ def fill_to_high_water(store: EventStore, streams: dict[str, int]) -> int:
 
 
 def test_ladder_deletes_acked_before_anything_unacked(db: Path) -> None:
-    store = EventStore(db, StoreConfig(max_buffer_bytes=2 * 2**20, min_free_bytes=0))
+    store = EventStore(db, StoreSection(max_buffer_bytes=2 * 2**20, min_free_bytes=0))
     fill_to_high_water(store, {"hi": 5, "lo": 0})
     everything = list(store.iter_events())
     upto = everything[len(everything) // 2].rowid
@@ -240,7 +240,7 @@ def test_ladder_deletes_acked_before_anything_unacked(db: Path) -> None:
 
 
 def test_ladder_compacts_low_priority_then_drops_oldest_and_records_it(db: Path) -> None:
-    config = StoreConfig(max_buffer_bytes=2 * 2**20, min_free_bytes=0, low_water=0.3)
+    config = StoreSection(max_buffer_bytes=2 * 2**20, min_free_bytes=0, low_water=0.3)
     store = EventStore(db, config)
     n = fill_to_high_water(store, {"hi": 5, "lo": 0})
     before = set(keys(store))
@@ -259,7 +259,7 @@ def test_ladder_compacts_low_priority_then_drops_oldest_and_records_it(db: Path)
 
 
 def test_store_full_is_reported_not_lost(db: Path) -> None:
-    store = EventStore(db, StoreConfig(max_buffer_bytes=512 * 1024, min_free_bytes=0))
+    store = EventStore(db, StoreSection(max_buffer_bytes=512 * 1024, min_free_bytes=0))
     batches = [[ev("s", i, size=500) for i in range(n + 1, n + 101)] for n in range(0, 10**4, 100)]
 
     def fill_up() -> None:
@@ -329,7 +329,7 @@ def test_reader_holding_a_snapshot_does_not_block_append(db: Path) -> None:
 
 def test_bad_synchronous_mode_is_refused(db: Path) -> None:
     with pytest.raises(StoreError, match="synchronous"):
-        EventStore(db, StoreConfig(synchronous="SOMETIMES"))
+        EventStore(db, StoreSection(synchronous="SOMETIMES"))
 
 
 def test_rowids_are_never_reused_after_eviction(db: Path) -> None:
@@ -374,10 +374,10 @@ def test_eviction_does_not_lower_the_free_space_cap(tmp_path: Path) -> None:
     def rule() -> int:
         # capacity = own file + free - floor - the WAL's room still to grow
         return min(
-            StoreConfig().max_buffer_bytes, disk - floor - max(wal_size(), WAL_RESERVE_BYTES)
+            StoreSection().max_buffer_bytes, disk - floor - max(wal_size(), WAL_RESERVE_BYTES)
         )
 
-    store = EventStore(db, StoreConfig(min_free_bytes=floor), free_bytes=free)
+    store = EventStore(db, StoreSection(min_free_bytes=floor), free_bytes=free)
     fill_to_high_water(store, {"hi": 5, "lo": 0})
     before = store.capacity()
     assert before == rule()
@@ -423,7 +423,7 @@ def test_a_locked_database_at_start_is_refused_not_quarantined(db: Path) -> None
     other.execute("BEGIN EXCLUSIVE")  # holds the lock the migration needs
     try:
         with pytest.raises(StoreError, match="database is locked"):
-            EventStore(db, StoreConfig(busy_timeout_ms=50))
+            EventStore(db, busy_timeout_ms=50)
     finally:
         other.execute("ROLLBACK")
         other.close()

@@ -36,7 +36,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from agent.resilience import Event, content_key, dedup_key, deduplicate, replay
-from agent.store import ROLLBACK_ALARM, EventStore, StoreConfig, read_latest
+from agent.store import ROLLBACK_ALARM, EventStore, StoreSection, read_latest
 
 STREAMS = ("a", "b", "c", "d")
 # Which controller sends each stream: one for all, one per stream, or a shared pair. The
@@ -74,7 +74,7 @@ class History:
     controllers: dict[str, str]  # stream -> controller id
     batches: list[int]  # sizes of the successive `append` calls
     reopen_after: frozenset[int]  # batch indices after which the store is closed, reopened
-    cache: int  # StoreConfig.max_cached_streams
+    cache: int  # StoreSection.max_cached_streams
 
 
 def _event(stream: str, seq: int, epoch: int, variant: int) -> Event:
@@ -198,7 +198,7 @@ def run_store(history: History, empty: Path) -> Outcome:
     """Append `history` batch by batch to a real store on its own file, then read it."""
     # synchronous=OFF: this checks what is stored, not what survives a power cut (that is
     # tests/chaos/test_powercut.py); FULL adds an fsync per commit, ~3 ms per example.
-    config = StoreConfig(synchronous="OFF", max_cached_streams=history.cache)
+    config = StoreSection(synchronous="OFF", max_cached_streams=history.cache)
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "agent.db"
         shutil.copyfile(empty, path)
@@ -296,7 +296,7 @@ def test_conflicting_resend_at_the_latest_position_keeps_the_first_arrival() -> 
     """
     low, high = sorted((_event("a", 5, 1, 0), _event("a", 5, 1, 1)), key=content_key)
     with tempfile.TemporaryDirectory() as tmp:
-        store = EventStore(Path(tmp) / "agent.db", StoreConfig(synchronous="OFF"))
+        store = EventStore(Path(tmp) / "agent.db", StoreSection(synchronous="OFF"))
         try:
             store.append([In(low, 3, "ecu0"), In(high, 3, "ecu0")], now=0.0)
             assert store.latest() == [low]

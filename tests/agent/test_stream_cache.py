@@ -16,11 +16,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from agent.resilience import Event
-from agent.store import ROLLBACK_ALARM, EventStore, StoreConfig, read_latest
+from agent.store import ROLLBACK_ALARM, EventStore, StoreSection, read_latest
 from agent.streamcache import MAX_CACHED_EPOCHS_PER_STREAM
 
-BIG = StoreConfig(max_cached_streams=1_000_000)
-TINY = StoreConfig(max_cached_streams=2)
+BIG = StoreSection(max_cached_streams=1_000_000)
+TINY = StoreSection(max_cached_streams=2)
 U32_MAX = 2**32 - 1
 
 
@@ -96,7 +96,7 @@ def test_tiny_cache_decides_exactly_like_a_big_one(tmp_path: Path, history: list
 
 
 def test_many_streams_keep_the_cache_bounded_and_dedup_exact(tmp_path: Path) -> None:
-    config = StoreConfig(max_cached_streams=16)
+    config = StoreSection(max_cached_streams=16)
     store = EventStore(tmp_path / "a.db", config)
     names = [f"ecu0/s{k}" for k in range(3000)]
     for start in range(0, len(names), 500):
@@ -124,7 +124,7 @@ def test_many_streams_keep_the_cache_bounded_and_dedup_exact(tmp_path: Path) -> 
 
 
 def test_eviction_keeps_the_latest_of_streams_not_in_the_cache(tmp_path: Path) -> None:
-    store = EventStore(tmp_path / "a.db", StoreConfig(max_cached_streams=2))
+    store = EventStore(tmp_path / "a.db", StoreSection(max_cached_streams=2))
     for seq in (1, 2, 3):
         store.append([ev(f"s{k}", seq) for k in range(10)])
     store.append([ev("s0", 1, epoch=2)])  # s0's latest is now in epoch 2
@@ -137,7 +137,7 @@ def test_eviction_keeps_the_latest_of_streams_not_in_the_cache(tmp_path: Path) -
 
 def test_boot_epoch_rollback_is_alarmed_and_never_pins_replay(tmp_path: Path) -> None:
     db = tmp_path / "a.db"
-    store = EventStore(db, StoreConfig(max_cached_streams=16))
+    store = EventStore(db, StoreSection(max_cached_streams=16))
     store.append([ev("ecu0/s", 1, 3), ev("ecu0/s", 2, 3)])
     store.append([ev("ecu0/s", 1, U32_MAX)])  # a bogus (or bit-flipped) HELLO
     store.mark_delivered(store.stats()["top_rowid"], {"ecu0/s": (U32_MAX, 1)})
@@ -158,7 +158,7 @@ def test_boot_epoch_rollback_is_alarmed_and_never_pins_replay(tmp_path: Path) ->
     store.close()
     # Retransmits of that session after a restart are still duplicates (same mapping),
     # and another controller is not affected.
-    store = EventStore(db, StoreConfig(max_cached_streams=16))
+    store = EventStore(db, StoreSection(max_cached_streams=16))
     r = store.append([ev("ecu0/s", 2, 4), ev("ecu0/s", 3, 4), ev("ecu1/t", 1, 2, "ecu1")])
     assert (r.stored, r.duplicates) == (2, 1)
     assert store.counters["epoch_rollbacks"] == 0
@@ -193,7 +193,7 @@ def test_rollback_rule_is_seeded_from_a_database_written_before_it(tmp_path: Pat
 
 def test_cache_caps_at_max_and_max_plus_one(tmp_path: Path) -> None:
     cap = 16
-    store = EventStore(tmp_path / "a.db", StoreConfig(max_cached_streams=cap))
+    store = EventStore(tmp_path / "a.db", StoreSection(max_cached_streams=cap))
     store.append([ev(f"s{k}", 1) for k in range(cap)])
     assert len(store._state.streams) == cap
     assert store._state.streams.get("s0") is not None

@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 from agent.resilience import Event
 from agent.resilience.cursor import CLASSES, is_held
 from agent.resilience.ladder import SANE_WALL_CLOCK, Stored, is_expired
-from agent.store import EventStore, StoreConfig
+from agent.store import EventStore, StoreSection
 
 from fleetharness import StartAgent, StartSim
 from simharness import live
@@ -71,7 +71,7 @@ def test_the_store_expires_exactly_what_the_core_says(
 ) -> None:
     commits, acked, ahead, ttl, ttl_low, now = drawn
     with tempfile.TemporaryDirectory() as tmp:
-        config = StoreConfig(max_buffer_bytes=2**30, min_free_bytes=0, low_priority_max=LOW,
+        config = StoreSection(max_buffer_bytes=2**30, min_free_bytes=0, low_priority_max=LOW,
                              ttl_seconds=ttl, ttl_low_seconds=ttl_low)  # fmt: skip
         store = EventStore(Path(tmp) / "agent.db", config, free_bytes=lambda _: 2**40)
         for at, batch in commits:

@@ -56,7 +56,7 @@ import msgpack
 with atheris.instrument_imports(include=["agent", "click"]):
     from agent import cli, views
     from agent.resilience import Event
-    from agent.store import EventStore, StoreConfig
+    from agent.store import EventStore, StoreSection
     from firmware_bridge.link import Received
     from firmware_bridge.protocol import TimeQuality
 
@@ -395,7 +395,7 @@ def _inside_world(world: World) -> Iterator[None]:
 
 def _populate(path: Path) -> EventStore:
     """Events in two boot epochs with a gap, shed records, checkpoints, live state."""
-    store = EventStore(path, StoreConfig(max_buffer_bytes=96 * 2**10, min_free_bytes=0))
+    store = EventStore(path, StoreSection(max_buffer_bytes=96 * 2**10, min_free_bytes=0))
     now = time.time()
 
     def event(stream: str, seq: int, epoch: int, *, prio: int, tq: int, data: bytes) -> Received:
