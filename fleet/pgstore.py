@@ -38,7 +38,7 @@ import math
 import re
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Any, Final, Literal
 
 import psycopg
@@ -107,7 +107,27 @@ CREATE TABLE vehicles (
 ) WITH (fillfactor = 70);
 """,
     ),
+    (
+        # PostgreSQL text cannot hold U+0000, which the serial protocol allows in stream
+        # and kind names: such events are kept here, names as UTF-8 bytes, so their batch
+        # is stored and acked like any other (refusing it stalled the vehicle's backlog).
+        "0002_events_nul",
+        """
+CREATE TABLE events_nul (
+    vehicle text NOT NULL, stream bytea NOT NULL, boot_epoch bigint NOT NULL,
+    seq bigint NOT NULL, ts double precision NOT NULL, ts_quality smallint NOT NULL,
+    kind bytea NOT NULL, priority smallint NOT NULL, payload bytea NOT NULL,
+    historical boolean NOT NULL, received_at timestamptz NOT NULL,
+    PRIMARY KEY (vehicle, stream, boot_epoch, seq)
+);
+""",
+    ),
 )
+
+_QUARANTINE_SQL: Final = """
+INSERT INTO events_nul (vehicle, stream, boot_epoch, seq, ts, ts_quality, kind, priority,
+                        payload, historical, received_at)
+VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, to_timestamp(%s)) ON CONFLICT DO NOTHING"""
 
 _COLUMNS: Final = "stream, boot_epoch, seq, ts, ts_quality, kind, priority, payload"
 
@@ -232,10 +252,11 @@ class PgCollectorStore:
              for e, tq in batch.events),
             key=lambda r: (r[0], r[1], r[2]),
         )  # fmt: skip
-        for r in rows:
-            if "\x00" in r[0] or "\x00" in r[5]:
-                # PostgreSQL text cannot hold U+0000; never acked (docs/fleet-deployment.md).
-                raise CommitFailed(f"stream or kind with a NUL character: {r[0][:40]!r}")
+        # PostgreSQL text cannot hold U+0000: those events go to events_nul, in the same
+        # transaction (docs/fleet-deployment.md).
+        nul = [r for r in rows if "\x00" in r[0] or "\x00" in r[5]]
+        if nul:
+            rows = [r for r in rows if "\x00" not in r[0] and "\x00" not in r[5]]
         # A state batch repeats what is mostly stored already: straight to ON CONFLICT.
         on_conflict = batch.kind == "state"
         retries = 0
@@ -243,7 +264,7 @@ class PgCollectorStore:
             self._partitions_for(rows, at)  # never raises: DEFAULT holds rows meanwhile
         while True:
             try:
-                stored = self._ingest_once(batch, rows, at, on_conflict)
+                stored = self._ingest_once(batch, rows, at, on_conflict, nul)
             except pg_errors.UniqueViolation as exc:
                 if on_conflict:  # not from the events insert: a bug, never acked
                     raise CommitFailed(f"ingest: {exc}") from exc
@@ -257,7 +278,7 @@ class PgCollectorStore:
             except psycopg.Error as exc:
                 self._forget_broken()
                 raise CommitFailed(f"ingest: {type(exc).__name__}: {exc}") from exc
-            return stored, len(rows) - stored
+            return stored, len(rows) + len(nul) - stored
 
     def set_status(self, vehicle: str, status: str, at: float) -> None:
         """Record a vehicle's retained status (online/offline) and when we saw it."""
@@ -277,11 +298,14 @@ class PgCollectorStore:
         return {s: (e, q, bytes(p)) for s, e, q, p in rows}
 
     def keys(self, vehicle: str) -> set[tuple[str, int, int]]:
-        """Every stored (stream, boot_epoch, seq) of `vehicle`."""
+        """Every stored (stream, boot_epoch, seq) of `vehicle` (events_nul's included)."""
         rows = self._read(
             "SELECT stream, boot_epoch, seq FROM events WHERE vehicle = %s", (vehicle,)
         )
-        return {(s, e, q) for s, e, q in rows}
+        nul = self._read(
+            "SELECT stream, boot_epoch, seq FROM events_nul WHERE vehicle = %s", (vehicle,)
+        )
+        return {(s, e, q) for s, e, q in rows} | {(bytes(s).decode(), e, q) for s, e, q in nul}
 
     def report(self) -> list[dict[str, Any]]:
         """Per vehicle: events, duplicates received, gaps, reused keys, converged state."""
@@ -401,15 +425,41 @@ class PgCollectorStore:
             self._local.conn = None
 
     def _ingest_once(
-        self, batch: Batch, rows: list[tuple[Any, ...]], at: float, on_conflict: bool
+        self,
+        batch: Batch,
+        rows: list[tuple[Any, ...]],
+        at: float,
+        on_conflict: bool,
+        nul: Sequence[tuple[Any, ...]] = (),
     ) -> int:
         conn = self._connection()
+        if nul:  # rare: the plain statement, then the quarantined rows, one transaction
+            with conn.transaction():
+                stored = self._ingest_statement(conn, batch, rows, at, on_conflict,
+                                                method="unnest")  # fmt: skip
+                for r in nul:
+                    cur = conn.execute(_QUARANTINE_SQL, (
+                        batch.vehicle, r[0].encode(), r[1], r[2], r[3], r[4], r[5].encode(),
+                        r[6], r[7], batch.historical, at))  # fmt: skip
+                    stored += max(cur.rowcount, 0)
+                return stored
+        return self._ingest_statement(conn, batch, rows, at, on_conflict, method=self.method)
+
+    def _ingest_statement(
+        self,
+        conn: psycopg.Connection[Any],
+        batch: Batch,
+        rows: list[tuple[Any, ...]],
+        at: float,
+        on_conflict: bool,
+        *,
+        method: str,
+    ) -> int:
         params: dict[str, Any] = {
             "vehicle": batch.vehicle, "historical": batch.historical, "at": at,
             "total": len(rows), "is_events": int(batch.kind == "events"),
             "is_state": int(batch.kind == "state"),
         }  # fmt: skip
-        method = self.method
         if method == "auto" or not rows:  # VALUES cannot be empty
             method = "copy" if len(rows) >= COPY_ABOVE else "unnest"
         if method == "values":
