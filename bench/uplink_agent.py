@@ -13,6 +13,7 @@ from agent.config import UplinkSection
 from agent.fleet_auth import FleetAuth
 from agent.fleetsync import FleetSync
 from agent.resilience import Backoff, CircuitBreaker
+from agent.resilience.checkpoint import CheckpointCadence
 from agent.resync import Resync
 from agent.store import EventStore, StoreSection, connect, read_latest
 from agent.uplink import MqttTransport
@@ -65,8 +66,9 @@ class AgentLoop:
     """The agent's uplink exactly as the daemon wires it, stepped from this thread.
 
     Differences from the daemon: the checkpoint is written by `mark_delivered` inline on
-    this thread (the daemon hands it to its writer thread), and no serial or writer thread
-    competes for the interpreter.
+    this thread, on the writer's cadence (`CheckpointCadence`: every 5,000 acknowledged
+    rows or 1 s, and at once when the last row is acknowledged; the daemon hands it to its
+    writer thread), and no serial or writer thread competes for the interpreter.
     """
 
     def __init__(
@@ -92,10 +94,28 @@ class AgentLoop:
             ack_mode=section.ack_mode,
         )
         self.checkpoints = 0
+        self._cadence = CheckpointCadence()
+        self._upto = -1
+        self._positions: Positions = {}
+        self._frontiers: tuple[int, ...] = ()
 
     def _deliver(self, upto: int, positions: Positions, frontiers: tuple[int, ...]) -> None:
-        if self.store.mark_delivered(upto, positions, frontiers=frontiers):
-            self.checkpoints += 1
+        # As the writer coalesces `Delivered` tasks (agent/writer.py).
+        if upto > self._upto:
+            self._cadence.acked(upto - max(self._upto, 0), time.monotonic())
+            self._upto = upto
+        for stream, pos in positions.items():
+            if pos > self._positions.get(stream, (-1, -1)):
+                self._positions[stream] = pos
+        self._frontiers = frontiers or self._frontiers
+
+    def _persist(self, now: float) -> None:
+        last = self._upto >= self.top
+        if self._cadence.pending and (last or self._cadence.due(now)):
+            if self.store.mark_delivered(self._upto, self._positions, frontiers=self._frontiers):
+                self.checkpoints += 1
+            self._positions = {}
+            self._cadence.persisted()
 
     def latest(self) -> Positions:
         return {e.stream: e.position for _, e, _, _ in read_latest(self.reader)}
@@ -110,6 +130,7 @@ class AgentLoop:
 
     def step(self) -> None:
         self.sync.run_once(time.monotonic())
+        self._persist(time.monotonic())
 
     def run_until(self, done: Callable[[], bool], timeout: float) -> None:
         deadline = time.monotonic() + timeout
