@@ -60,7 +60,9 @@ def check_signature(data: bytes, sums: bytes, key: Ed25519PublicKey) -> str | No
         key.verify(bytes.fromhex(doc["signature"]), _DOMAIN + sums)
     except InvalidSignature:
         signer = doc.get("key")
-        named = f" (signed by key {signer})" if isinstance(signer, str) and len(signer) < 80 else ""
+        named = (
+            f" (signed by key {signer!r})" if isinstance(signer, str) and len(signer) < 80 else ""
+        )
         return f"does not verify with the vehicle's key {key_fingerprint(key)}{named}"
     return None
 

@@ -13,7 +13,6 @@ import contextlib
 import os
 import queue
 import threading
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import NamedTuple
@@ -27,29 +26,6 @@ class Handover(NamedTuple):
 
     port: int  # the index of its [[serial]] entry: where the report goes
     items: list[Received]
-
-
-class Claims:
-    """Which port each controller id (HELLO) is on, so two ports announcing the same id
-    are caught: the events of both would share streams and boot epochs. A claim holds
-    while its port keeps receiving (`hold` seconds); one entry per port at most."""
-
-    def __init__(self, hold: float) -> None:
-        self.hold = hold
-        self._lock = threading.Lock()
-        self._by_id: dict[str, tuple[int, float]] = {}  # controller id -> (port, last seen)
-
-    def claim(self, controller: str, port: int, now: float | None = None) -> int | None:
-        """Take or refresh `controller` for `port`; the other port holding it, or None."""
-        at = time.monotonic() if now is None else now
-        with self._lock:
-            holder = self._by_id.get(controller)
-            if holder is not None and holder[0] != port and at - holder[1] < self.hold:
-                return holder[0]
-            for cid in [c for c, (p, _) in self._by_id.items() if p == port and c != controller]:
-                del self._by_id[cid]  # the port's previous controller: one entry per port
-            self._by_id[controller] = (port, at)
-            return None
 
 
 @dataclass
@@ -121,7 +97,6 @@ class Channels:
     to_writer: queue.Queue[Handover]
     ports: list[Port]
     shared: Shared
-    claims: Claims
     # Small, rare writes from other threads (uplink checkpoints). Unbounded on purpose:
     # at most one per acknowledged batch, and the uplink thread must never block on it.
     tasks: queue.Queue[Task | Delivered] = field(default_factory=queue.Queue)

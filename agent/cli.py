@@ -62,7 +62,6 @@ from agent.errors import AgentError, ConfigError
 from agent.export import (
     CHUNK_EVENTS,
     EXPORT_NICE,
-    EXPORTS_DIR,
     MAX_CHUNK_EVENTS,
     export_bundle,
     plan,
@@ -81,6 +80,7 @@ from agent.receipts import (
 )
 from agent.render import echo_hint, emit, json_text, table
 from agent.store import read_cursor
+from agent.storedb import EXPORTS_DIR
 from agent.version import DISTRIBUTION
 from agent.views import (
     FOLLOW_BATCH,

@@ -242,7 +242,7 @@ def shed_text(rows: list[Row], totals: list[tuple[str, int, int, float]], now: f
 
 LINK_COUNTERS: Final = ("events_accepted", "acks_sent", "nacks_sent", "gaps",
                         "retransmits_reacked", "link_downs", "controller_reboots",
-                        "outside_window", "foreign_session", "duplicate_controller")  # fmt: skip
+                        "outside_window", "foreign_session")  # fmt: skip
 
 
 def _link_items(k: Row) -> list[tuple[str, str]]:

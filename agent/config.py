@@ -16,6 +16,9 @@ from typing import Any, get_type_hints
 
 from agent.errors import ConfigError
 
+# A vehicle id that can name its public key file at the fleet (`--vehicle-keys DIR`).
+KEY_FILE_NAME = re.compile(r"\A[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}\Z")
+
 
 @dataclass(frozen=True)
 class AgentSection:
@@ -44,6 +47,12 @@ class AgentSection:
             problems["log_level"] = "must be one of DEBUG, INFO, WARNING, ERROR"
         if self.signing_key_file and not self.signing_key_file.startswith("/"):
             problems["signing_key_file"] = "must be an absolute path, or empty for none"
+        elif self.signing_key_file and not KEY_FILE_NAME.match(self.vehicle_id):
+            problems["signing_key_file"] = (
+                f"needs a vehicle_id the fleet can name its key file by (<vehicle_id>.pub): "
+                f"{self.vehicle_id!r} is not 1 to 64 of A-Z a-z 0-9 _ . - starting with a "
+                "letter, digit or _"
+            )
         return problems
 
 
@@ -304,6 +313,9 @@ class Config:
     agent: AgentSection = field(default_factory=AgentSection)
     # One per controller: `[serial]`, or several `[[serial]]` entries.
     serials: tuple[SerialSection, ...] = (SerialSection(),)
+    # Written as [[serial]] (even one entry): streams are stored under their port's name.
+    # Decided by the syntax, not the count, so adding or removing a port renames nothing.
+    streams_by_port: bool = False
     store: StoreSection = field(default_factory=StoreSection)
     uplink: UplinkSection = field(default_factory=UplinkSection)
     metrics: MetricsSection = field(default_factory=MetricsSection)
@@ -423,11 +435,17 @@ def from_mapping(data: dict[str, Any], source: str = "<mapping>") -> Config:
             continue
         if name == "serial":
             sections["serials"] = _serials(value, source, problems)
+            sections["streams_by_port"] = isinstance(value, list)
             continue
         if not isinstance(value, dict):
             problems.append(f"{source}: [{name}] must be a table")
             continue
         sections[name] = _build(f"[{name}]", SECTIONS[name], value, source, problems)
+    serials, store = sections.get("serials", ()), sections.get("store", StoreSection())
+    if len(serials) > store.queue_max_batches:
+        problems.append(f"{source}: [store] queue_max_batches = {store.queue_max_batches}: "
+                        f"below the {len(serials)} [[serial]] entries (each port needs a "
+                        "share of the writer's queue)")  # fmt: skip
     if problems:
         raise ConfigError("\n".join(problems))
     config = Config(**sections, source=source)

@@ -37,7 +37,7 @@ import click
 
 from agent import config as config_mod
 from agent import filecheck
-from agent.channels import Channels, Claims, Port, Shared
+from agent.channels import Channels, Port, Shared
 from agent.config import Config
 from agent.errors import AgentError, ConfigError
 from agent.fleet_auth import key_fingerprint, keygen, load_private_key
@@ -61,13 +61,10 @@ class Daemon:
         self.config = config
         self.pinned_level: str | None = None  # --log-level / -v: wins over the file
         self.shared = Shared()
-        # A controller id is held by its port while the link would stay up without news.
-        hold = max(s.heartbeat_interval * s.missed_heartbeats for s in config.serials)
         channels = Channels(
             queue.Queue(config.store.queue_max_batches),
             [Port() for _ in config.serials],
             self.shared,
-            Claims(hold),
         )
         self.channels = channels
         os.makedirs(config.agent.state_dir, exist_ok=True)
@@ -119,22 +116,24 @@ class Daemon:
         return "serial" if len(self.sides) == 1 else f"serial:{side.name}"
 
     def _serial_loop(self, side: SerialSide) -> None:
-        side.start(time.monotonic())
         shared = self.shared
         name = self._thread(side)
-        while not shared.stopping.is_set():
-            side.run_once(time.monotonic())
-            self.progress[name] = time.monotonic()
-        # What was read but found no room yet goes to the writer (which still commits);
-        # then nothing more is handed over (the writer's drain waits for this point, when
-        # every serial loop has reached it).
-        deadline = time.monotonic() + STOP_TIMEOUT
-        while side.pending and time.monotonic() < deadline:
-            side.run_once(time.monotonic(), timeout=0.05)
-        with self._handing_lock:
-            self._handing -= 1
-            if self._handing == 0:
-                shared.reading_done.set()
+        try:
+            side.start(time.monotonic())
+            while not shared.stopping.is_set():
+                side.run_once(time.monotonic())
+                self.progress[name] = time.monotonic()
+            # What was read but found no room yet goes to the writer (which still
+            # commits); then nothing more is handed over (the writer's drain waits for
+            # this point, when every serial loop has reached it).
+            deadline = time.monotonic() + STOP_TIMEOUT
+            while side.pending and time.monotonic() < deadline:
+                side.run_once(time.monotonic(), timeout=0.05)
+        finally:  # a loop that died counts as done handing over: the stop does not wait
+            with self._handing_lock:
+                self._handing -= 1
+                if self._handing == 0:
+                    shared.reading_done.set()
         # Shutdown: wait for the writer's last reports and send their ACKs.
         deadline = time.monotonic() + STOP_TIMEOUT
         while time.monotonic() < deadline and (

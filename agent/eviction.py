@@ -28,7 +28,7 @@ from agent.resilience.ladder import (
     SANE_WALL_CLOCK,
 )
 from agent.resilience.loss import LossLedger
-from agent.storedb import PAGE_SIZE, WAL_RESERVE_BYTES, set_state
+from agent.storedb import EXPORTS_DIR, PAGE_SIZE, WAL_RESERVE_BYTES, set_state
 
 log = logging.getLogger("agent.store")
 
@@ -211,10 +211,14 @@ class EvictionLadder:
 
     def _prune_acked(self, keep: str, _target: float, at: float) -> None:
         # Below the cursor every row is held; above it, up to the highest class frontier,
-        # the rows of the classes the backlog drained ahead (agent/delivery.py).
+        # the rows of the classes the backlog drained ahead (agent/delivery.py). Not those
+        # while an export awaits its receipt: the daemon rebuilds each exported chunk from
+        # every row of its run to check the fleet's digest (agent/receipts.py), and a run
+        # with rows pruned would be refused as a mismatch and resent.
         deleted = 0
-        acked = self.acked_sql()
-        top = max(self._cursor() - 1, *self._frontiers())
+        acked, top = self.acked_sql(), max(self._cursor() - 1, *self._frontiers())
+        if self._exports_pending():
+            acked, top = f"(id < {int(self._cursor())})", self._cursor() - 1
         for lo, hi in self._windows(below=top + 1):
             self.conn.execute("BEGIN IMMEDIATE")
             self._remember_max_id(at)
@@ -227,6 +231,13 @@ class EvictionLadder:
             deleted += cur.rowcount
         self.counters["pruned_acked"] += deleted
         log.info("evict step=acked deleted=%d", deleted)
+
+    def _exports_pending(self) -> bool:
+        """An export ledger waits for its receipt (`<state_dir>/exports/*.json`)."""
+        try:
+            return any((self.path.parent / EXPORTS_DIR).glob("*.json"))
+        except OSError:
+            return True  # unknown: keep the rows (only space is at stake)
 
     def _shed(
         self, where: str, params: tuple[object, ...], reason: str, at: float, *, quiet: bool = False

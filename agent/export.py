@@ -59,7 +59,6 @@ BUNDLE_FORMAT: Final = "ironfleet-bundle"
 BUNDLE_VERSION: Final = 1
 MANIFEST_NAME: Final = "manifest.json"
 SUMS_NAME: Final = "SHA256SUMS"
-EXPORTS_DIR: Final = "exports"  # the ledger, next to the database: <export id>.json
 # Batch ids of a bundle are `export << CHUNK_BITS | index` with export < 2**20, so all lie
 # below 2**32; the live uplink's are `run_id << 32 | n` with run_id >= 1, all at or above
 # 2**32 (agent/resync.py): the two ranges never meet.

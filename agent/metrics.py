@@ -184,19 +184,13 @@ def _serial(snap: LiveState) -> Iterator[Metric]:
                            labels=["controller"])  # fmt: skip
     frames = CounterMetricFamily("ironfleet_serial_frames", "Serial frames by outcome.",
                                  labels=["controller", "outcome"])  # fmt: skip
-    refused = CounterMetricFamily(
-        "ironfleet_serial_duplicate_controller_events", "Events not ACKed because another "
-        "port announced the same controller id.", labels=["controller"],
-    )  # fmt: skip
     for k in snap.controllers:
         up.add_metric([k.name], 1.0 if k.state == "up" else 0.0)
         frames.add_metric([k.name, "accepted"], k.frames_accepted)
         for outcome in FRAME_OUTCOMES:
             frames.add_metric([k.name, outcome], k.rejects.get(outcome, 0))
-        refused.add_metric([k.name], k.counters.get("duplicate_controller", 0))
     yield up
     yield frames
-    yield refused
 
 
 def _flash(store: Counters) -> Iterator[Metric]:

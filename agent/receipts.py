@@ -37,7 +37,6 @@ import msgpack
 
 from agent.errors import AgentError
 from agent.export import (
-    EXPORTS_DIR,
     MAX_CHUNK_FILE_BYTES,
     MAX_CHUNKS,
     BundleError,
@@ -56,6 +55,7 @@ from agent.render import pairs, table
 from agent.resilience.cursor import AckedRun
 from agent.resilience.ratelimit import LogThrottle
 from agent.store import read_cursor
+from agent.storedb import EXPORTS_DIR
 
 log = logging.getLogger(__name__)
 

@@ -442,7 +442,12 @@ class Resync:
         takes every priority above it) or of every class."""
         where = ""
         if cls is not None:
-            where = f"AND e.priority >= {cls}" if cls == CLASSES - 1 else f"AND e.priority = {cls}"
+            # The end classes take what lies beyond them, as `class_of` does.
+            where = (
+                f"AND e.priority >= {cls}" if cls == CLASSES - 1
+                else "AND e.priority <= 0" if cls == 0
+                else f"AND e.priority = {cls}"
+            )  # fmt: skip
         return self.reader.execute(
             f"""SELECT e.id, s.name, e.boot_epoch, e.seq, e.ts, e.ts_quality, e.kind,
                        e.priority, e.payload

@@ -48,15 +48,14 @@ class SerialSide:
         self.reports = channels.ports[index].reports
         self.waker = channels.ports[index].waker
         self.shared = channels.shared
-        self.claims = channels.claims
         ports = len(config.serials)
         # This port's share of the writer's queue: a port whose events come faster than
         # the disk takes them fills its share only, never the others' room.
         self.max_in_flight = max(1, config.store.queue_max_batches // ports)
-        # With several controllers each stream is stored under its controller's id, so
-        # two controllers using the same stream name never collide.
-        self.namespace = ports > 1
-        self.counters = {"duplicate_controller": 0}
+        # With [[serial]] entries every stream is stored under its port's name, so two
+        # controllers using the same stream names (or the same HELLO id) never collide.
+        self.namespace = config.streams_by_port
+        self.prefix = f"{s.label}/"
         self._reopened = False
         self.in_flight = 0  # batches handed to the writer and not yet reported
         self.pending: list[Received] = []  # received, waiting for room in the writer's queue
@@ -104,7 +103,7 @@ class SerialSide:
         if data:
             received = self.link.receive(data, now)
             if received and self.namespace:
-                received = self._namespaced(received, now)
+                received = self._namespaced(received)
             if received:
                 self.pending = received
                 self._offer(0.0)
@@ -120,33 +119,17 @@ class SerialSide:
                 self.capture = None
                 self.want_capture = False  # until the next SIGHUP asks again
 
-    def _namespaced(self, received: list[Received], now: float) -> list[Received]:
-        """Each stream under its controller's id (kept when it already starts with it).
-        A controller id another port holds is refused, not ACKed: its controller resends
-        once the conflict is gone (a swapped cable), and nothing is stored twice."""
-        refused = {
-            cid for cid in {r.controller_id for r in received}
-            if self.claims.claim(cid, self.index, now) is not None
-        }  # fmt: skip
-        out = []
-        for r in received:
-            if r.controller_id in refused:
-                continue
-            prefix = f"{r.controller_id}/"
-            if r.event.stream.startswith(prefix):
-                out.append(r)
-            else:
-                event = r.event._replace(stream=prefix + r.event.stream)
-                out.append(Received(r.token, event, r.time_quality, r.controller_id))
-        if refused:
-            if not self.counters["duplicate_controller"]:
-                log.warning("duplicate_controller port=%s controller=%r: another port has "
-                            "this controller id; its events are not ACKed", self.name,
-                            sorted(refused)[0][:64])  # fmt: skip
-            dropped = [r.token for r in received if r.controller_id in refused]
-            self.counters["duplicate_controller"] += len(dropped)
-            self.link.forget(dropped)
-        return out
+    def _namespaced(self, received: list[Received]) -> list[Received]:
+        """Each stream, and the controller's identity (its boot epochs), under this port's
+        name. The name is configuration (validated: no '/', unique among the entries), so
+        `<port>/<stream as sent>` is one-to-one whatever the controllers send or announce;
+        a HELLO id is peer input, and two controllers may announce the same one."""
+        prefix = self.prefix
+        return [
+            Received(r.token, r.event._replace(stream=prefix + r.event.stream),
+                     r.time_quality, prefix + r.controller_id)
+            for r in received
+        ]  # fmt: skip
 
     def set_capture(self, on: bool) -> None:
         """Start or stop the wire capture (at start, and on SIGHUP)."""

@@ -243,7 +243,8 @@ class EventStore(DeliveryState, EvictionLadder):
         # rowid at or below the uplink cursor would count as delivered without being sent.
         top = conn.execute("SELECT max(id) FROM events").fetchone()[0] or 0
         row = conn.execute("SELECT value FROM agent_state WHERE key = 'events.max_id'").fetchone()
-        self._next_id = max(top, int(row[0]) if row else 0, read_cursor(conn) - 1) + 1
+        # Nor one at or below a class frontier (agent/delivery.py): it would count as held.
+        self._next_id = max(top, int(row[0]) if row else 0, *read_frontiers(conn)) + 1
         self._next_gap = (conn.execute("SELECT max(id) FROM gaps").fetchone()[0] or 0) + 1
         self._next_stream = (conn.execute("SELECT max(id) FROM streams").fetchone()[0] or 0) + 1
         self._rows: int = conn.execute("SELECT count(*) FROM events").fetchone()[0]

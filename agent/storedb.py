@@ -32,6 +32,10 @@ LOW_BITS: Final = 32
 LOW_MASK: Final = 2**LOW_BITS - 1
 
 
+# Ledgers of exports awaiting the fleet's receipt (agent/export.py), next to the database.
+EXPORTS_DIR: Final = "exports"
+
+
 def read_cursor(conn: sqlite3.Connection) -> int:
     """The persisted uplink cursor: lowest rowid the fleet has not acknowledged."""
     row = conn.execute("SELECT value FROM agent_state WHERE key = 'uplink.cursor'").fetchone()

@@ -278,7 +278,7 @@ class Writer:
             port=str(side.port.state),
             device=side.port.device or "",
             frames_accepted=link.decoder.accepted,
-            counters=dict(link.counters) | side.counters,
+            counters=dict(link.counters),
             rejects={str(k): v for k, v in link.decoder.rejects.items()},
         )
 

@@ -204,7 +204,7 @@ class Demo:
         sim = subprocess.Popen(
             [str(BIN / "ironfleet-sim"), "--link-dir", str(self.workdir / "dev"), "--truth",
              str(self.truth), "--controllers", str(CONTROLLERS), "--rate", "200",
-             "--streams", "6", "--seed", "7",
+             "--streams", "6", "--seed", "7", "--bare-streams",
              "--control", str(self.control)],
             stdout=subprocess.PIPE, text=True,
         )  # fmt: skip
@@ -213,9 +213,10 @@ class Demo:
 
     def _start_agent(self, sim: subprocess.Popen[str]) -> subprocess.Popen[bytes]:
         assert sim.stdout is not None
-        devices = [sim.stdout.readline().split()[2] for _ in range(CONTROLLERS)]
+        found = [sim.stdout.readline().split() for _ in range(CONTROLLERS)]  # DEVICE id path
         serial = "".join(
-            f'[[serial]]\ndevice = "{device}"\nheartbeat_interval = 0.25\n' for device in devices
+            f'[[serial]]\nname = "{cid}"\ndevice = "{path}"\nheartbeat_interval = 0.25\n'
+            for _, cid, path in found
         )  # one entry per controller: one thread and link each, one writer
         config = self.workdir / "agent.toml"
         config.write_text(
@@ -308,7 +309,9 @@ class Demo:
         acked: set[tuple[str, int, int]] = set()
         summary: dict[str, Any] = {}
         for r in truth_records(self.truth):
-            key = (r.get("stream"), r.get("boot_epoch"), r.get("seq"))
+            # [[serial]] entries named like their controllers: the agent stores each
+            # (bare) stream under its port's name.
+            key = (f"{r.get('controller')}/{r.get('stream')}", r.get("boot_epoch"), r.get("seq"))
             if r["op"] == "sent":
                 sent.add(key)  # type: ignore[arg-type]
             elif r["op"] == "acked":

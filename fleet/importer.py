@@ -31,6 +31,7 @@ from typing import Final
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from agent.bundlesig import MAX_SIGNATURE_BYTES, SIGNATURE_NAME, check_signature
+from agent.config import KEY_FILE_NAME
 from agent.errors import AgentError, ConfigError
 from agent.export import (
     MANIFEST_NAME,
@@ -50,8 +51,6 @@ from agent.receipts import RECEIPT_NAME, Receipt
 from fleet.collector import FleetStore, open_store
 
 _SUMS_LINE: Final = re.compile(r"\A([0-9a-f]{64})  (\S+)\Z")  # sha256sum(1)'s own format
-# A vehicle id that can name its key file: <id>.pub in the --vehicle-keys directory.
-_KEY_NAME: Final = re.compile(r"\A[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}\Z")
 
 
 class VehicleKeys:
@@ -65,7 +64,7 @@ class VehicleKeys:
 
     def key(self, vehicle: str) -> Ed25519PublicKey:
         """`vehicle`'s key; BundleError if the id cannot name a file or has no key."""
-        if not _KEY_NAME.match(vehicle):
+        if not KEY_FILE_NAME.match(vehicle):
             raise BundleError(f"vehicle id {vehicle[:80]!r} cannot name a key file in "
                               f"{self.directory}: not importable with --vehicle-keys")  # fmt: skip
         path = self.directory / f"{vehicle}.pub"

@@ -132,11 +132,11 @@ class AgentSide:
 class TruthReader:
     """Reads a growing ground-truth file incrementally (complete lines only)."""
 
-    def __init__(self, path: Path, *, namespace: bool = False) -> None:
-        """`namespace`: the agent reads several controllers, so it stores each stream
-        under `<controller>/` (unless the name already starts with it)."""
+    def __init__(self, path: Path, *, ports: dict[str, str] | None = None) -> None:
+        """`ports`: the agent reads [[serial]] entries, so it stores each stream under
+        `<port name>/`; the port name of each controller id."""
         self.path = path
-        self.namespace = namespace
+        self.ports = ports
         self._offset = 0
         self.sent: dict[Key, str] = {}
         self.acked: dict[Key, str] = {}
@@ -154,9 +154,9 @@ class TruthReader:
             record = json.loads(line)
             op = record["op"]
             if op in ("sent", "acked", "lost_at_reboot"):
-                stream, prefix = record["stream"], f"{record['controller']}/"
-                if self.namespace and not stream.startswith(prefix):
-                    stream = prefix + stream
+                stream = record["stream"]
+                if self.ports is not None:
+                    stream = f"{self.ports[record['controller']]}/{stream}"
                 key = (stream, record["boot_epoch"], record["seq"])
                 getattr(self, op)[key] = record["payload"]
 

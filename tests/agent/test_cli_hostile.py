@@ -150,7 +150,7 @@ def hostile_db(tmp_path: Path) -> Path:
             '"controller": "ecu0\\u001b[2J\\u202e", "boot_epoch": 1, '
             '"device": "/dev/tty\\u001b[31m", "counters": {"gaps": 1}}, '
             '"links": [{"name": "eng\\u001b[2J", "state": "up\\r", "controller": '
-            '"ecu0\\u001b[2J\\u202e", "counters": {"duplicate_controller": 3}}, '
+            '"ecu0\\u001b[2J\\u202e", "counters": {"link_downs": 3}}, '
             '{"name": "nav\\u0007", "state": "down", "controller": "\\u009b2J", '
             '"rejects": {"crc\\u001b": 1}}], '
             '"breaker": {"state": "open\\u0007", "failures": 1e999, "retry_in": 1e300}}',
@@ -219,7 +219,7 @@ def test_text_shows_escapes_and_absurd_values(hostile_db: Path) -> None:
     assert "eng\\x1b[2J: ecu0\\x1b[2J\\u202e" in status  # one line per controller
     assert "nav\\x07: \\u009b2J" in status
     link = run("--db", str(hostile_db), "link").stdout.decode()
-    assert "duplicate_controller=3" in link
+    assert "link_downs=3" in link
     assert "crc\\x1b=1" in link
     gaps = run("--db", str(hostile_db), "gaps").stdout.decode()
     assert f"2..{HUGE - 1}" in gaps

@@ -37,11 +37,11 @@ import msgpack
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from agent.bundlesig import SIGNATURE_NAME
-from agent.config import UplinkSection
+from agent.bundlesig import SIGNATURE_NAME, check_signature, signature_file
+from agent.config import UplinkSection, from_mapping
+from agent.errors import ConfigError
 from agent.export import (
     CHUNK_BITS,
-    EXPORTS_DIR,
     MANIFEST_NAME,
     MAX_CHUNKS,
     MAX_EXPORT_ID,
@@ -72,6 +72,7 @@ from agent.receipts import (
 from agent.resilience import Event
 from agent.resync import Resync
 from agent.store import EventStore, connect
+from agent.storedb import EXPORTS_DIR
 from fleet.collector import CollectorStore
 from fleet.importer import VehicleKeys, import_bundle
 
@@ -653,3 +654,20 @@ def test_agent_keygen_makes_a_vehicle_key_once(tmp_path: Path) -> None:
     assert again.returncode == 1
     assert "File exists" in again.stderr
     assert not (tmp_path / "x.pub").exists(), "no public key without its private one"
+
+
+def test_signature_problems_are_printable_and_the_vehicle_id_must_name_a_key() -> None:
+    """A SIGNATURE's own text reaches the operator's terminal escaped; a vehicle that signs
+    must have an id its key file can be named by at the fleet (`<vehicle_id>.pub`)."""
+    key = Ed25519PrivateKey.generate()
+    doc = json.loads(signature_file(key, b"sums"))
+    doc["key"] = "\x1b[2J\x1b]0;pwned\x07"
+    problem = check_signature(json.dumps(doc).encode(), b"other sums", key.public_key())
+    assert problem is not None
+    assert "\x1b" not in problem
+    assert "\\x1b[2J" in problem
+    for vehicle in ("bus 12", ".hidden", "-x", "veh:7"):
+        with pytest.raises(ConfigError, match="needs a vehicle_id the fleet can name"):
+            from_mapping({"agent": {"vehicle_id": vehicle, "signing_key_file": "/k"},
+                          "uplink": {"allow_unsigned": True}})  # fmt: skip
+    from_mapping({"agent": {"vehicle_id": "bus 12"}, "uplink": {"allow_unsigned": True}})

@@ -22,6 +22,7 @@ from agent.fleetsync import FleetSync
 from agent.resilience import Backoff, CircuitBreaker, Event
 from agent.resync import Phase, Resync
 from agent.store import EventStore, StoreSection, connect, read_frontiers
+from agent.storedb import EXPORTS_DIR
 
 
 @dataclass(frozen=True)
@@ -679,6 +680,14 @@ def test_a_class_drained_ahead_stays_delivered_after_a_restart(store: EventStore
     reopened = EventStore(store.path, config, free_bytes=lambda _: 2**40)
     assert reopened.expire(t0 + 1000.0) == 58  # p0 and p1 but each stream's latest
     assert reopened.loss.shed == {"ttl": 58}
+    # An export awaiting its receipt: its runs are rebuilt from every row to check the
+    # fleet's digests (agent/receipts.py), so rows held only by a frontier stay meanwhile.
+    ledgers = store.path.parent / EXPORTS_DIR
+    ledgers.mkdir()
+    (ledgers / "7.json").write_text("{}")
+    reopened.make_room(now=t0 + 1000.0)
+    assert reopened.counters["pruned_acked"] == 0
+    (ledgers / "7.json").unlink()
     reopened.make_room(now=t0 + 1000.0)
     assert reopened.counters["pruned_acked"] == 29  # p3 but its latest
     assert reopened.conn.execute(
