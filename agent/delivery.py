@@ -18,7 +18,7 @@ from collections.abc import Mapping, Sequence
 
 from agent.errors import CommitFailed
 from agent.resilience.cursor import CLASSES
-from agent.storedb import frontiers_text, read_cursor, read_frontiers, set_state
+from agent.storedb import frontiers_text, held_sql, read_cursor, read_frontiers, set_state
 from agent.streamcache import StreamState
 
 
@@ -128,15 +128,5 @@ class DeliveryState:
         return self._frontiers()
 
     def acked_sql(self) -> str:
-        """SQL true for an events row the fleet holds: below the cursor, or at or below
-        its class's frontier (the top class takes every priority above it, as the uplink
-        reads them). Integer literals from the persisted state, no parameters."""
-        cursor = int(self._cursor())
-        fronts = self._frontiers()
-        if max(fronts) < cursor:
-            return f"(id < {cursor})"
-        cases = " ".join(f"WHEN {c} THEN {int(f)}" for c, f in enumerate(fronts[:-1]))
-        return (
-            f"(id < {cursor} OR id <= CASE min(max(priority, 0), {CLASSES - 1}) {cases} "
-            f"ELSE {int(fronts[-1])} END)"
-        )
+        """SQL true for an events row the fleet holds (storedb `held_sql`)."""
+        return held_sql(self._cursor(), self._frontiers())

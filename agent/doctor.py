@@ -28,6 +28,7 @@ from agent.config import Config
 from agent.errors import ConfigError
 from agent.render import CLOCK_BACK_TOLERANCE, TIME_QUALITY, human_bytes, span
 from agent.store import check_integrity
+from agent.storedb import held_sql, read_frontiers
 from agent.views import (
     Row,
     daemon_view,
@@ -213,11 +214,13 @@ def check_daemon(daemon: Row) -> Check:
 
 def read_doctor(conn: sqlite3.Connection, now: float) -> Row:
     """What doctor needs from the live state: heartbeat, opened device, clock skew, and
-    what waits for the fleet (count and oldest arrival above the persisted cursor)."""
+    what waits for the fleet (count and oldest arrival of the rows it does not hold)."""
     live = read_live(conn)
     fleet = fleet_view(live, conn, now)
+    cursor = fleet["cursor"]
+    held = held_sql(cursor, read_frontiers(conn, cursor))
     waiting = conn.execute(
-        "SELECT count(*), min(received_at) FROM events WHERE id >= ?", (fleet["cursor"],)
+        f"SELECT count(*), min(received_at) FROM events WHERE id >= ? AND NOT {held}", (cursor,)
     ).fetchone()
     # The newest events only: bounded whatever the number of streams (1M streams' latest
     # events took 900 MB when read all at once). Non-finite differences are not clocks.

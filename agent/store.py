@@ -512,7 +512,9 @@ class EventStore(DeliveryState, EvictionLadder):
     def stats(self) -> dict[str, int | float]:
         """Figures for status and metrics, from the cache plus cheap PRAGMAs."""
         oldest = self.conn.execute(
-            "SELECT received_at FROM events WHERE id >= ? ORDER BY id LIMIT 1", (self._cursor(),)
+            f"SELECT received_at FROM events WHERE id >= ? AND NOT {self.acked_sql()} "
+            "ORDER BY id LIMIT 1",
+            (self._cursor(),),
         ).fetchone()
         return {
             "events": self._rows,

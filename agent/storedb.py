@@ -58,6 +58,21 @@ def read_frontiers(conn: sqlite3.Connection, cursor: int | None = None) -> tuple
     return tuple(max(floor, v) for v in values)
 
 
+def held_sql(cursor: int, frontiers: tuple[int, ...]) -> str:
+    """SQL true for an events row the fleet holds: below `cursor`, or at or below its
+    priority class's frontier (the top class takes every priority above it, the lowest
+    every one below). Integer literals, no parameters; the one definition the ladder, the
+    TTL and every view use (checked against agent/resilience/cursor.py `is_held`)."""
+    cursor = int(cursor)
+    if not frontiers or max(frontiers) < cursor:
+        return f"(id < {cursor})"
+    cases = " ".join(f"WHEN {c} THEN {int(f)}" for c, f in enumerate(frontiers[:-1]))
+    return (
+        f"(id < {cursor} OR id <= CASE min(max(priority, 0), {len(frontiers) - 1}) {cases} "
+        f"ELSE {int(frontiers[-1])} END)"
+    )
+
+
 def frontiers_text(frontiers: tuple[int, ...]) -> str:
     """How `read_frontiers` finds them in agent_state: the classes' rowids, comma-separated."""
     return ",".join(str(int(f)) for f in frontiers)

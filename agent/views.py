@@ -28,6 +28,7 @@ from agent.readsafe import exact_sum, exact_sum_sql, fetch_bounded
 from agent.render import CLOCK_BACK_TOLERANCE
 from agent.render import age_of as _age
 from agent.store import read_cursor
+from agent.storedb import held_sql, read_frontiers
 
 FOLLOW_BATCH: Final = 1000  # rows per poll; a longer backlog is read in several polls
 # The daemon publishes every second (agent.daemon.PUBLISH_INTERVAL); a few missed
@@ -168,9 +169,11 @@ def read_status(conn: sqlite3.Connection, path: Path, now: float) -> Row:
     live = read_live(conn)
     cursor = read_cursor(conn)
     events = conn.execute("SELECT count(*) FROM events").fetchone()[0]
-    unacked = conn.execute("SELECT count(*) FROM events WHERE id >= ?", (cursor,)).fetchone()[0]
+    # Not held by the fleet: above the cursor and its class's frontier (a drain by priority).
+    waiting = f"id >= ? AND NOT {held_sql(cursor, read_frontiers(conn, cursor))}"
+    unacked = conn.execute(f"SELECT count(*) FROM events WHERE {waiting}", (cursor,)).fetchone()[0]
     oldest = conn.execute(
-        "SELECT received_at FROM events WHERE id >= ? ORDER BY id LIMIT 1", (cursor,)
+        f"SELECT received_at FROM events WHERE {waiting} ORDER BY id LIMIT 1", (cursor,)
     ).fetchone()
     newest = conn.execute("SELECT received_at FROM events ORDER BY id DESC LIMIT 1").fetchone()
     streams = conn.execute("SELECT count(*) FROM streams").fetchone()[0]

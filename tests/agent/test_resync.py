@@ -23,6 +23,7 @@ from agent.resilience import Backoff, CircuitBreaker, Event
 from agent.resync import Phase, Resync
 from agent.store import EventStore, StoreSection, connect, read_frontiers
 from agent.storedb import EXPORTS_DIR
+from agent.views import read_status
 
 
 @dataclass(frozen=True)
@@ -667,6 +668,8 @@ def test_a_class_drained_ahead_stays_delivered_after_a_restart(store: EventStore
     assert store.cursor == 1  # priorities 0 and 1 are not acknowledged
     assert store.frontiers[3] == 90
     assert read_frontiers(connect(store.path, readonly=True))[3] == 90
+    view = read_status(connect(store.path, readonly=True), store.path, t0)
+    assert view["backlog"]["unacked_events"] == 60  # what status shows: p0 and p1 only
 
     again = FakeTransport()
     sync, _, _, _ = make(store, again, max_in_flight=8)  # a new Resync: the agent restarted
