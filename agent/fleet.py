@@ -20,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import math
 import zlib
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -199,6 +200,32 @@ def _number(value: object, what: str) -> float:
         raise FleetMessageError(f"{what} must be a finite number") from None
 
 
+WireRow = tuple[str, int, int, float, int, str, int, bytes]  # an event as a batch carries it
+
+
+def encode_rows(
+    vehicle: str,
+    batch_id: int,
+    kind: str,
+    historical: bool,
+    rows: Sequence[WireRow],
+    *,
+    compress: bool = True,
+    codec: str = "",
+) -> bytes:
+    """`Batch.encode` from rows already in wire order (stream, boot_epoch, seq, ts,
+    ts_quality, kind, priority, payload): the uplink reads them so from the store and
+    skips an `Event` per row (12% of a drain's time, bench_uplink.py section 1)."""
+    head = {"vehicle": vehicle, "batch": batch_id, "type": kind, "historical": historical}
+    if codec:
+        compress = CODECS[codec] != CODEC_RAW
+    if codec == "columnar" and rows:
+        columns = encode_columns(rows)
+        if columns is not None:
+            return _pack({**head, "columns": columns}, True, CODEC_COLUMNAR)
+    return _pack({**head, "events": rows}, compress)
+
+
 @dataclass(frozen=True, slots=True)
 class Batch:
     """A group of events sent in one MQTT message."""
@@ -214,18 +241,11 @@ class Batch:
         zlib (above COMPRESS_ABOVE) or raw; the columnar layout falls back to zlib for a
         batch it cannot hold (more streams than a uint16 counts)."""
         rows = [
-            [e.stream, e.boot_epoch, e.seq, e.ts, tq, e.kind, e.priority, e.payload]
+            (e.stream, e.boot_epoch, e.seq, e.ts, tq, e.kind, e.priority, e.payload)
             for e, tq in self.events
         ]
-        head = {"vehicle": self.vehicle, "batch": self.batch_id, "type": self.kind,
-                "historical": self.historical}  # fmt: skip
-        if codec:
-            compress = CODECS[codec] != CODEC_RAW
-        if codec == "columnar" and rows:
-            columns = encode_columns(rows)
-            if columns is not None:
-                return _pack({**head, "columns": columns}, True, CODEC_COLUMNAR)
-        return _pack({**head, "events": rows}, compress)
+        return encode_rows(self.vehicle, self.batch_id, self.kind, self.historical, rows,
+                           compress=compress, codec=codec)  # fmt: skip
 
     @classmethod
     def decode(cls, data: bytes) -> Batch:

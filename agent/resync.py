@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 
 from agent.config import UplinkSection
-from agent.fleet import Batch, batch_digest, topic
+from agent.fleet import Batch, WireRow, batch_digest, encode_rows, topic
 from agent.resilience import Event
 from agent.resilience.budget import ByteBudget
 from agent.resilience.cursor import CLASSES, AckedRun, ClassedCursor, class_of
@@ -463,7 +463,7 @@ class Resync:
         from `after` + 1 to its last row, or to `end` when it takes every row; and that
         last rowid covered (where the lane goes on from)."""
         c = self.config
-        events: list[tuple[Event, int]] = []
+        wire: list[WireRow] = []  # the rows in wire order, no Event per row (fleet.py)
         positions: dict[str, tuple[int, int]] = {}
         size = 0
         upto = after
@@ -472,26 +472,25 @@ class Resync:
         cap = c.batch_max_bytes
         if c.max_bytes_per_second:
             cap = min(cap, max(1024, c.max_bytes_per_second))
-        for rowid, name, epoch, seq, ts, tq, kind, priority, payload in rows:
+        for row in rows:
+            rowid, name, epoch, seq, _ts, _tq, kind, _priority, payload = row
             size += len(payload) + len(name) + len(kind) + 40
-            if events and size > cap:
+            if wire and size > cap:
                 end = 0
                 break
-            event = Event.trusted(name, seq, epoch, ts, kind, priority, bytes(payload))
-            events.append((event, tq))
+            wire.append(row[1:])  # (name, epoch, seq, ts, tq, kind, priority, payload)
             if (epoch, seq) > positions.get(name, (-1, -1)):
                 positions[name] = (epoch, seq)
             upto = rowid
         upto = max(upto, end)
         batch_id = self._new_id()
-        payload = Batch(self.vehicle, batch_id, "events", cls is not None, tuple(events)).encode(
-            codec=c.wire_codec
-        )
+        payload = encode_rows(self.vehicle, batch_id, "events", cls is not None, wire,
+                              codec=c.wire_codec)  # fmt: skip
         entry = _InFlight(batch_id, after + 1, upto, positions, now, batch_digest(payload), cls)
         self._inflight[batch_id] = entry
         self._sent[batch_id] = entry
         while len(self._sent) > MAX_TRACKED_BATCHES:
             self._sent.popitem(last=False)
         self.counters.batches_sent += 1
-        self.counters.events_sent += len(events)
-        return Outgoing("events", batch_id, payload, len(events)), upto
+        self.counters.events_sent += len(wire)
+        return Outgoing("events", batch_id, payload, len(wire)), upto
