@@ -40,7 +40,7 @@ from agent import filecheck
 from agent.channels import Channels, Port, Shared
 from agent.config import Config
 from agent.errors import AgentError, ConfigError
-from agent.fleet_auth import key_fingerprint, keygen, load_private_key
+from agent.fleet_auth import key_fingerprint, keygen
 from agent.metrics import Metrics
 from agent.notify import Notifier
 from agent.serial_side import SerialSide
@@ -378,12 +378,11 @@ def keygen_command(ctx: click.Context, private_path: Path, public_path: Path) ->
     """Create the vehicle's Ed25519 key pair, which signs the bundles `ironfleet export`
     writes (the fleet checks them on import); prints the fingerprint to compare."""
     try:
-        keygen(private_path, public_path)
+        made = keygen(private_path, public_path)
     except OSError as exc:
         print(f"ironfleet-agent: {exc.filename}: {exc.strerror or exc}", file=sys.stderr)
         ctx.exit(1)
-    print(f"wrote {private_path} (0600) and {public_path}: key "
-          f"{key_fingerprint(load_private_key(str(private_path)))}")  # fmt: skip
+    print(f"wrote {private_path} (0600) and {public_path}: key {key_fingerprint(made)}")
 
 
 def print_config_error(exc: ConfigError) -> None:

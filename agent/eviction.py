@@ -28,7 +28,7 @@ from agent.resilience.ladder import (
     SANE_WALL_CLOCK,
 )
 from agent.resilience.loss import LossLedger
-from agent.storedb import EXPORTS_DIR, PAGE_SIZE, WAL_RESERVE_BYTES, set_state
+from agent.storedb import EXPORTS_DIR, PAGE_SIZE, WAL_RESERVE_BYTES, held_sql, set_state
 
 log = logging.getLogger("agent.store")
 
@@ -218,7 +218,7 @@ class EvictionLadder:
         deleted = 0
         acked, top = self.acked_sql(), max(self._cursor() - 1, *self._frontiers())
         if self._exports_pending():
-            acked, top = f"(id < {int(self._cursor())})", self._cursor() - 1
+            acked, top = held_sql(self._cursor(), ()), self._cursor() - 1
         for lo, hi in self._windows(below=top + 1):
             self.conn.execute("BEGIN IMMEDIATE")
             self._remember_max_id(at)

@@ -158,8 +158,9 @@ def load_private_key(path: str, where: str = "--signing-key") -> Ed25519PrivateK
     return key
 
 
-def keygen(private_path: Path, public_path: Path) -> None:
-    """Write a new fleet key pair: the private key 0600 (never overwritten), the public 0644."""
+def keygen(private_path: Path, public_path: Path) -> Ed25519PrivateKey:
+    """Write a new key pair (the fleet's, or a vehicle's): the private key 0600 (never
+    overwritten), the public 0644; return the private key."""
     key = Ed25519PrivateKey.generate()
     private = key.private_bytes(
         serialization.Encoding.PEM,
@@ -173,6 +174,7 @@ def keygen(private_path: Path, public_path: Path) -> None:
     with os.fdopen(fd, "wb") as fh:
         fh.write(private)
     public_path.write_bytes(public)
+    return key
 
 
 # -- configuration -------------------------------------------------------------------------

@@ -133,8 +133,8 @@ class Resync:
         self._state_pending: dict[int, tuple[float, bytes]] = {}  # id -> (sent at, digest)
         # Highest rowid the fleet holds, from acks in any order, per priority class
         # (agent/resilience/cursor.py): the backlog drains highest priority first.
-        self._cursor = ClassedCursor(read_cursor(reader) - 1, max_pending=MAX_TRACKED_BATCHES)
-        self._cursor.restore(read_cursor(reader) - 1, read_frontiers(reader))
+        self._cursor = ClassedCursor(max_pending=MAX_TRACKED_BATCHES)
+        self._restore_cursor()
         # The backlog lanes (rows up to _connect_high), one per priority class, and the
         # live lane (rows above it): the last rowid each has sent.
         self._after = [self._cursor.delivered] * CLASSES
@@ -158,7 +158,7 @@ class Resync:
 
     def on_connected(self, now: float) -> None:
         """Start over from what the fleet acknowledged: state first, then the backlog."""
-        self._cursor.restore(read_cursor(self.reader) - 1, read_frontiers(self.reader))
+        self._restore_cursor()
         self._after = [self._cursor.frontier(cls) for cls in range(CLASSES)]
         self._inflight.clear()
         self._forget_state_pending()
@@ -179,6 +179,11 @@ class Resync:
         self._connected_at = now
         self._partial_since = None
         self.phase = Phase.STATE
+
+    def _restore_cursor(self) -> None:
+        """Raise the cursor and every class frontier to what the store persisted."""
+        cursor = read_cursor(self.reader)
+        self._cursor.restore(cursor - 1, read_frontiers(self.reader, cursor))
 
     def on_disconnected(self) -> None:
         """Whatever is in flight is forgotten; it is resent after the next connect."""

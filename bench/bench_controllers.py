@@ -69,6 +69,9 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
+import benchprocs
+from benchprocs import stop_process
+
 AGENT = str(Path(sys.executable).with_name("ironfleet-agent"))
 SIM = str(Path(sys.executable).with_name("ironfleet-sim"))
 TARGET = 2.0  # the issue: healthy ports' ACK latency within 2x of one controller's
@@ -149,6 +152,18 @@ def fail(message: str) -> SystemExit:
     return SystemExit(f"bench_controllers: {message}")
 
 
+def wait_for(
+    what: str, ready: Callable[[], bool], timeout: float, alive: Iterable[subprocess.Popen[bytes]]
+) -> None:
+    """benchprocs.wait_for, failing with this bench's name."""
+    benchprocs.wait_for(what, ready, timeout, alive, fail=fail, poll=POLL)
+
+
+def stop(proc: subprocess.Popen[bytes]) -> None:
+    """SIGTERM, then SIGKILL after STOP_TIMEOUT; only processes this bench started."""
+    stop_process(proc, STOP_TIMEOUT)
+
+
 def load() -> str:
     return " ".join(f"{x:.2f}" for x in os.getloadavg())
 
@@ -165,36 +180,6 @@ def figures(latencies: list[float]) -> dict[str, float]:
     ordered = sorted(latencies)
     return {"p50": percentile(ordered, 50), "p99": percentile(ordered, 99),
             "max": ordered[-1] if ordered else float("nan")}  # fmt: skip
-
-
-def exe(proc: subprocess.Popen[bytes]) -> str:
-    args = proc.args
-    return Path(os.fsdecode(args[0] if isinstance(args, list) else str(args))).name
-
-
-def wait_for(
-    what: str, ready: Callable[[], bool], timeout: float, alive: Iterable[subprocess.Popen[bytes]]
-) -> None:
-    """Poll `ready()` until true; fail after `timeout` or when a process in `alive` exits."""
-    deadline = time.monotonic() + timeout
-    while not ready():
-        for proc in alive:
-            if proc.poll() is not None:
-                raise fail(f"{what}: {exe(proc)} exited with {proc.returncode}")
-        if time.monotonic() > deadline:
-            raise fail(f"{what}: not within {timeout:.0f} s")
-        time.sleep(POLL)
-
-
-def stop(proc: subprocess.Popen[bytes]) -> None:
-    """SIGTERM, then SIGKILL after STOP_TIMEOUT; only processes this bench started."""
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=STOP_TIMEOUT)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=STOP_TIMEOUT)
 
 
 def cpu_seconds(pid: int) -> float:

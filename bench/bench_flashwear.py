@@ -39,10 +39,13 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
+
+import benchprocs
+from benchprocs import exe, stop_process
 
 from agent import livestate
 from agent.livestate import LiveState
@@ -84,13 +87,20 @@ class Reading:
         return int(self.live.daemon.counters.get("events_committed", 0))
 
 
-def exe(proc: subprocess.Popen[bytes]) -> str:
-    args = proc.args
-    return Path(os.fsdecode(args[0] if isinstance(args, list) else str(args))).name
-
-
 def fail(message: str) -> SystemExit:
     return SystemExit(f"bench_flashwear: {message}")
+
+
+def wait_for(
+    what: str, ready: Callable[[], bool], timeout: float, alive: Iterable[subprocess.Popen[bytes]]
+) -> None:
+    """benchprocs.wait_for, failing with this bench's name."""
+    benchprocs.wait_for(what, ready, timeout, alive, fail=fail, poll=POLL)
+
+
+def stop(proc: subprocess.Popen[bytes]) -> None:
+    """SIGTERM, then SIGKILL after STOP_TIMEOUT; only processes this bench started."""
+    stop_process(proc, STOP_TIMEOUT)
 
 
 def check_prerequisites() -> None:
@@ -139,20 +149,6 @@ def device_bytes(name: str) -> int:
     """Bytes written to block device `name` since it was set up (sectors written x 512)."""
     fields = Path(f"/sys/block/{name}/stat").read_text(encoding="ascii").split()
     return int(fields[6]) * SECTOR
-
-
-def wait_for(
-    what: str, ready: Callable[[], bool], timeout: float, alive: list[subprocess.Popen[bytes]]
-) -> None:
-    """Poll `ready()` until true; fail after `timeout` or when a process in `alive` exits."""
-    deadline = time.monotonic() + timeout
-    while not ready():
-        for proc in alive:
-            if proc.poll() is not None:
-                raise fail(f"{what}: {exe(proc)} exited with {proc.returncode}")
-        if time.monotonic() > deadline:
-            raise fail(f"{what}: not within {timeout:.0f} s")
-        time.sleep(POLL)
 
 
 def fresh_snapshot(
@@ -230,17 +226,6 @@ def start_agent(
     wait_for("agent_started in the agent's log", lambda: b"agent_started" in log.read_bytes(),
              START_TIMEOUT, [agent])  # fmt: skip
     return agent
-
-
-def stop(proc: subprocess.Popen[bytes]) -> None:
-    """SIGTERM, then SIGKILL after STOP_TIMEOUT; only processes this bench started."""
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=STOP_TIMEOUT)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=STOP_TIMEOUT)
 
 
 def make_fs(tmp: Path, cleanup: contextlib.ExitStack) -> tuple[Path, str]:

@@ -21,13 +21,13 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
+from benchprocs import stop_process
 from uplink_common import (
     THIS,
     Positions,
     cpu_seconds,
     proc_status_kib,
     set_nodelay,
-    stop_process,
     write_bytes,
 )
 

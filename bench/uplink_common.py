@@ -6,7 +6,6 @@ import json
 import os
 import random
 import shutil
-import signal
 import socket
 import subprocess
 import time
@@ -15,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import msgpack
+from benchprocs import stop_process
 
 from agent.resilience import Event
 from agent.store import EventStore, StoreSection
@@ -141,18 +141,6 @@ def write_bytes(pid: int | str = "self") -> int:
 def set_nodelay(_client: Any, _userdata: Any, sock: Any) -> None:
     """paho `on_socket_open`: disable Nagle's algorithm on this client's socket."""
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-
-
-def stop_process(proc: subprocess.Popen[bytes], timeout: float = 10.0) -> int:
-    """SIGTERM, then SIGKILL after `timeout`; the exit code."""
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=timeout)
-    return int(proc.returncode)
 
 
 class Broker:

@@ -11,6 +11,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from benchprocs import stop_process
 from uplink_collector import CollectorProcess
 from uplink_common import (
     BUFFER_BYTES,
@@ -21,7 +22,6 @@ from uplink_common import (
     load_fill,
     proc_status_kib,
     ratio,
-    stop_process,
     write_bytes,
 )
 

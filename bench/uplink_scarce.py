@@ -42,8 +42,9 @@ from types import FrameType
 from typing import Any
 
 import msgpack
+from benchprocs import stop_process
 from uplink_agent import AgentLoop, StampedTransport, section_for
-from uplink_common import BUFFER_BYTES, Arrival, Broker, copy_store, stop_process
+from uplink_common import BUFFER_BYTES, Arrival, Broker, copy_store
 
 from agent.config import UplinkSection
 from agent.fleet import Batch, topic

@@ -460,13 +460,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     if args.command == "keygen":
         try:
-            keygen(Path(args.private), Path(args.public))
+            made = keygen(Path(args.private), Path(args.public))
         except OSError as exc:
             print(f"ironfleet-collector: {exc}", file=sys.stderr)
             return 2
         print(f"private key {args.private} (keep on the collector), public key {args.public} "
               "(every agent's [uplink] fleet_key_file); fingerprint "
-              f"{key_fingerprint(load_private_key(args.private))} (ironfleet doctor shows the "
+              f"{key_fingerprint(made)} (ironfleet doctor shows the "
               "agent's)")  # fmt: skip
         return 0
     if args.command in ("report", "retention", "import"):

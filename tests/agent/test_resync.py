@@ -626,18 +626,28 @@ def test_live_runs_acked_ahead_of_a_long_backlog_wait_as_one(store: EventStore) 
     assert sorted(seqs) == list(range(1, 311))  # each event sent exactly once
 
 
+def three_classes(store: EventStore, now: float | None = None) -> None:
+    """30 events each of streams p0, p1 and p3 (priorities 0, 1, 3), interleaved."""
+    store.append([In(Event(f"p{p}", q, priority=p, payload=b"\x80"))
+                  for q in range(1, 31) for p in (0, 1, 3)], now=now)  # fmt: skip
+
+
+def unacked_events_batches(transport: FakeTransport, resync: Resync) -> list[Batch]:
+    """The events batches published and not acknowledged yet, oldest first."""
+    return [b for b in _events_batches(transport) if b.batch_id in resync._sent]
+
+
 def test_the_backlog_drains_highest_priority_first(store: EventStore) -> None:
     """Interleaved streams of priorities 0, 1 and 3: every priority-3 event goes before any
     of priority 1, and those before priority 0, oldest first within each; the cursor
     reaches the top only when every class is acknowledged, each event sent once."""
-    store.append([In(Event(f"p{p}", q, priority=p, payload=b"\x80"))
-                  for q in range(1, 31) for p in (0, 1, 3)])  # fmt: skip
+    three_classes(store)
     transport = FakeTransport()
     sync, resync, _, delivered = make(store, transport, max_in_flight=2)
     step(sync, 2)
     ack_all(transport, sync, [b for b in transport.batches() if b.kind == "state"])
     for _ in range(20):
-        pending = [b for b in _events_batches(transport) if b.batch_id in resync._sent]
+        pending = unacked_events_batches(transport, resync)
         if not pending:
             break
         ack_all(transport, sync, pending[::-1])  # acks in reverse order, too
@@ -654,14 +664,13 @@ def test_a_class_drained_ahead_stays_delivered_after_a_restart(store: EventStore
     persisted with the cursor, so after a restart priority 3 is not sent again, the TTL
     never counts it lost, and the ladder prunes it as acknowledged (not shed)."""
     t0 = 1_800_000_000.0
-    store.append([In(Event(f"p{p}", q, priority=p, payload=b"\x80"))
-                  for q in range(1, 31) for p in (0, 1, 3)], now=t0)  # fmt: skip
+    three_classes(store, now=t0)
     transport = FakeTransport()
     sync, resync, _, _ = make(store, transport, max_in_flight=1)
     step(sync, 2)
     ack_all(transport, sync, [b for b in transport.batches() if b.kind == "state"])
     for _ in range(10):
-        pending = [b for b in _events_batches(transport) if b.batch_id in resync._sent]
+        pending = unacked_events_batches(transport, resync)
         if not pending or any(e.priority != 3 for e, _ in pending[0].events):
             break
         ack_all(transport, sync, pending)
