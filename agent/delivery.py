@@ -18,7 +18,14 @@ from collections.abc import Mapping, Sequence
 
 from agent.errors import CommitFailed
 from agent.resilience.cursor import CLASSES
-from agent.storedb import frontiers_text, held_sql, read_cursor, read_frontiers, set_state
+from agent.storedb import (
+    atomic,
+    frontiers_text,
+    held_sql,
+    read_cursor,
+    read_frontiers,
+    set_state,
+)
 from agent.streamcache import StreamState
 
 
@@ -30,9 +37,6 @@ class DeliveryState:
     _state: StreamState
     _cursor_value: int | None = None
     _frontiers_value: tuple[int, ...] | None = None
-
-    def _rollback(self) -> None:
-        raise NotImplementedError
 
     def checkpoint(self, stream: str) -> tuple[int, int] | None:
         """(boot_epoch, seq) the fleet has acknowledged for `stream`, or None."""
@@ -85,18 +89,17 @@ class DeliveryState:
                 if entry.checkpoint is None or pos > entry.checkpoint:
                     moves[entry.sid] = pos
                     names[entry.sid] = stream
-            self.conn.execute("BEGIN IMMEDIATE")
-            self.conn.executemany(
-                "INSERT INTO checkpoints (stream_id, boot_epoch, seq, acked_at) VALUES (?,?,?,?) "
-                "ON CONFLICT (stream_id) DO UPDATE SET boot_epoch = excluded.boot_epoch, "
-                "seq = excluded.seq, acked_at = excluded.acked_at",
-                [(sid, e, s, at) for sid, (e, s) in moves.items()],
-            )
-            set_state(self.conn, "uplink.cursor", str(cursor), at)
-            set_state(self.conn, "uplink.frontiers", frontiers_text(fronts), at)
-            self.conn.execute("COMMIT")
+            with atomic(self.conn):
+                self.conn.executemany(
+                    "INSERT INTO checkpoints (stream_id, boot_epoch, seq, acked_at) "
+                    "VALUES (?,?,?,?) ON CONFLICT (stream_id) DO UPDATE SET "
+                    "boot_epoch = excluded.boot_epoch, seq = excluded.seq, "
+                    "acked_at = excluded.acked_at",
+                    [(sid, e, s, at) for sid, (e, s) in moves.items()],
+                )
+                set_state(self.conn, "uplink.cursor", str(cursor), at)
+                set_state(self.conn, "uplink.frontiers", frontiers_text(fronts), at)
         except sqlite3.Error as exc:
-            self._rollback()
             raise CommitFailed(f"checkpoint update failed: {exc}") from exc
         for sid, pos in moves.items():
             self._state.set_checkpoint(names[sid], pos)

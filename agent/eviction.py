@@ -28,7 +28,14 @@ from agent.resilience.ladder import (
     SANE_WALL_CLOCK,
 )
 from agent.resilience.loss import LossLedger
-from agent.storedb import EXPORTS_DIR, PAGE_SIZE, WAL_RESERVE_BYTES, held_sql, set_state
+from agent.storedb import (
+    EXPORTS_DIR,
+    PAGE_SIZE,
+    WAL_RESERVE_BYTES,
+    atomic,
+    held_sql,
+    set_state,
+)
 
 log = logging.getLogger("agent.store")
 
@@ -74,9 +81,6 @@ class EvictionLadder:
         raise NotImplementedError
 
     def acked_sql(self) -> str:
-        raise NotImplementedError
-
-    def _rollback(self) -> None:
         raise NotImplementedError
 
     def used_bytes(self) -> int:
@@ -141,9 +145,8 @@ class EvictionLadder:
                 if self.used_bytes() <= target:
                     return True
                 try:
-                    step(keep, target, at)
+                    step(keep, target, at)  # each transaction of a step is atomic()
                 except sqlite3.Error as exc:
-                    self._rollback()
                     log.error("evict_failed step=%s error=%r", name, str(exc))
                     return False
             return self.used_bytes() <= target
@@ -180,11 +183,7 @@ class EvictionLadder:
                     f"SELECT 1 FROM events WHERE {where} LIMIT 1", (lo, hi, cutoff)
                 ).fetchone()
                 if hit:
-                    try:
-                        shed += self._shed(where, (lo, hi, cutoff), EXPIRED, now, quiet=True)
-                    except sqlite3.Error:
-                        self._rollback()
-                        raise
+                    shed += self._shed(where, (lo, hi, cutoff), EXPIRED, now, quiet=True)
         if shed:
             log.warning("expire step=ttl shed=%d", shed)
         return shed
@@ -220,13 +219,13 @@ class EvictionLadder:
         if self._exports_pending():
             acked, top = held_sql(self._cursor(), ()), self._cursor() - 1
         for lo, hi in self._windows(below=top + 1):
-            self.conn.execute("BEGIN IMMEDIATE")
-            self._remember_max_id(at)
-            cur = self.conn.execute(
-                f"DELETE FROM events WHERE id >= ? AND id < ? AND {acked} AND id NOT IN ({keep})",
-                (lo, hi),
-            )
-            self.conn.execute("COMMIT")
+            with atomic(self.conn):
+                self._remember_max_id(at)
+                cur = self.conn.execute(
+                    f"DELETE FROM events WHERE id >= ? AND id < ? AND {acked} "
+                    f"AND id NOT IN ({keep})",
+                    (lo, hi),
+                )
             self._rows -= cur.rowcount
             deleted += cur.rowcount
         self.counters["pruned_acked"] += deleted
@@ -244,17 +243,17 @@ class EvictionLadder:
     ) -> int:
         """Record then delete the unacknowledged events matching `where`, one transaction."""
         unacked = f"id >= {int(self._cursor())} AND NOT {self.acked_sql()}"
-        self.conn.execute("BEGIN IMMEDIATE")
-        self._remember_max_id(at)
-        self.conn.execute(
-            f"""INSERT INTO shed (at, reason, stream_id, boot_epoch, first_seq, last_seq, count,
-                                  first_rowid, last_rowid)
-                SELECT ?, ?, stream_id, boot_epoch, min(seq), max(seq), count(*), min(id), max(id)
-                FROM events WHERE {where} AND {unacked} GROUP BY stream_id, boot_epoch""",
-            (at, reason, *params),
-        )
-        cur = self.conn.execute(f"DELETE FROM events WHERE {where} AND {unacked}", params)
-        self.conn.execute("COMMIT")
+        with atomic(self.conn):
+            self._remember_max_id(at)
+            self.conn.execute(
+                f"""INSERT INTO shed (at, reason, stream_id, boot_epoch, first_seq, last_seq,
+                                      count, first_rowid, last_rowid)
+                    SELECT ?, ?, stream_id, boot_epoch, min(seq), max(seq), count(*), min(id),
+                           max(id)
+                    FROM events WHERE {where} AND {unacked} GROUP BY stream_id, boot_epoch""",
+                (at, reason, *params),
+            )
+            cur = self.conn.execute(f"DELETE FROM events WHERE {where} AND {unacked}", params)
         self._rows -= cur.rowcount
         self.counters[f"shed_{reason}"] = self.counters.get(f"shed_{reason}", 0) + cur.rowcount
         self.loss.on_shed(reason, cur.rowcount)

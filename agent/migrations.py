@@ -14,6 +14,8 @@ from collections.abc import Callable
 
 import sqlite_utils
 
+from agent.storedb import atomic
+
 
 def _m001_initial(db: sqlite_utils.Database) -> None:
     db["streams"].create(  # type: ignore[union-attr]
@@ -160,15 +162,10 @@ def migrate(conn: sqlite3.Connection) -> list[str]:
     for name, step in MIGRATIONS:
         if name in done:
             continue
-        conn.execute("BEGIN IMMEDIATE")
-        try:
+        with atomic(conn):
             step(db)
             conn.execute(
                 "INSERT INTO _migrations (name, applied_at) VALUES (?, ?)", (name, time.time())
             )
-            conn.execute("COMMIT")
-        except BaseException:
-            conn.execute("ROLLBACK")
-            raise
         applied.append(name)
     return applied

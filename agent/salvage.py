@@ -37,6 +37,7 @@ from typing import Final
 from agent.livestate import read_row
 from agent.pagefile import PageFile, Value
 from agent.resilience.loss import SALVAGE_LOST
+from agent.storedb import atomic, set_state
 
 log = logging.getLogger(__name__)
 
@@ -122,8 +123,6 @@ def salvage(
         walk.run()
     except Exception:  # a salvage bug must not crash-loop the daemon
         log.exception("salvage_failed source=%s (keeping the rows copied so far)", source)
-        if dest.in_transaction:
-            dest.execute("ROLLBACK")
     finally:
         walk.pages.close()
     report = walk.finish(clock() - began)
@@ -312,26 +311,24 @@ class _Walk:
             return
         before = self.dest.total_changes
         try:
-            self.dest.execute("BEGIN IMMEDIATE")
-            try:
-                self.dest.executemany(table.insert, rows)
-            except sqlite3.IntegrityError:
-                for row in rows:  # one row breaking a constraint costs only itself
-                    with contextlib.suppress(sqlite3.IntegrityError):
-                        self.dest.execute(table.insert, row)
-            self.dest.execute("COMMIT")
+            with atomic(self.dest):
+                try:
+                    self.dest.executemany(table.insert, rows)
+                except sqlite3.IntegrityError:
+                    for row in rows:  # one row breaking a constraint costs only itself
+                        with contextlib.suppress(sqlite3.IntegrityError):
+                            self.dest.execute(table.insert, row)
         except sqlite3.Error as exc:
-            if self.dest.in_transaction:
-                self.dest.execute("ROLLBACK")
             log.error("salvage_write_failed table=%s rows=%d error=%r", table.name, len(rows), exc)
             return
         self.rows[table.name] += self.dest.total_changes - before
 
     def finish(self, seconds: float) -> SalvageReport:
         """Rebuild what is derived, keep rowids unique, record the report in `dest`."""
-        conn = self.dest
-        at = time.time()
-        conn.execute("BEGIN IMMEDIATE")
+        with atomic(self.dest) as conn:
+            return self._record(conn, time.time(), seconds)
+
+    def _record(self, conn: sqlite3.Connection, at: float, seconds: float) -> SalvageReport:
         # Events whose stream row was lost still need a stream, or nobody can read them.
         conn.execute(
             """INSERT OR IGNORE INTO streams (id, name, controller, priority, first_seen,
@@ -392,13 +389,7 @@ class _Walk:
             ("alarm.store_salvage", report.summary()),
             ("store.salvage", report.to_json()),
         ):
-            conn.execute(
-                "INSERT INTO agent_state (key, value, updated_at) VALUES (?, ?, ?) "
-                "ON CONFLICT (key) DO UPDATE SET value = excluded.value, "
-                "updated_at = excluded.updated_at",
-                (key, value, at),
-            )
-        conn.execute("COMMIT")
+            set_state(conn, key, value, at)
         return report
 
     def _lost_ranges(self, conn: sqlite3.Connection, max_id: int) -> list[tuple[int, int]]:

@@ -57,6 +57,7 @@ from agent.storedb import (
     PAGE_SIZE,
     SYNCHRONOUS_MODES,
     WAL_RESERVE_BYTES,
+    atomic,
     check_integrity,
     connect,
     damaged,
@@ -276,8 +277,7 @@ class EventStore(DeliveryState, EvictionLadder):
             except BaseException:
                 self._state.forget(batch)  # their cached state was planned, not committed
                 raise
-        except sqlite3.Error as exc:
-            self._rollback()
+        except sqlite3.Error as exc:  # _write's transaction is rolled back (atomic)
             self.counters["commit_failures"] += 1
             if isinstance(exc, sqlite3.OperationalError) and "full" in str(exc).lower():
                 raise StoreFull(f"database or disk is full: {exc}") from exc
@@ -296,74 +296,73 @@ class EventStore(DeliveryState, EvictionLadder):
 
     def _write(self, b: Batch) -> None:
         conn = self.conn
-        conn.execute("BEGIN IMMEDIATE")
-        if b.new_streams:
-            conn.executemany(
-                "INSERT INTO streams (id, name, controller, priority, first_seen, last_seen) "
-                "VALUES (?, ?, ?, ?, ?, ?)",
-                [(*s, s[4]) for s in b.new_streams],
-            )
-        if b.new_epochs:
-            conn.executemany(
-                "INSERT INTO controller_epochs (controller, boot_epoch, epoch, first_seen) "
-                "VALUES (?, ?, ?, ?)",
-                [(c, e, stored, b.received_at) for (c, e), stored in b.new_epochs.items()],
-            )
-        for controller, announced, top, stored in b.rollbacks:
-            set_state(
-                conn,
-                ROLLBACK_ALARM,
-                f"controller={controller} announced={announced} highest={top} stored={stored}",
-                b.received_at,
-            )
-        if b.rows:
-            conn.executemany(
-                "INSERT INTO events (id, stream_id, boot_epoch, seq, ts, ts_quality, kind, "
-                "priority, payload, received_at) VALUES (?,?,?,?,?,?,?,?,?,?)",
-                b.rows,
-            )
-            conn.executemany(
-                "INSERT INTO stream_epochs (stream_id, boot_epoch, low_seq, high_seq, "
-                "latest_rowid, events) VALUES (?, ?, ?, ?, ?, ?) "
-                "ON CONFLICT (stream_id, boot_epoch) DO UPDATE SET low_seq = excluded.low_seq, "
-                "high_seq = excluded.high_seq, latest_rowid = excluded.latest_rowid, "
-                "events = excluded.events",
-                [
-                    (k[0], k[1], s.low_seq, s.high_seq, s.latest_rowid, s.events)
-                    for k, s in b.staged.items()
-                ],
-            )
-        if b.gap_inserts:
-            conn.executemany(
-                "INSERT INTO gaps (id, stream_id, boot_epoch, first_seq, last_seq, missing, "
-                "pieces, detected_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                b.gap_inserts,
-            )
-        if b.gap_dropped:
-            # No longer tracked (MAX_GAP_PIECES): closed, with `missing` left as it was.
-            conn.executemany(
-                "UPDATE gaps SET closed_at = ? WHERE id = ?",
-                [(b.received_at, gid) for gid in b.gap_dropped],
-            )
-        dropped = set(b.gap_dropped)
-        if b.gap_updates:
-            conn.executemany(
-                "UPDATE gaps SET missing = ?, pieces = ?, closed_at = ? WHERE id = ?",
-                [
-                    (
-                        g.missing,
-                        json.dumps(g.pieces),
-                        b.received_at if not g.pieces else None,
-                        g.gap_id,
-                    )
-                    for g in b.gap_updates.values()
-                    if g.gap_id not in dropped  # a dropped gap stays closed
-                ],
-            )
-        if len(self._last_seen) >= self.config.max_cached_streams:
-            self._write_last_seen(self._last_seen)  # bounded: flushed here, not kept
-            b.flush_last_seen = True
-        conn.execute("COMMIT")
+        with atomic(conn):
+            if b.new_streams:
+                conn.executemany(
+                    "INSERT INTO streams (id, name, controller, priority, first_seen, last_seen) "
+                    "VALUES (?, ?, ?, ?, ?, ?)",
+                    [(*s, s[4]) for s in b.new_streams],
+                )
+            if b.new_epochs:
+                conn.executemany(
+                    "INSERT INTO controller_epochs (controller, boot_epoch, epoch, first_seen) "
+                    "VALUES (?, ?, ?, ?)",
+                    [(c, e, stored, b.received_at) for (c, e), stored in b.new_epochs.items()],
+                )
+            for controller, announced, top, stored in b.rollbacks:
+                set_state(
+                    conn,
+                    ROLLBACK_ALARM,
+                    f"controller={controller} announced={announced} highest={top} stored={stored}",
+                    b.received_at,
+                )
+            if b.rows:
+                conn.executemany(
+                    "INSERT INTO events (id, stream_id, boot_epoch, seq, ts, ts_quality, kind, "
+                    "priority, payload, received_at) VALUES (?,?,?,?,?,?,?,?,?,?)",
+                    b.rows,
+                )
+                conn.executemany(
+                    "INSERT INTO stream_epochs (stream_id, boot_epoch, low_seq, high_seq, "
+                    "latest_rowid, events) VALUES (?, ?, ?, ?, ?, ?) "
+                    "ON CONFLICT (stream_id, boot_epoch) DO UPDATE SET low_seq = excluded.low_seq, "
+                    "high_seq = excluded.high_seq, latest_rowid = excluded.latest_rowid, "
+                    "events = excluded.events",
+                    [
+                        (k[0], k[1], s.low_seq, s.high_seq, s.latest_rowid, s.events)
+                        for k, s in b.staged.items()
+                    ],
+                )
+            if b.gap_inserts:
+                conn.executemany(
+                    "INSERT INTO gaps (id, stream_id, boot_epoch, first_seq, last_seq, missing, "
+                    "pieces, detected_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                    b.gap_inserts,
+                )
+            if b.gap_dropped:
+                # No longer tracked (MAX_GAP_PIECES): closed, with `missing` left as it was.
+                conn.executemany(
+                    "UPDATE gaps SET closed_at = ? WHERE id = ?",
+                    [(b.received_at, gid) for gid in b.gap_dropped],
+                )
+            dropped = set(b.gap_dropped)
+            if b.gap_updates:
+                conn.executemany(
+                    "UPDATE gaps SET missing = ?, pieces = ?, closed_at = ? WHERE id = ?",
+                    [
+                        (
+                            g.missing,
+                            json.dumps(g.pieces),
+                            b.received_at if not g.pieces else None,
+                            g.gap_id,
+                        )
+                        for g in b.gap_updates.values()
+                        if g.gap_id not in dropped  # a dropped gap stays closed
+                    ],
+                )
+            if len(self._last_seen) >= self.config.max_cached_streams:
+                self._write_last_seen(self._last_seen)  # bounded: flushed here, not kept
+                b.flush_last_seen = True
 
     def _apply(self, b: Batch) -> None:
         self._state.apply(b)
@@ -414,12 +413,6 @@ class EventStore(DeliveryState, EvictionLadder):
             "UPDATE streams SET last_seen = ? WHERE id = ?", [(t, sid) for sid, t in seen.items()]
         )
 
-    def _rollback(self) -> None:
-        # SQLite may already have rolled back by itself (disk full, I/O error): check.
-        if self.conn.in_transaction:
-            with contextlib.suppress(sqlite3.Error):
-                self.conn.execute("ROLLBACK")
-
     # -- reading ---------------------------------------------------------------------------
 
     def latest(self) -> list[Event]:
@@ -468,12 +461,10 @@ class EventStore(DeliveryState, EvictionLadder):
         at = time.time() if now is None else now
         seen, self._last_seen = self._last_seen, {}
         try:
-            self.conn.execute("BEGIN IMMEDIATE")
-            write_row(self.conn, live, at)
-            self._write_last_seen(seen)
-            self.conn.execute("COMMIT")
+            with atomic(self.conn):
+                write_row(self.conn, live, at)
+                self._write_last_seen(seen)
         except sqlite3.Error as exc:
-            self._rollback()
             self._last_seen = {**seen, **self._last_seen}
             raise CommitFailed(f"state update failed: {exc}") from exc
 

@@ -8,9 +8,11 @@ need no writer state, `read_cursor` and `read_latest` (point reads, paginated on
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sqlite3
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Final
 
@@ -194,6 +196,29 @@ def check_integrity(conn: sqlite3.Connection, *, full: bool = False) -> list[str
     pragma = "integrity_check" if full else "quick_check"
     rows = [r[0] for r in conn.execute(f"PRAGMA {pragma}(20)")]
     return [] if rows == ["ok"] else rows
+
+
+@contextlib.contextmanager
+def atomic(conn: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
+    """One write transaction: `BEGIN IMMEDIATE`, `COMMIT` when the block ends, `ROLLBACK`
+    on any exception (re-raised), whatever statement or Python code failed.
+
+    IMMEDIATE takes the write lock at the start, so a reader's snapshot can never turn a
+    write into SQLITE_BUSY halfway through. The rollback is skipped when SQLite already
+    rolled back by itself (a full disk or an I/O error end the transaction); a failed
+    COMMIT is rolled back too, so the connection is never left inside a transaction that
+    the next writer would join by mistake. Every write path of the store goes through
+    here: one definition of "all or nothing" instead of one per call site.
+    """
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        yield conn
+        conn.execute("COMMIT")
+    except BaseException:
+        if conn.in_transaction:
+            with contextlib.suppress(sqlite3.Error):
+                conn.execute("ROLLBACK")
+        raise
 
 
 def set_state(conn: sqlite3.Connection, key: str, value: str, now: float | None = None) -> None:

@@ -40,6 +40,7 @@ from agent.fleet import (
 from agent.fleet_auth import FleetSigner, key_fingerprint, keygen, load_private_key
 from agent.fsprobe import JournalProbe
 from agent.resilience.ratelimit import LogThrottle
+from agent.storedb import atomic
 from agent.version import agent_version
 from fleet.subscriber import FleetSubscriber
 
@@ -87,8 +88,7 @@ class CollectorStore:
         stored = 0
         with self.lock:
             c = self.conn
-            c.execute("BEGIN IMMEDIATE")
-            try:
+            with atomic(c):
                 for event, tq in batch.events:
                     cur = c.execute(
                         "INSERT OR IGNORE INTO events VALUES (?,?,?,?,?,?,?,?,?,?,?)",
@@ -111,11 +111,6 @@ class CollectorStore:
                        WHERE vehicle = ?""",
                     (batch.kind, batch.kind, stored, dups, at, batch.kind, at, batch.vehicle),
                 )
-                c.execute("COMMIT")
-            except BaseException:
-                if c.in_transaction:
-                    c.execute("ROLLBACK")
-                raise
             if self._probe is not None:
                 self._probe.check()  # OSError: committed, but maybe not kept; no ack
         return stored, len(batch.events) - stored
