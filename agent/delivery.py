@@ -81,11 +81,12 @@ class DeliveryState:
         moves: dict[int, tuple[int, int]] = {}
         names: dict[int, str] = {}
         try:
+            entries = self._state.entries(positions)  # may read the database: in the try
             for stream, position in positions.items():
-                entry = self._state.entry(stream)  # may read the database: inside the try
-                pos = (int(position[0]), int(position[1]))
+                entry = entries.get(stream)
                 if entry is None:
                     continue
+                pos = (int(position[0]), int(position[1]))
                 if entry.checkpoint is None or pos > entry.checkpoint:
                     moves[entry.sid] = pos
                     names[entry.sid] = stream

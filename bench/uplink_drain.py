@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import cProfile
 import io
+import os
 import pstats
 import sqlite3
 import time
@@ -101,13 +102,21 @@ def drain_fleet(
 
 
 def drain_broker_ack(
-    args: argparse.Namespace, broker: Broker, *, src: Path, n: int, batch: int, work: Path
+    args: argparse.Namespace,
+    broker: Broker,
+    *,
+    src: Path,
+    n: int,
+    batch: int,
+    work: Path,
+    codec: str = "zlib",
 ) -> Drain:
-    """Diagnostic: the same loop with ack_mode=broker (PUBACK is the ack); no collector."""
+    """Diagnostic: the same loop with ack_mode=broker (PUBACK is the ack); no collector.
+    `codec` raw encodes as the raw loop does (msgpack, no compression)."""
     vehicle = f"puback-{work.name}"
     db = copy_store(src, work / "agent.db")
-    agent = AgentLoop(db, vehicle, section_for(broker.port, batch, ack_mode="broker"),
-                      nodelay=broker.nodelay)  # fmt: skip
+    section = section_for(broker.port, batch, ack_mode="broker", codec=codec)
+    agent = AgentLoop(db, vehicle, section, nodelay=broker.nodelay)
     c_agent, c_broker, w_agent = time.process_time(), broker.cpu, write_bytes()
     t0 = time.monotonic()
     agent.run_until(lambda: agent.drained, args.timeout)
@@ -117,8 +126,9 @@ def drain_broker_ack(
     sent = agent.resync.counters.batches_sent + agent.resync.counters.state_batches_sent
     checkpoints = agent.checkpoints
     agent.close()
-    return Drain(f"PUBACK ack, {batch}/publish", batch, n, seconds, sent, 0, cpu_agent, 0.0,
-                 cpu_broker, checkpoints, w_agent)  # fmt: skip
+    label = f"PUBACK ack, {batch}/publish" + (f", codec {codec}" if codec != "zlib" else "")
+    return Drain(label, batch, n, seconds, sent, 0, cpu_agent, 0.0, cpu_broker, checkpoints,
+                 w_agent)  # fmt: skip
 
 
 def drain_raw(
@@ -246,8 +256,10 @@ def section_throughput(
     ram = drain_fleet(args, broker, src=big, expect=expect_big, n=args.events,
                       batch=batches[0], work=tmp / "m", collector_in_ram=True)  # fmt: skip
     puback = drain_broker_ack(args, broker, src=big, n=args.events, batch=100, work=tmp / "p100")
+    plain = drain_broker_ack(args, broker, src=big, n=args.events, batch=100,
+                             work=tmp / "p100raw", codec="raw")  # fmt: skip
     raw = drain_raw(args, broker, src=big, n=args.events, batch=100, work=tmp / "r100")
-    diag += [ram, puback, raw]
+    diag += [ram, puback, plain, raw]
     print("diagnostics: NODELAY = mosquitto set_tcp_nodelay true + TCP_NODELAY on the agent's "
           "and the collector's paho sockets; coll. in RAM = the collector's database on "
           "tmpfs; PUBACK = ack_mode=broker, no collector; raw loop = sqlite3 -> msgpack -> "
@@ -255,7 +267,10 @@ def section_throughput(
     print_drains(diag, one)
     first = runs[0]
     fleet100 = next((r for r in runs if r.batch == 100), first)
-    print(f"ratios: agent PUBACK / raw loop {ratio(puback.rate, raw.rate)}; fleet ack / PUBACK "
+    print(f"load average {os.getloadavg()[0]:.2f}")
+    print(f"ratios: agent PUBACK / raw loop {ratio(puback.rate, raw.rate)} (zlib), "
+          f"{ratio(plain.rate, raw.rate)} (codec raw: msgpack only, as the raw loop); "
+          f"fleet ack / PUBACK "
           f"{ratio(fleet100.rate, puback.rate)} (both 100/publish); collector in RAM / on disk "
           f"{ratio(ram.rate, first.rate)} ({first.batch}/publish)")  # fmt: skip
     if fast is not None:

@@ -70,6 +70,11 @@ class DeliveryCursor:
         """
         if run.last <= self.delivered:
             return None
+        if not self._pending and run.first <= self.delivered + 1:
+            # In order with nothing waiting (a drain's steady state): the run joins the
+            # cursor alone, and its positions are the ones passed.
+            self.delivered = run.last
+            return run.last, dict(run.positions)
         # Runs that touch or overlap join into one: a long drain whose live batches are
         # acked ahead of the backlog keeps one waiting run, not one per batch (at 5 live
         # batches a second the cap dropped runs after 14 minutes, and their rows were
@@ -173,10 +178,14 @@ class ClassedCursor:
         before = self.delivered
         for c in self.cursors if cls is None else (self.cursors[cls],):
             moved = c.ack(run)
-            if moved is not None:
-                for stream, pos in moved[1].items():
-                    if pos > self._positions.get(stream, (-1, -1)):
-                        self._positions[stream] = pos
+            if moved is None:
+                continue
+            if not self._positions:
+                self._positions = moved[1]  # a fresh dict: nothing to merge with
+                continue
+            for stream, pos in moved[1].items():
+                if pos > self._positions.get(stream, (-1, -1)):
+                    self._positions[stream] = pos
         after = self.delivered
         if after <= before:
             return None

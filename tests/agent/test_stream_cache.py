@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 
 from agent.resilience import Event
 from agent.store import ROLLBACK_ALARM, EventStore, StoreSection, read_latest
-from agent.streamcache import MAX_CACHED_EPOCHS_PER_STREAM
+from agent.streamcache import LOAD_CHUNK, MAX_CACHED_EPOCHS_PER_STREAM, load_stream
 
 BIG = StoreSection(max_cached_streams=1_000_000)
 TINY = StoreSection(max_cached_streams=2)
@@ -213,4 +213,32 @@ def test_cache_caps_at_max_and_max_plus_one(tmp_path: Path) -> None:
     assert 1 not in entry.epochs  # the oldest went; it is read back when needed
     r = store.append([ev("s1", 1, epoch=1)])
     assert (r.stored, r.duplicates) == (0, 1)
+    store.close()
+
+
+def test_entries_read_in_bulk_equal_point_reads_and_stay_bounded(tmp_path: Path) -> None:
+    # mark_delivered asks for every stream a fleet ack passed at once (StreamState.entries):
+    # more names than one read takes, unknown names among them, on a cold cache.
+    names = [f"ecu0/s{k}" for k in range(LOAD_CHUNK * 2 + 7)]
+    store = EventStore(tmp_path / "a.db", BIG)
+    store.append([ev(n, 1) for n in names] + [ev(names[3], 2)])
+    store.mark_delivered(store.stats()["top_rowid"], {names[3]: (1, 2), names[5]: (1, 1)})
+    store.close()
+    cap = StoreSection(max_cached_streams=LOAD_CHUNK)
+    store = EventStore(tmp_path / "a.db", cap)
+    asked = [*names, "never-seen", names[0]]
+    got = store._state.entries(asked)
+    assert set(got) == set(names)  # the unknown name is left out, a repeated one kept once
+    for name in names:
+        point = load_stream(store.conn, name)
+        assert point is not None
+        assert (got[name].sid, got[name].known, got[name].checkpoint) == (
+            point.sid, point.known, point.checkpoint,
+        )  # fmt: skip
+    assert got[names[3]].checkpoint == (1, 2)
+    assert got[names[5]].checkpoint == (1, 1)
+    assert len(store._state.streams) == LOAD_CHUNK  # cached, within the cap
+    # What was cached is committed truth: appending after it decides as a fresh store does.
+    r = store.append([ev(names[-1], 1), ev(names[-1], 3)])
+    assert (r.stored, r.duplicates, r.gaps_opened) == (1, 1, 1)
     store.close()
