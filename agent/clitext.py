@@ -25,6 +25,7 @@ from agent.render import (
     controller_time,
     human_bytes,
     n,
+    number,
     pairs,
     shell_arg,
     signals_text,
@@ -115,6 +116,7 @@ def status_text(s: Row) -> str:
                       f"(events below id {n(fleet['cursor'])} acknowledged)"
                       if fleet["last_ack_at"] else "never: the fleet has acknowledged nothing"),
         ("uplink", uplink),
+        *([("budget", budget_text(s["budget"]))] if s.get("budget") else []),
         ("gaps", f"{n(gaps['open'])} open ({n(gaps['missing'])} events missing), "
                  f"{n(gaps['total'])} detected in all"),
         ("shed", f"{n(shed['events'])} events in {n(shed['records'])} records"
@@ -126,6 +128,27 @@ def status_text(s: Row) -> str:
     if s["flash"]["write_bytes_per_s"] is not None:
         items.append(("flash", flash_text(s["flash"])))
     return pairs(items)
+
+
+def budget_text(b: Row) -> str:
+    """The byte budget and the backlog's drain under it (views.budget_view)."""
+    parts = []
+    if b["bytes_per_second"]:
+        parts.append(f"{human_bytes(b['bytes_per_second'])}/s")
+    if b["bytes_per_contact"]:
+        window = f"{human_bytes(b['contact_bytes'])} of {human_bytes(b['bytes_per_contact'])}"
+        if b["contact_window_left_s"]:
+            window += f" spent, window ends in {span(b['contact_window_left_s'])}"
+        else:
+            window += " spent, no window open"
+        parts.append(window)
+    per_event = f"{number(b['bytes_per_event'])} B an event, {b['bytes_per_event_basis']}"
+    backlog = f"backlog about {human_bytes(b['backlog_bytes'])} ({per_event})"
+    if b["drain_s"] is not None:
+        backlog += f": {span(b['drain_s'])} at the budget"
+    if b["contact_windows_needed"]:
+        backlog += f", {n(b['contact_windows_needed'])} more contact windows"
+    return "; ".join([*parts, backlog])
 
 
 def streams_text(rows: list[Row]) -> str:

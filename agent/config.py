@@ -213,6 +213,11 @@ class UplinkSection:
     # Bytes per second the uplink may publish, averaged (0: no limit): a slow or per-byte
     # billed radio. Live batches go first; the backlog takes what is left.
     max_bytes_per_second: int = 0
+    # Bytes one contact window may carry (0: no quota): a window opens at the first send
+    # after the previous one ended and lasts contact_seconds, reconnects inside it
+    # included. For links billed per pass or per session (docs/operations.md, section 4).
+    max_bytes_per_contact: int = 0
+    contact_seconds: float = 3600.0
     ack_timeout: float = 15.0
     breaker_failure_threshold: int = 5
     breaker_recovery_timeout: float = 10.0
@@ -250,6 +255,14 @@ class UplinkSection:
             "max_bytes_per_second": (
                 self.max_bytes_per_second == 0 or 100 <= self.max_bytes_per_second <= 10**9,
                 "must be 0 (no limit) or within [100, 1000000000]",
+            ),
+            "max_bytes_per_contact": (
+                self.max_bytes_per_contact == 0 or 4096 <= self.max_bytes_per_contact <= 10**12,
+                "must be 0 (no quota) or within [4096, 1000000000000]",
+            ),
+            "contact_seconds": (
+                1 <= self.contact_seconds <= 7 * 86400,
+                "must be within [1, 604800] seconds",
             ),
             "ack_timeout": (0.1 <= self.ack_timeout <= 3600, "must be in [0.1, 3600] seconds"),
             "breaker_failure_threshold": (

@@ -137,6 +137,20 @@ class AgentCollector(Collector):
             "Backlog divided by the recent delivery rate (+Inf while nothing is delivered).",
             0.0 if lag == 0 else (lag / self._rate if self._rate > 0 else math.inf),
         )
+        yield gauge(
+            "ironfleet_uplink_contact_bytes",
+            "Bytes published in the current contact window ([uplink] max_bytes_per_contact; "
+            "0 without a quota or an open window).",
+            uplink.get("contact_bytes", 0),
+        )
+        rate, sent = uplink.get("budget_bytes_per_second", 0), uplink.get("events_sent", 0)
+        if rate and sent >= 1000:  # bytes an event takes, as the uplink counted them
+            yield gauge(
+                "ironfleet_estimated_drain_seconds_at_budget",
+                "Backlog bytes (events not acknowledged x bytes an event took on the wire) "
+                "divided by [uplink] max_bytes_per_second.",
+                lag * uplink.get("bytes_sent", 0) / sent / rate,
+            )
 
     def _transport(
         self,

@@ -20,6 +20,7 @@ reordered ack can never mark an unsent event as delivered.
 from __future__ import annotations
 
 import logging
+import math
 import random
 import sqlite3
 from collections import OrderedDict
@@ -30,7 +31,7 @@ from enum import StrEnum
 from agent.config import UplinkSection
 from agent.fleet import Batch, WireRow, batch_digest, encode_rows, topic
 from agent.resilience import Event
-from agent.resilience.budget import ByteBudget
+from agent.resilience.budget import QUOTA_MIN_BATCH, ByteBudget
 from agent.resilience.cursor import CLASSES, AckedRun, ClassedCursor, class_of
 from agent.store import read_cursor, read_frontiers, read_latest
 
@@ -141,7 +142,11 @@ class Resync:
         self._live_after = self._cursor.delivered
         self._connect_high = 0
         self._empty: set[int] = set()  # priority classes with no backlog at the connect
-        self.budget = ByteBudget(config.max_bytes_per_second)
+        self.budget = ByteBudget(
+            config.max_bytes_per_second,
+            per_contact=config.max_bytes_per_contact,
+            contact_seconds=config.contact_seconds,
+        )
         # An MQTT PUBLISH's header around the payload: fixed header (up to 5 bytes), the
         # topic with its length (2 + len), the packet id (2).
         self._publish_overhead = 9 + len(topic(vehicle, "events").encode())
@@ -291,6 +296,17 @@ class Resync:
         self.phase = Phase.BACKLOG if self._backlog_open() else Phase.LIVE
         return out
 
+    def budget_counters(self, now: float) -> dict[str, float]:
+        """The byte budget for status and metrics (read-only: safe from another thread)."""
+        b = self.budget
+        left = b.window_left(now)
+        return {
+            "budget_bytes_per_second": b.rate,
+            "budget_bytes_per_contact": b.per_contact,
+            "contact_bytes": b.contact_spent if left > 0 else 0,
+            "contact_window_left_s": round(left, 1),
+        }
+
     def _spend(self, payload: bytes) -> None:
         """Count a message against the byte budget: its payload and its MQTT PUBLISH
         header (fixed header, topic, packet id); TCP/IP headers are not counted."""
@@ -357,6 +373,9 @@ class Resync:
         limit = STATE_BATCH_EVENTS
         if not self.budget.unlimited:
             limit = max(16, min(STATE_BATCH_EVENTS, int(self.budget.rate) // 64))
+        room = self.budget.room(now)
+        if room < math.inf:  # what the contact window has left, at ~64 B an event
+            limit = max(16, min(limit, int(room) // 64))
         while (
             self._state_after is not None
             and len(self._state_pending) < self.config.max_in_flight
@@ -477,6 +496,9 @@ class Resync:
         cap = c.batch_max_bytes
         if c.max_bytes_per_second:
             cap = min(cap, max(1024, c.max_bytes_per_second))
+        room = self.budget.room(now)
+        if room < math.inf:  # the contact window's quota is overrun by one small batch at most
+            cap = min(cap, max(QUOTA_MIN_BATCH, int(room)))
         for row in rows:
             rowid, name, epoch, seq, _ts, _tq, kind, _priority, payload = row
             size += len(payload) + len(name) + len(kind) + 40

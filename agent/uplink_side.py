@@ -66,6 +66,7 @@ class UplinkSide:
             in_flight=self.resync.in_flight,
             next_attempt_in=round(self.sync.next_attempt_in(time.monotonic()), 1),
             counters=vars(self.resync.counters)
+            | self.resync.budget_counters(time.monotonic())
             | {f"receipts_{k}": v for k, v in self.receipts.counters.items()},
             rejected=dict(self.sync.inbox.rejected),
         )

@@ -27,6 +27,7 @@ from agent.pages import decode_signals
 from agent.readsafe import exact_sum, exact_sum_sql, fetch_bounded
 from agent.render import CLOCK_BACK_TOLERANCE
 from agent.render import age_of as _age
+from agent.resilience.budget import drain_estimate
 from agent.store import read_cursor
 from agent.storedb import held_sql, read_frontiers
 
@@ -128,6 +129,44 @@ def fleet_view(live: LiveState, conn: sqlite3.Connection, now: float) -> Row:
     }
 
 
+def budget_view(live: LiveState, conn: sqlite3.Connection, unacked: int) -> Row | None:
+    """The byte budget and what it means for the backlog, or None without one.
+
+    Bytes an event takes on the wire: as the uplink counted them (compressed, MQTT header
+    included) once it sent 1,000 events, else the newest stored rows' payload plus 45
+    bytes (uncompressed: an upper bound)."""
+    c = live.uplink.counters
+    rate, quota = (
+        float(c.get("budget_bytes_per_second", 0)),
+        int(c.get("budget_bytes_per_contact", 0)),
+    )
+    if not rate and not quota:
+        return None
+    sent, events = int(c.get("bytes_sent", 0)), int(c.get("events_sent", 0))
+    if events >= 1000:
+        per_event, basis = sent / events, "as sent"
+    else:
+        row = conn.execute(
+            "SELECT avg(length(payload)) FROM (SELECT payload FROM events ORDER BY id DESC "
+            "LIMIT 1000)"
+        ).fetchone()
+        per_event, basis = float(row[0] or 0) + 45.0, "uncompressed"
+    spent = int(c.get("contact_bytes", 0))
+    backlog = unacked * per_event
+    seconds, windows = drain_estimate(backlog, rate, quota, quota - spent if quota else 0.0)
+    return {
+        "bytes_per_second": rate,
+        "bytes_per_contact": quota,
+        "contact_bytes": spent,
+        "contact_window_left_s": float(c.get("contact_window_left_s", 0.0)),
+        "bytes_per_event": round(per_event, 1),
+        "bytes_per_event_basis": basis,
+        "backlog_bytes": round(backlog),
+        "drain_s": None if seconds is None else round(seconds, 1),
+        "contact_windows_needed": windows,
+    }
+
+
 def link_view(live: LiveState) -> Row:
     """The serial side as last published (the first controller's link)."""
     return _link_row(live.link)
@@ -209,6 +248,7 @@ def read_status(conn: sqlite3.Connection, path: Path, now: float) -> Row:
             "oldest_unacked_age_s": _age(oldest_at, now),
         },
         "fleet": fleet_view(live, conn, now),
+        "budget": budget_view(live, conn, unacked),
         "gaps": {"open": gaps_open, "missing": missing, "total": gaps_total},
         "shed": {"records": shed_records, "events": shed_events},
         "flash": flash_view(live),

@@ -6,6 +6,13 @@ second's worth still goes out (the link is then quiet until the debt is repaid) 
 long-run rate never exceeds the budget by more than one batch. A plain bucket that
 refuses a cost above its content would stall for ever on such a batch.
 
+A contact window's quota (`[uplink] max_bytes_per_contact`, `contact_seconds`) caps what
+one window of link time may carry, for links billed per pass or per session: a window
+opens with the first message after the previous one ended and lasts `contact_seconds`
+whatever the connection does inside it (a flapping link does not refill it). Batches are
+cut to the room left (`room`), so a window's total exceeds the quota by at most the
+smallest batch (QUOTA_MIN_BATCH) and one MQTT header.
+
 Pure: the caller passes the monotonic time; `agent.resync.Resync` owns one and asks it
 before each batch, live before backlog (docs/operations.md, section 4).
 """
@@ -13,27 +20,51 @@ before each batch, live before backlog (docs/operations.md, section 4).
 from __future__ import annotations
 
 import math
+from typing import Final
+
+QUOTA_MIN_BATCH: Final = 1024  # bytes: a batch cut to the window's room holds at least this
 
 
 class ByteBudget:
     """`rate` bytes per second on average (0: unlimited), at most `burst` bytes at once
-    after a quiet spell (default: one second's worth)."""
+    after a quiet spell (default: one second's worth); and at most `per_contact` bytes
+    per contact window of `contact_seconds` (0: no quota)."""
 
-    def __init__(self, rate: float, burst: float = 0.0, *, now: float = 0.0) -> None:
+    def __init__(
+        self,
+        rate: float,
+        burst: float = 0.0,
+        *,
+        now: float = 0.0,
+        per_contact: int = 0,
+        contact_seconds: float = 3600.0,
+    ) -> None:
         if not (rate >= 0 and math.isfinite(rate)):
             raise ValueError(f"rate must be a finite number >= 0, got {rate!r}")
+        if per_contact < 0 or not (contact_seconds > 0 and math.isfinite(contact_seconds)):
+            raise ValueError(
+                f"per_contact must be >= 0 and contact_seconds > 0, got {per_contact!r}, "
+                f"{contact_seconds!r}"
+            )
         self.rate = float(rate)
         self.burst = float(burst) if burst > 0 else self.rate
         self._tokens = self.burst
         self._at = now
         self.spent = 0  # bytes sent through the budget
+        self.per_contact = int(per_contact)
+        self.contact_seconds = float(contact_seconds)
+        self.contact_spent = 0  # bytes of the current window
+        self._opened: float | None = None  # when the current window opened; None: none open
 
     @property
     def unlimited(self) -> bool:
         return self.rate == 0
 
     def ready(self, now: float) -> bool:
-        """Whether a message may go out at `now` (the bucket is not in debt)."""
+        """Whether a message may go out at `now`: the bucket is not in debt and the
+        contact window has room."""
+        if self.room(now) <= 0:
+            return False
         if self.unlimited:
             return True
         if now > self._at:  # a clock that steps back refills nothing
@@ -41,12 +72,43 @@ class ByteBudget:
             self._at = now
         return self._tokens > 0
 
+    def room(self, now: float) -> float:
+        """Bytes the contact window still allows (inf without a quota). A window opens
+        here, with the first question after the previous one ended."""
+        if not self.per_contact:
+            return math.inf
+        if self._opened is None or not 0 <= now - self._opened < self.contact_seconds:
+            # None open, over, or a clock that stepped back: a new window (a step back
+            # can only end a window early, never stretch one).
+            self._opened, self.contact_spent = now, 0
+        return float(self.per_contact - self.contact_spent)
+
+    def window_left(self, now: float) -> float:
+        """Seconds until the current window ends (0 when none is open or no quota)."""
+        if not self.per_contact or self._opened is None:
+            return 0.0
+        return max(0.0, self._opened + self.contact_seconds - now)
+
     def spend(self, nbytes: int) -> None:
         """Take the size of a message that went out (the bucket may go into debt)."""
         self.spent += nbytes
+        self.contact_spent += nbytes
         if not self.unlimited:
             self._tokens -= nbytes
 
     def seconds_for(self, nbytes: float) -> float:
         """How long `nbytes` take at the budget's rate (0 when unlimited)."""
         return 0.0 if self.unlimited else nbytes / self.rate
+
+
+def drain_estimate(
+    backlog_bytes: float, rate: float, per_contact: int, room: float
+) -> tuple[float | None, int | None]:
+    """(seconds the backlog takes at `rate`, further contact windows it needs after the
+    `room` left in the current one); None where no limit is set. What `ironfleet status`
+    and the metrics show: the budget decides the drain, not the link's speed."""
+    seconds = backlog_bytes / rate if rate > 0 else None
+    windows = None
+    if per_contact > 0:
+        windows = max(0, math.ceil((backlog_bytes - max(0.0, room)) / per_contact))
+    return seconds, windows

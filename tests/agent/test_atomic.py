@@ -34,18 +34,28 @@ def test_block_commits_on_success(tmp_path: Path) -> None:
 
 def test_failed_statement_rolls_back_the_whole_block(tmp_path: Path) -> None:
     conn = _db(tmp_path)
-    with pytest.raises(sqlite3.IntegrityError), atomic(conn):
-        conn.execute("INSERT INTO t VALUES (1, 'a')")
-        conn.execute("INSERT INTO t VALUES (1, 'duplicate key')")
+
+    def write() -> None:
+        with atomic(conn):
+            conn.execute("INSERT INTO t VALUES (1, 'a')")
+            conn.execute("INSERT INTO t VALUES (1, 'duplicate key')")
+
+    with pytest.raises(sqlite3.IntegrityError):
+        write()
     assert not conn.in_transaction
     assert _rows(conn) == []
 
 
 def test_python_error_between_statements_rolls_back(tmp_path: Path) -> None:
     conn = _db(tmp_path)
-    with pytest.raises(KeyError), atomic(conn):
-        conn.execute("INSERT INTO t VALUES (1, 'a')")
-        raise KeyError("a bug after the first statement")
+
+    def write() -> None:
+        with atomic(conn):
+            conn.execute("INSERT INTO t VALUES (1, 'a')")
+            raise KeyError("a bug after the first statement")
+
+    with pytest.raises(KeyError):
+        write()
     assert not conn.in_transaction
     assert _rows(conn) == []
     with atomic(conn):  # the connection is usable at once: no transaction left open
@@ -62,9 +72,14 @@ def test_failed_commit_is_rolled_back_not_left_open(tmp_path: Path) -> None:
         "CREATE TABLE child (id INTEGER PRIMARY KEY, "
         "parent INTEGER REFERENCES t (k) DEFERRABLE INITIALLY DEFERRED)"
     )
-    with pytest.raises(sqlite3.IntegrityError, match="FOREIGN KEY"), atomic(conn):
-        conn.execute("INSERT INTO t VALUES (1, 'a')")
-        conn.execute("INSERT INTO child VALUES (1, 99)")  # no parent 99: fails at COMMIT
+
+    def write() -> None:
+        with atomic(conn):
+            conn.execute("INSERT INTO t VALUES (1, 'a')")
+            conn.execute("INSERT INTO child VALUES (1, 99)")  # no parent 99: fails at COMMIT
+
+    with pytest.raises(sqlite3.IntegrityError, match="FOREIGN KEY"):
+        write()
     assert not conn.in_transaction
     assert _rows(conn) == []
     assert conn.execute("SELECT count(*) FROM child").fetchone()[0] == 0

@@ -298,3 +298,62 @@ def test_live_events_overtake_a_backlog_on_a_64_kbit_link(
     # The budget: a second's burst and one batch (capped at a second's worth) above it.
     assert 0 < sent <= 8000 * (elapsed + 1) + 8000 + 2048, (sent, elapsed)
     assert agent.terminate() == 0
+
+
+QUOTA = 12_000  # bytes a contact window may carry
+QUOTA_SLACK = 2048  # one batch cut at the room left (1 KiB of events) or a 16-stream state page
+WINDOW_S = 1.5
+
+
+def test_a_contact_window_carries_no_more_than_its_quota(
+    start_sim: StartSim, start_agent: StartAgent, broker: Broker, collector: CollectorHarness
+) -> None:
+    """[uplink] max_bytes_per_contact on a backlog of ~500 KB and live traffic, with no
+    rate limit: every published snapshot shows the open window within its quota (plus
+    one small batch), the uplink's total stays within one quota per window that could
+    have opened, new windows do open (the backlog keeps moving), and `status` says how
+    many more windows the backlog needs."""
+    from agent.resilience import Event  # noqa: PLC0415
+    from agent.store import EventStore  # noqa: PLC0415
+    from agent.views import read_status  # noqa: PLC0415
+
+    @dataclass(frozen=True)
+    class Arrival:
+        event: Event
+        time_quality: int = 3
+        controller_id: str = "old"
+
+    sim = start_sim("--rate", "20", "--streams", "2")
+    agent = start_agent(sim.devices["ecu0"], uplink=uplink(
+        broker.port, max_bytes_per_contact=QUOTA, contact_seconds=WINDOW_S))  # fmt: skip
+    agent.db.parent.mkdir(parents=True, exist_ok=True)
+    store = EventStore(agent.db)
+    rng = random.Random(17)
+    store.append([Arrival(Event(f"old/s{k % 8}", k // 8 + 1, payload=rng.randbytes(60)))
+                  for k in range(6000)])  # fmt: skip
+    store.close()
+    agent.start()
+    started = time.monotonic()
+    seen: list[tuple[float, float, float]] = []  # (elapsed, bytes_sent, contact_bytes)
+
+    def sample() -> bool:
+        c = live(agent.db).uplink.counters
+        sent, window = c.get("bytes_sent", 0), c.get("contact_bytes", 0)
+        if not seen or seen[-1][1:] != (sent, window):
+            seen.append((time.monotonic() - started, sent, window))
+        return sent >= 3 * QUOTA
+
+    wait_for(sample, 60, "three contact windows' worth published")
+    for elapsed, sent, window in seen:
+        assert window <= QUOTA + QUOTA_SLACK, (elapsed, sent, window)
+        windows = int(elapsed / WINDOW_S) + 1  # at most this many opened since the start
+        assert sent <= windows * (QUOTA + QUOTA_SLACK), (elapsed, sent, windows)
+    keys = collector.keys()
+    old = sum(k[0].startswith("old/") for k in keys)
+    assert 0 < old < 6000 // 2, old  # the quota, not the link, decides what went
+    conn = sqlite3.connect(agent.db.absolute().as_uri() + "?mode=ro", uri=True)
+    budget = read_status(conn, agent.db, time.time())["budget"]
+    conn.close()
+    assert budget["bytes_per_contact"] == QUOTA
+    assert budget["contact_windows_needed"] >= 10, budget  # ~500 KB behind a 12 KB quota
+    assert agent.terminate() == 0

@@ -153,3 +153,20 @@ def test_doctor_on_a_systemd_credential_it_cannot_read(live: bool) -> None:
     assert check.status == "warn"
     said = "the running agent loaded sha256:0123456789abcdef" if live else "not running"
     assert said in check.detail
+
+
+def test_the_budget_line_says_what_the_backlog_needs() -> None:
+    from agent.clitext import budget_text  # noqa: PLC0415
+
+    row = {"bytes_per_second": 800.0, "bytes_per_contact": 100_000, "contact_bytes": 12_600,
+           "contact_window_left_s": 3120.0, "bytes_per_event": 81.2,
+           "bytes_per_event_basis": "as sent", "backlog_bytes": 2_400_000, "drain_s": 3000.0,
+           "contact_windows_needed": 24}  # fmt: skip
+    text = budget_text(row)
+    assert text.startswith("800 B/s; 12.3 KiB of 97.7 KiB spent, window ends in 52 min;")
+    assert text.endswith("50 min at the budget, 24 more contact windows")
+    closed = budget_text({**row, "bytes_per_second": 0.0, "contact_window_left_s": 0.0,
+                          "drain_s": None, "contact_windows_needed": 0})  # fmt: skip
+    assert "no window open" in closed
+    assert "at the budget" not in closed
+    assert "contact windows" not in closed
