@@ -4,12 +4,12 @@
 its streams, reads ACKs, applies its line faults, and writes every event it sent, saw
 ACKed or lost at a reboot to `GroundTruth` (JSON lines; docs/protocol.md, "Simulator
 ground truth"). Kept apart from `firmware_bridge.simulator`, which schedules several
-devices and their faults and holds the command line, so each file does one job.
+devices and their faults and holds the command line, so each file does one job; `SimOptions`
+is what that command line parsed.
 """
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import json
 import os
@@ -28,6 +28,57 @@ from firmware_bridge.protocol import EventBody, TimeQuality
 from firmware_bridge.telemetry import FAMILIES, VehicleModel
 
 _MAX_WRITE_BACKLOG = 64 * 1024  # bytes held for a pty nobody reads: a UART drops them
+
+
+@dataclass(frozen=True, kw_only=True)
+class SimOptions:
+    """Every `ironfleet-sim` option, parsed; the names, defaults and ranges are the command
+    line's (firmware_bridge/simulator.py)."""
+
+    # controllers and traffic
+    controllers: int
+    controller_id: str
+    firmware: str
+    boot_epoch: int
+    streams: int
+    rate: float
+    events: int
+    duration: float
+    drain_timeout: float
+    kind: str
+    bare_streams: bool
+    profile: str
+    seed: int | None
+    # device
+    link_dir: Path | None
+    link_name: str
+    replug_rename: bool
+    device: str | None
+    baudrate: int
+    # link protocol
+    window: int
+    ring: int
+    retransmit_timeout: float
+    heartbeat: float
+    # fault injection (controller to agent)
+    ber: float
+    drop_rate: float
+    insert_rate: float
+    truncate_rate: float
+    garbage_every: float
+    garbage_bytes: int
+    flood_bytes: int
+    ack_loss: float
+    unplug_every: float
+    unplug_for: float
+    reboot_every: float
+    silence_after: int
+    control: Path | None
+    # output
+    truth: Path | None
+    # replay of a wire capture
+    replay: tuple[Path, ...]
+    replay_fast: bool
 
 
 def announce(device: Device) -> None:
@@ -79,7 +130,7 @@ class Device:
     link_dir: Path | None
     streams: int
     boot_epoch: int
-    args: argparse.Namespace
+    args: SimOptions
     truth: GroundTruth
     noise: LineNoise
     rng: random.Random
@@ -185,7 +236,7 @@ class Device:
     def produce(self, count: int, wall: float) -> int:
         """Generate up to `count` events round-robin over the streams; return how many."""
         made = 0
-        if getattr(self.args, "profile", "counter") == "vehicle" and self.model is None:
+        if self.args.profile == "vehicle" and self.model is None:
             self.model = VehicleModel(random.Random(self.rng.random()))
             self.model_wall = wall
         if self.model is not None:
@@ -193,7 +244,7 @@ class Device:
             self.model_wall = wall
         # A controller that does not follow the naming convention sends bare names (the
         # agent then stores them under its id when it reads several controllers).
-        prefix = "" if getattr(self.args, "bare_streams", False) else f"{self.controller_id}/"
+        prefix = "" if self.args.bare_streams else f"{self.controller_id}/"
         for _ in range(count):
             stream = self.sent % self.streams
             seq = self.seqs[stream] + 1

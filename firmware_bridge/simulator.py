@@ -15,7 +15,6 @@ unplugs them for `--unplug-for` seconds, SIGTERM/SIGINT stop cleanly.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import json
 import os
@@ -28,14 +27,16 @@ from collections.abc import Sequence
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from types import FrameType
-from typing import Any
+from typing import Any, Final
+
+import click
 
 from firmware_bridge.capture import CaptureError
 from firmware_bridge.controller import DEFAULT_RING
 from firmware_bridge.faults import LineNoise
 from firmware_bridge.protocol import MAX_WINDOW
 from firmware_bridge.replay import replay
-from firmware_bridge.simdevice import Device, GroundTruth, announce
+from firmware_bridge.simdevice import Device, GroundTruth, SimOptions, announce
 
 _flags: dict[str, bool] = {"stop": False, "reboot": False, "unplug": False}
 
@@ -50,113 +51,138 @@ def _on_signal(signum: int, _frame: FrameType | None) -> None:
         _flags["unplug"] = True
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="ironfleet-sim",
-        description=(
-            "Emulate onboard controllers on pseudo-terminals, speaking the IronFleet serial "
-            "protocol, with fault injection. Prints 'DEVICE <controller> <path>' for each "
-            "controller, then runs until --events are all ACKed (and any flood sent), --duration "
-            "passes, or SIGTERM. SIGUSR1 reboots the controllers, SIGUSR2 unplugs them."
-        ),
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
-    p.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
-    g = p.add_argument_group("controllers and traffic")
-    g.add_argument("--controllers", type=int, default=1, help="controllers, one pty each")
-    g.add_argument("--controller-id", default="ecu", help="id prefix; controller k is <id><k>")
-    g.add_argument("--firmware", default="sim-1.0", help="firmware version sent in HELLO")
-    g.add_argument("--boot-epoch", type=int, default=1, help="first boot epoch")
-    g.add_argument("--streams", type=int, default=4, help="streams per controller")
-    g.add_argument("--rate", type=float, default=100.0, help="events/s per controller")
-    g.add_argument("--events", type=int, default=0, help="stop after this many (0: no limit)")
-    g.add_argument("--duration", type=float, default=0.0, help="stop after seconds (0: never)")
-    g.add_argument(
-        "--drain-timeout", type=float, default=30.0, help="seconds to wait for the last ACKs"
-    )
-    g.add_argument("--kind", default="telemetry", help="event kind")
-    g.add_argument("--bare-streams", action="store_true",
-                   help="stream names without the '<controller>/' prefix")  # fmt: skip
-    g.add_argument(
-        "--profile", choices=("counter", "vehicle"), default="counter",
-        help="signals: a counter and a random float (default), or a vehicle's position, "
-        "speed, engine and status streams from one simulated drive (realistic to compress)",
-    )  # fmt: skip
-    g.add_argument("--seed", type=int, default=None, help="random seed (printed if not given)")
-    g = p.add_argument_group("device")
-    g.add_argument(
-        "--link-dir",
-        type=Path,
-        default=None,
-        help="create a symlink per controller in this directory (the 'device node' that "
-        "disappears on unplug); without it the /dev/pts path is printed",
-    )
-    g.add_argument(
-        "--link-name",
-        default="ttyIF{index}",
-        help="symlink name; {index} is the controller, {gen} counts replugs",
-    )
-    g.add_argument(
-        "--replug-rename",
-        action="store_true",
-        help="come back under a new name after an unplug (use {gen} in --link-name)",
-    )
-    g.add_argument("--device", default=None, help="use this serial device instead of a pty")
-    g.add_argument("--baudrate", type=int, default=921_600, help="baud rate with --device")
-    g = p.add_argument_group("link protocol")
-    g.add_argument("--window", type=int, default=64, help="frames in flight unACKed")
-    g.add_argument("--ring", type=int, default=DEFAULT_RING, help="ring buffer, in frames")
-    g.add_argument("--retransmit-timeout", type=float, default=0.5, help="seconds before a resend")
-    g.add_argument("--heartbeat", type=float, default=1.0, help="heartbeat interval, seconds")
-    g = p.add_argument_group("fault injection (controller to agent)")
-    g.add_argument("--ber", type=float, default=0.0, help="bit error rate, e.g. 1e-4")
-    g.add_argument("--drop-rate", type=float, default=0.0, help="probability a byte is lost")
-    g.add_argument(
-        "--insert-rate", type=float, default=0.0, help="probability of a stray byte after one"
-    )
-    g.add_argument(
-        "--truncate-rate", type=float, default=0.0, help="probability a frame is cut short"
-    )
-    g.add_argument("--garbage-every", type=float, default=0.0, help="seconds between bursts")
-    g.add_argument("--garbage-bytes", type=int, default=256, help="bytes per garbage burst")
-    g.add_argument("--flood-bytes", type=int, default=0, help="random bytes sent at start")
-    g.add_argument(
-        "--ack-loss",
-        type=float,
-        default=0.0,
-        help="probability that a read of the agent's frames (ACKs) is thrown away",
-    )
-    g.add_argument("--unplug-every", type=float, default=0.0, help="seconds between unplugs")
-    g.add_argument("--unplug-for", type=float, default=1.0, help="seconds a device stays out")
-    g.add_argument("--reboot-every", type=float, default=0.0, help="seconds between reboots")
-    g.add_argument(
-        "--silence-after",
-        type=int,
-        default=0,
-        help="after this many events, stop sending anything at all (0: never)",
-    )
-    g.add_argument(
-        "--control",
-        type=Path,
-        default=None,
-        help="a file polled for appended command lines: 'reboot', 'unplug SECONDS', "
-        "'noise SECONDS BER', 'garbage BYTES', 'stop'",
-    )
-    g = p.add_argument_group("output")
-    g.add_argument("--truth", type=Path, default=None, help="ground truth file (JSON lines)")
-    g = p.add_argument_group("replay of a wire capture (instead of simulated controllers)")
-    g.add_argument("--replay", type=Path, action="append", default=[], metavar="FILE",
-                   help="a capture ([serial] capture: <state_dir>/capture/*.ifcap) played "
-                   "into one pty; repeat for a rotated pair, the .ifcap.1 first")  # fmt: skip
-    g.add_argument("--replay-fast", action="store_true",
-                   help="as fast as the agent reads, not at the recorded pace")  # fmt: skip
-    return p
+_HELP = (
+    "Emulate onboard controllers on pseudo-terminals, speaking the IronFleet serial "
+    "protocol, with fault injection. Prints 'DEVICE <controller> <path>' for each "
+    "controller, then runs until --events are all ACKed (and any flood sent), --duration "
+    "passes, or SIGTERM. SIGUSR1 reboots the controllers, SIGUSR2 unplugs them."
+)
+_PATH = click.Path(path_type=Path)
+_O = click.Option
+
+# The options under their help headings, in that order: SimOptions has a field for each.
+SECTIONS: Final[tuple[tuple[str, tuple[click.Option, ...]], ...]] = (
+    ("controllers and traffic", (
+        _O(["--controllers"], type=click.IntRange(min=1), default=1,
+           help="controllers, one pty each"),
+        _O(["--controller-id"], default="ecu", help="id prefix; controller k is <id><k>"),
+        _O(["--firmware"], default="sim-1.0", help="firmware version sent in HELLO"),
+        _O(["--boot-epoch"], type=int, default=1, help="first boot epoch"),
+        _O(["--streams"], type=click.IntRange(min=1), default=4, help="streams per controller"),
+        _O(["--rate"], type=click.FloatRange(min=0, min_open=True), default=100.0,
+           help="events/s per controller"),
+        _O(["--events"], type=int, default=0, help="stop after this many (0: no limit)"),
+        _O(["--duration"], type=float, default=0.0, help="stop after seconds (0: never)"),
+        _O(["--drain-timeout"], type=float, default=30.0,
+           help="seconds to wait for the last ACKs"),
+        _O(["--kind"], default="telemetry", help="event kind"),
+        _O(["--bare-streams"], is_flag=True,
+           help="stream names without the '<controller>/' prefix"),
+        _O(["--profile"], type=click.Choice(["counter", "vehicle"]), default="counter",
+           help="signals: a counter and a random float (default), or a vehicle's position, "
+           "speed, engine and status streams from one simulated drive (realistic to compress)"),
+        _O(["--seed"], type=int, default=None, help="random seed (printed if not given)"),
+    )),
+    ("device", (
+        _O(["--link-dir"], type=_PATH, default=None,
+           help="create a symlink per controller in this directory (the 'device node' that "
+           "disappears on unplug); without it the /dev/pts path is printed"),
+        _O(["--link-name"], default="ttyIF{index}",
+           help="symlink name; {index} is the controller, {gen} counts replugs"),
+        _O(["--replug-rename"], is_flag=True,
+           help="come back under a new name after an unplug (use {gen} in --link-name)"),
+        _O(["--device"], default=None, help="use this serial device instead of a pty"),
+        _O(["--baudrate"], type=int, default=921_600, help="baud rate with --device"),
+    )),
+    ("link protocol", (
+        # At most MAX_WINDOW: a larger window would outrun the agent's receive window.
+        _O(["--window"], type=click.IntRange(1, MAX_WINDOW), default=64,
+           help="frames in flight unACKed"),
+        _O(["--ring"], type=click.IntRange(min=1), default=DEFAULT_RING,
+           help="ring buffer, in frames"),
+        _O(["--retransmit-timeout"], type=float, default=0.5, help="seconds before a resend"),
+        _O(["--heartbeat"], type=float, default=1.0, help="heartbeat interval, seconds"),
+    )),
+    ("fault injection (controller to agent)", (
+        _O(["--ber"], type=float, default=0.0, help="bit error rate, e.g. 1e-4"),
+        _O(["--drop-rate"], type=float, default=0.0, help="probability a byte is lost"),
+        _O(["--insert-rate"], type=float, default=0.0,
+           help="probability of a stray byte after one"),
+        _O(["--truncate-rate"], type=float, default=0.0,
+           help="probability a frame is cut short"),
+        _O(["--garbage-every"], type=float, default=0.0, help="seconds between bursts"),
+        _O(["--garbage-bytes"], type=int, default=256, help="bytes per garbage burst"),
+        _O(["--flood-bytes"], type=int, default=0, help="random bytes sent at start"),
+        _O(["--ack-loss"], type=float, default=0.0,
+           help="probability that a read of the agent's frames (ACKs) is thrown away"),
+        _O(["--unplug-every"], type=float, default=0.0, help="seconds between unplugs"),
+        _O(["--unplug-for"], type=float, default=1.0, help="seconds a device stays out"),
+        _O(["--reboot-every"], type=float, default=0.0, help="seconds between reboots"),
+        _O(["--silence-after"], type=int, default=0,
+           help="after this many events, stop sending anything at all (0: never)"),
+        _O(["--control"], type=_PATH, default=None,
+           help="a file polled for appended command lines: 'reboot', 'unplug SECONDS', "
+           "'noise SECONDS BER', 'garbage BYTES', 'stop'"),
+    )),
+    ("output", (
+        _O(["--truth"], type=_PATH, default=None, help="ground truth file (JSON lines)"),
+    )),
+    ("replay of a wire capture (instead of simulated controllers)", (
+        _O(["--replay"], type=_PATH, multiple=True, metavar="FILE",
+           help="a capture ([serial] capture: <state_dir>/capture/*.ifcap) played into one "
+           "pty; repeat for a rotated pair, the .ifcap.1 first"),
+        _O(["--replay-fast"], is_flag=True,
+           help="as fast as the agent reads, not at the recorded pace"),
+    )),
+)  # fmt: skip
+
+
+class _SectionedCommand(click.Command):
+    """A command whose --help lists its options under SECTIONS' headings."""
+
+    def format_options(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        sectioned = {option.name for _, options in SECTIONS for option in options}
+        rest = tuple(p for p in self.get_params(ctx) if p.name not in sectioned)  # --help ...
+        for title, params in (("options", rest), *SECTIONS):
+            rows = [r for r in (p.get_help_record(ctx) for p in params) if r is not None]
+            if rows:
+                with formatter.section(title):
+                    formatter.write_dl(rows)
+
+
+def _print_version(ctx: click.Context, _param: click.Parameter, value: bool) -> None:
+    if value and not ctx.resilient_parsing:
+        click.echo(f"ironfleet-sim {_version()}")
+        ctx.exit()
+
+
+def _command(**values: Any) -> int:
+    options = SimOptions(**values)
+    if options.replay:
+        return main_replay(options)
+    summary = run(options)
+    print(json.dumps(summary), flush=True)
+    return 0
+
+
+cli = _SectionedCommand(
+    "ironfleet-sim",
+    help=_HELP,
+    callback=_command,
+    params=[
+        *(option for _, options in SECTIONS for option in options),
+        _O(["--version"], is_flag=True, expose_value=False, is_eager=True,
+           callback=_print_version, help="Show the version and exit."),
+    ],
+    context_settings={"help_option_names": ["-h", "--help"], "show_default": True,
+                      "max_content_width": 100},
+)  # fmt: skip
 
 
 class Simulation:
     """All controllers, their faults and schedules; `step(now)` advances everything once."""
 
-    def __init__(self, args: argparse.Namespace, seed: int) -> None:
+    def __init__(self, args: SimOptions, seed: int) -> None:
         self.args = args
         self.seed = seed
         rng = random.Random(seed)
@@ -351,7 +377,7 @@ class Simulation:
         return summary
 
 
-def run(args: argparse.Namespace) -> dict[str, Any]:
+def run(args: SimOptions) -> dict[str, Any]:
     """Run the simulation until done or signalled; return the summary."""
     seed = args.seed if args.seed is not None else random.SystemRandom().randrange(2**32)
     sim = Simulation(args, seed)
@@ -371,23 +397,20 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Console entry point of `ironfleet-sim`."""
-    args = build_parser().parse_args(argv)
-    if args.replay:
-        return main_replay(args)
-    for name in ("controllers", "streams", "window", "ring"):
-        if getattr(args, name) < 1:
-            build_parser().error(f"--{name} must be >= 1")
-    if args.window > MAX_WINDOW:
-        build_parser().error(f"--window must be <= {MAX_WINDOW} (the agent's receive window)")
-    if args.rate <= 0:
-        build_parser().error("--rate must be > 0")
-    summary = run(args)
-    print(json.dumps(summary), flush=True)
-    return 0
+    """Console entry point of `ironfleet-sim`: the run's exit status, 2 for a usage error
+    (printed as click's standalone mode would, but returned, for in-process callers)."""
+    try:
+        code = cli.main(args=list(argv) if argv is not None else None,
+                        prog_name="ironfleet-sim", standalone_mode=False)  # fmt: skip
+    except click.ClickException as exc:
+        exc.show()
+        return exc.exit_code
+    except click.Abort:
+        return 1
+    return code if isinstance(code, int) else 0
 
 
-def main_replay(args: argparse.Namespace) -> int:
+def main_replay(args: SimOptions) -> int:
     """`--replay`: play captures into one pty, print the summary line, exit."""
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, _on_signal)

@@ -11,23 +11,16 @@ fleet scale the same topics feed an MQTT cluster and from there Kafka or a datab
 
 from __future__ import annotations
 
-import argparse
-import json
 import logging
-import os
 import queue
-import signal
-import socket
 import sqlite3
-import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from types import FrameType
 from typing import Any, Protocol
 
-from agent.errors import CommitFailed, ConfigError
+from agent.errors import CommitFailed
 from agent.fleet import (
     Ack,
     Batch,
@@ -37,12 +30,10 @@ from agent.fleet import (
     decode_status,
     parse_topic,
 )
-from agent.fleet_auth import FleetSigner, key_fingerprint, keygen, load_private_key
+from agent.fleet_auth import FleetSigner
 from agent.fsprobe import JournalProbe
 from agent.resilience.ratelimit import LogThrottle
 from agent.storedb import atomic
-from agent.version import agent_version
-from fleet.subscriber import FleetSubscriber
 
 log = logging.getLogger(__name__)
 
@@ -335,234 +326,12 @@ class WriterPool:
                 self._room.notify()
 
 
-def _redact(db: str) -> str:
-    """A database URL without its password, for logs."""
-    head, at, tail = db.rpartition("@")
-    if not at or "://" not in head:
-        return db
-    scheme, _, creds = head.partition("://")
-    return f"{scheme}://{creds.split(':', 1)[0]}@{tail}"
-
-
-def _broker(value: str) -> tuple[str, int]:
-    host, _, port = value.rpartition(":")
-    return (host or "127.0.0.1"), int(port or 1883)
-
-
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="ironfleet-collector",
-        description="Reference fleet-side consumer: store, deduplicate, converge, ack.",
-    )
-    p.add_argument("--version", action="version", version=f"%(prog)s {agent_version()}")
-    sub = p.add_subparsers(dest="command", required=True)
-    run = sub.add_parser("run", help="subscribe and collect until SIGTERM")
-    run.add_argument("--broker", default="127.0.0.1:1883", help="host:port of the broker")
-    run.add_argument("--db", required=True, help=DB_HELP)
-    run.add_argument("--vehicle", action="append", default=[], help="only these (repeatable)")
-    run.add_argument("--client-id", help="MQTT client id (default: ironfleet-collector; "
-                     "with --group collector-<host>-<pid>)")  # fmt: skip
-    run.add_argument("--group", help="MQTT shared-subscription group: N collectors split the "
-                     "vehicles ($share/GROUP/...; MQTT 5, docs/fleet-deployment.md)")  # fmt: skip
-    run.add_argument("--session-expiry", type=int, default=60, metavar="SECONDS",
-                     help="with --group: the broker drops our session (and stops dealing us "
-                     "messages) this long after we disconnect")  # fmt: skip
-    run.add_argument("--store-wait", type=float, default=60.0, metavar="SECONDS",
-                     help="at start, keep trying to open the database this long (PostgreSQL "
-                     "restarting, the network coming up) before giving up")  # fmt: skip
-    run.add_argument("--writers", type=int, default=0, metavar="N",
-                     help="threads storing batches, each with its own database connection "
-                     "(default: 1 for SQLite, 3 for PostgreSQL)")  # fmt: skip
-    _signing_arguments(run)
-    rep = sub.add_parser("report", help="print per-vehicle figures from the database")
-    rep.add_argument("--db", required=True, help=DB_HELP)
-    rep.add_argument("--json", action="store_true", help="JSON instead of a table")
-    rpl = sub.add_parser("replay", help="ask a vehicle to resend state and backlog")
-    rpl.add_argument("--broker", default="127.0.0.1:1883", help="host:port of the broker")
-    rpl.add_argument("--vehicle", required=True, help="vehicle id")
-    _signing_arguments(rpl)
-    ret = sub.add_parser("retention", help="PostgreSQL: drop event partitions past N days")
-    ret.add_argument("--db", required=True, help="postgresql://... URL of the fleet database")
-    ret.add_argument("--keep-days", type=int, required=True, help="full days kept before today")
-    imp = sub.add_parser("import", help="load a bundle from `ironfleet export`; write its receipt")
-    imp.add_argument("bundle", help="the bundle directory (on the USB stick)")
-    imp.add_argument("--db", required=True, help=DB_HELP)
-    imp.add_argument("--receipt", help="receipt file to write (default: BUNDLE/receipt.msgpack)")
-    imp.add_argument("--json", action="store_true", help="JSON instead of a line of text")
-    imp.add_argument("--vehicle-keys", metavar="DIR",
-                     help="the vehicles' public keys (<vehicle id>.pub): the bundle must be "
-                     "signed by its vehicle (required unless --unsigned)")  # fmt: skip
-    _signing_arguments(imp)
-    key = sub.add_parser("keygen", help="create the fleet's Ed25519 signing key pair")
-    key.add_argument("--private", required=True, help="private key file to create (0600)")
-    key.add_argument("--public", required=True, help="public key file for the agents")
-    return p
-
-
-DB_HELP = "the collector's SQLite file, or a postgresql://... URL (shared by N collectors)"
-
-
-def _retention(db: str, keep_days: int) -> int:
-    if not db.startswith(("postgresql://", "postgres://")) or keep_days < 1:
-        print("ironfleet-collector: retention needs a postgresql:// --db and --keep-days >= 1",
-              file=sys.stderr)  # fmt: skip
-        return 2
-    from fleet.pgstore import PgCollectorStore  # noqa: PLC0415 - optional dependency
-
-    store = PgCollectorStore(db)
-    made = store.ensure_partitions()
-    dropped, deleted = store.retention(keep_days)
-    print(f"dropped {len(dropped)} partitions {' '.join(dropped)}; deleted {deleted} rows "
-          f"from events_default; created {len(made)} ahead")  # fmt: skip
-    return 0
-
-
-def _signing_arguments(p: argparse.ArgumentParser) -> None:
-    how = p.add_mutually_exclusive_group(required=True)
-    how.add_argument("--signing-key", help="the fleet's Ed25519 private key (PEM; see keygen)")
-    how.add_argument("--unsigned", action="store_true",
-                     help="unsigned acks/commands (agents with allow_unsigned only)")  # fmt: skip
-
-
-def _signer(args: argparse.Namespace) -> FleetSigner | None:
-    if args.unsigned:
-        log.warning("collector_unsigned: acks and commands are not signed; agents with a "
-                    "fleet key drop them (lab brokers only)")  # fmt: skip
-        return None
-    return FleetSigner(load_private_key(args.signing_key))
-
-
-def _report(store: FleetStore, as_json: bool) -> int:
-    for row in store.report():
-        if as_json:
-            print(json.dumps(row))
-        else:
-            print(
-                f"{row['vehicle']}: status={row['status']} events={row['events']} "
-                f"duplicates={row['duplicates_received']} streams={row['streams']} "
-                f"missing_in_sequence={row['missing_in_sequence']}"
-            )
-    return 0
-
-
 def main(argv: Sequence[str] | None = None) -> int:
-    """Console entry point of `ironfleet-collector`."""
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(
-        stream=sys.stdout,
-        level=logging.INFO,
-        format="%(asctime)s level=%(levelname)s logger=%(name)s %(message)s",
-    )
-    if args.command == "keygen":
-        try:
-            made = keygen(Path(args.private), Path(args.public))
-        except OSError as exc:
-            print(f"ironfleet-collector: {exc}", file=sys.stderr)
-            return 2
-        print(f"private key {args.private} (keep on the collector), public key {args.public} "
-              "(every agent's [uplink] fleet_key_file); fingerprint "
-              f"{key_fingerprint(made)} (ironfleet doctor shows the "
-              "agent's)")  # fmt: skip
-        return 0
-    if args.command in ("report", "retention", "import"):
-        return _database_command(args)
-    host, port = _broker(args.broker)
-    try:
-        signer = _signer(args)
-    except ConfigError as exc:
-        print(f"ironfleet-collector: {exc}", file=sys.stderr)
-        return 2
-    if args.command == "replay":
-        sub = FleetSubscriber(host, port, lambda *_: None, client_id="ironfleet-replay")
-        sub.start()
-        deadline = time.monotonic() + 10
-        while not sub.connected and time.monotonic() < deadline:
-            time.sleep(0.05)
-        Collector(CollectorStore(":memory:"), sub, signer).request_replay(args.vehicle)
-        time.sleep(0.5)
-        sub.stop()
-        return 0 if sub.connected else 1
-    return _run(args, signer, host, port)
+    """Console entry point of `ironfleet-collector` (pyproject.toml); the command line is
+    fleet/cli.py."""
+    from fleet.cli import main as cli_main  # noqa: PLC0415 - fleet.cli imports this module
 
-
-def _open_waiting(db: str, seconds: float) -> FleetStore:
-    """`open_store`, tried again with a growing pause (0.2 s to 5 s) for up to `seconds`:
-    a collector started while PostgreSQL restarts ("the database system is starting up")
-    or before the network is up would otherwise exit at once (seen in the 3-collector chaos
-    test: a collector restarted just before a PostgreSQL crash stayed down)."""
-    deadline = time.monotonic() + max(0.0, seconds)
-    pause = 0.2
-    while True:
-        try:
-            return open_store(db)
-        except CommitFailed as exc:
-            if time.monotonic() + pause > deadline:
-                raise
-            log.warning("collector_store_unavailable error=%r retry_in=%.1fs", str(exc)[:200],
-                        pause)  # fmt: skip
-            time.sleep(pause)
-            pause = min(pause * 2, 5.0)
-
-
-def _database_command(args: argparse.Namespace) -> int:
-    """`report`, `retention` and `import`: the database only, no broker."""
-    if args.command == "import":
-        from fleet.importer import cli_import  # noqa: PLC0415 - it imports this module
-
-        return cli_import(args)
-    try:
-        if args.command == "retention":
-            return _retention(args.db, args.keep_days)
-        return _report(open_store(args.db), args.json)
-    except CommitFailed as exc:
-        print(f"ironfleet-collector: {exc}", file=sys.stderr)
-        return 1
-
-
-def _run(args: argparse.Namespace, signer: FleetSigner | None, host: str, port: int) -> int:
-    """`run`: subscribe (alone, or as one member of a share group) until SIGTERM."""
-    try:
-        store = _open_waiting(args.db, args.store_wait)
-    except CommitFailed as exc:
-        print(f"ironfleet-collector: {exc}", file=sys.stderr)
-        return 1
-    collector = Collector(store, signer=signer)
-    group = args.group or ""
-    if any(c in group for c in "/+#"):
-        print("ironfleet-collector: --group must not contain '/', '+' or '#'", file=sys.stderr)
-        return 2
-    # In a group, unique per instance: two collectors with one id take each other's
-    # session over. Alone, a fixed id lets a restart resume the session the broker queued.
-    client_id = args.client_id or (
-        f"collector-{socket.gethostname()}-{os.getpid()}" if group else "ironfleet-collector"
-    )
-    pg = args.db.startswith(("postgresql://", "postgres://"))
-    writers = max(1, args.writers or (3 if pg else 1))
-    pool = WriterPool(collector.handle, writers) if writers > 1 else None
-    sub = FleetSubscriber(host, port, pool.submit if pool else collector.handle,
-                          client_id=client_id,
-                          vehicles=tuple(args.vehicle), share_group=group,
-                          session_expiry=args.session_expiry)  # fmt: skip
-    collector.transport = sub
-    stop = threading.Event()
-
-    def on_signal(_signum: int, _frame: FrameType | None) -> None:
-        stop.set()
-
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
-    sub.start()
-    log.info("collector_started broker=%s:%d client_id=%s group=%s db=%s", host, port,
-             client_id, group or "-", _redact(args.db))  # fmt: skip
-    while not stop.wait(0.2):
-        pass
-    sub.stop()
-    if pool is not None:
-        pool.stop()
-    log.info(
-        "collector_stopped acks=%d bad_messages=%d", collector.acks_sent, collector.bad_messages
-    )
-    return 0
+    return cli_main(argv)
 
 
 if __name__ == "__main__":

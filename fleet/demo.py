@@ -9,7 +9,6 @@ proves (or disproves) zero loss. Every process started here is stopped on the wa
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import json
 import shutil
@@ -25,11 +24,14 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, Final
 
+import click
+
 from agent import livestate
 from agent.fleet import Batch
 from agent.fleet_auth import FleetSigner, keygen, load_private_key
 from agent.livestate import LiveState
 from agent.storedb import read_cursor
+from fleet.cli import run_click
 from fleet.collector import Collector, CollectorStore
 from fleet.subscriber import FleetSubscriber
 
@@ -367,15 +369,20 @@ class Demo:
         return 0 if not lost and agent_rc == 0 and delivered else 1
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m fleet.demo", description=__doc__)
-    parser.add_argument("--workdir", type=Path, default=None, help="keep files here")
-    parser.add_argument("--scale", type=float, default=1.0, help="stretch the scenario")
-    args = parser.parse_args(argv)
-    if args.workdir is not None:
-        return Demo(args.workdir, args.scale).run()
+@click.command(help=__doc__, context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--workdir", type=click.Path(path_type=Path), default=None, help="keep files here")
+@click.option("--scale", type=float, default=1.0, help="stretch the scenario")
+def cli(workdir: Path | None, scale: float) -> int:
+    if workdir is not None:
+        return Demo(workdir, scale).run()
     with tempfile.TemporaryDirectory(prefix="ironfleet-demo-") as tmp:
-        return Demo(Path(tmp), args.scale).run()
+        return Demo(Path(tmp), scale).run()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m fleet.demo` (`make demo`) on `argv`: the demo's exit status, 2 for a
+    usage error."""
+    return run_click(cli, argv, "python -m fleet.demo")
 
 
 if __name__ == "__main__":

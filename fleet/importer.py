@@ -16,15 +16,12 @@ receipt is written at all, and running it again completes it.
 
 from __future__ import annotations
 
-import argparse
 import hashlib
-import json
 import re
 import sqlite3
-import sys
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
 
@@ -46,9 +43,9 @@ from agent.export import (
     write_atomic,
 )
 from agent.fleet import MAX_DOCUMENT_BYTES, Ack, Batch, FleetMessageError, batch_digest
-from agent.fleet_auth import FleetSigner, load_private_key, load_public_key
+from agent.fleet_auth import FleetSigner, load_public_key
 from agent.receipts import RECEIPT_NAME, Receipt
-from fleet.collector import FleetStore, open_store
+from fleet.collector import FleetStore
 
 _SUMS_LINE: Final = re.compile(r"\A([0-9a-f]{64})  (\S+)\Z")  # sha256sum(1)'s own format
 
@@ -202,43 +199,3 @@ def import_bundle(
         manifest.events + manifest.state_events, stored, duplicates, str(target),
         round(time.monotonic() - started, 3),
     )  # fmt: skip
-
-
-def cli_import(args: argparse.Namespace) -> int:
-    """The body of `ironfleet-collector import` (its arguments: fleet/collector.py)."""
-    if args.vehicle_keys is None and not args.unsigned:
-        print("ironfleet-collector: import needs --vehicle-keys DIR (each vehicle's public key, "
-              "<vehicle id>.pub) to check who wrote the bundle; --unsigned skips every "
-              "signature (lab only)", file=sys.stderr)  # fmt: skip
-        return 2
-    try:
-        signer = None if args.unsigned else FleetSigner(load_private_key(args.signing_key))
-        keys = VehicleKeys(Path(args.vehicle_keys)) if args.vehicle_keys else None
-    except ConfigError as exc:
-        print(f"ironfleet-collector: {exc}", file=sys.stderr)
-        return 2
-    # On stderr, not the log: an import is a command a person runs and reads.
-    if signer is None:
-        print("ironfleet-collector: warning: collector_unsigned: the receipt's acks are not "
-              "signed; agents with a fleet key refuse them (lab only)",
-              file=sys.stderr)  # fmt: skip
-    if keys is None:
-        print("ironfleet-collector: warning: bundle_unverified: nothing checks which vehicle "
-              "wrote the bundle (--unsigned without --vehicle-keys; lab only)",
-              file=sys.stderr)  # fmt: skip
-    receipt = Path(args.receipt) if args.receipt else None
-    try:
-        result = import_bundle(open_store(args.db), Path(args.bundle), signer,
-                               vehicle_keys=keys, receipt_path=receipt)  # fmt: skip
-    except (AgentError, sqlite3.Error) as exc:
-        print(f"ironfleet-collector: {exc}", file=sys.stderr)
-        return 1
-    if args.json:
-        print(json.dumps(asdict(result)))
-    else:
-        rate = result.events / result.seconds if result.seconds else 0.0
-        print(f"{result.vehicle} export {result.export}: {result.chunks} chunks, "
-              f"{result.events} events ({result.stored} new, {result.duplicates} already held) "
-              f"in {result.seconds:.2f} s ({rate:,.0f} events/s); receipt {result.receipt}: "
-              "on the vehicle, `ironfleet import-receipt` it")  # fmt: skip
-    return 0

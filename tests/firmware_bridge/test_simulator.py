@@ -7,10 +7,11 @@ import subprocess
 from collections.abc import Callable
 from pathlib import Path
 
+import click
 import psutil
 
 from firmware_bridge.protocol import MAX_ENCODED_FRAME_BYTES
-from firmware_bridge.simulator import build_parser
+from firmware_bridge.simulator import cli
 
 from simharness import AgentSide, Sim
 from support import SIM, open_fds, wait_for
@@ -129,7 +130,8 @@ def test_flood_of_10_mb_random_bytes_is_bounded(start_sim: StartSim, agent_side:
 
 def test_help_documents_every_option() -> None:
     out = subprocess.run([SIM, "--help"], capture_output=True, text=True, check=True).stdout
-    for action in build_parser()._actions:
-        for option in action.option_strings:
+    for param in cli.params:
+        assert isinstance(param, click.Option)
+        for option in param.opts:
             assert option in out, option
-        assert action.help, f"{action.option_strings} has no help text"
+        assert param.help, f"{param.opts} has no help text"
