@@ -46,7 +46,7 @@ MAX_CACHED_EPOCHS_PER_STREAM: Final = 4
 # vehicle has a handful of controllers; HELLO floods with new epochs fall back to reads.
 MAX_CACHED_CONTROLLER_EPOCHS: Final = 1024
 LOAD_CHUNK: Final = 500  # stream names per read in `entries` (SQLite allows 32,766 parameters)
-NO_SESSION: Final = -1  # "this controller has no recorded session" (epochs are >= 0)
+NO_EPOCH: Final = -1  # "no stored epoch for this controller yet" (stored epochs are >= 0)
 
 K = TypeVar("K")
 V = TypeVar("V")
@@ -476,8 +476,8 @@ def load_controller_epoch(conn: sqlite3.Connection, controller: str, announced: 
 
 
 def load_controller_top(conn: sqlite3.Connection, controller: str) -> int:
-    """The highest stored epoch of a controller, or NO_SESSION."""
+    """The highest stored epoch of a controller, or NO_EPOCH."""
     row = conn.execute(
         "SELECT max(epoch) FROM controller_epochs WHERE controller = ?", (controller,)
     ).fetchone()
-    return NO_SESSION if row[0] is None else int(row[0])
+    return NO_EPOCH if row[0] is None else int(row[0])
