@@ -212,6 +212,9 @@ class Collector:
         self.store = store
         self.transport = transport
         self.signer = signer
+        # Written by every WriterPool thread: `+=` on an attribute is three steps, and
+        # only CPython 3.11's switch points keep it whole; a lock keeps it so anywhere.
+        self._count = threading.Lock()
         self.bad_messages = 0
         self.acks_sent = 0
         self.commit_failures = 0
@@ -237,8 +240,9 @@ class Collector:
             stored, dups = self.store.ingest(batch)
         except (sqlite3.Error, OSError, CommitFailed) as exc:
             # Not stored (or not surely kept): no ack, so the vehicle sends it again.
-            self.commit_failures += 1
-            verdict = self._throttle.check("collector_commit_failed", time.monotonic())
+            with self._count:
+                self.commit_failures += 1
+                verdict = self._throttle.check("collector_commit_failed", time.monotonic())
             if verdict.log:
                 log.error("collector_commit_failed vehicle=%s error=%r (not acked)", vehicle,
                           str(exc))  # fmt: skip
@@ -249,11 +253,13 @@ class Collector:
             if self.signer is not None:
                 ack = self.signer.sign_ack(vehicle, ack)
             self.transport.ack(vehicle, ack.encode())
-            self.acks_sent += 1
+            with self._count:
+                self.acks_sent += 1
 
     def _bad(self, what: str, topic_name: str, detail: str) -> None:
-        self.bad_messages += 1
-        verdict = self._throttle.check(what, time.monotonic())
+        with self._count:
+            self.bad_messages += 1
+            verdict = self._throttle.check(what, time.monotonic())
         if verdict.log:
             log.warning("%s topic=%r error=%r more_in_last_interval=%d", what, topic_name[:120],
                         detail[:160], verdict.suppressed)  # fmt: skip

@@ -106,8 +106,9 @@ def test_every_command_has_help() -> None:
 
 
 def test_version_is_the_installed_packages() -> None:
-    """`--version` on every entry point prints what `pip` installed (click's wording for
-    the technician CLI, argparse's for the other three)."""
+    """`--version` on every entry point prints what `pip` installed (click's default
+    wording for the technician CLI; the other three keep the `name version` line they
+    printed under argparse)."""
     expected = version("ironfleet-agent")
     for name, line in (
         ("ironfleet-agent", f"ironfleet-agent {expected}"),
