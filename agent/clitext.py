@@ -147,7 +147,8 @@ def budget_text(b: Row) -> str:
     if b["drain_s"] is not None:
         backlog += f": {span(b['drain_s'])} at the budget"
     if b["contact_windows_needed"]:
-        backlog += f", {n(b['contact_windows_needed'])} more contact windows"
+        more = " more" if b["contact_window_left_s"] else ""  # else the first is yet to open
+        backlog += f", {n(b['contact_windows_needed'])}{more} contact windows"
     return "; ".join([*parts, backlog])
 
 

@@ -149,7 +149,7 @@ class AgentCollector(Collector):
                 "ironfleet_estimated_drain_seconds_at_budget",
                 "Backlog bytes (events not acknowledged x bytes an event took on the wire) "
                 "divided by [uplink] max_bytes_per_second.",
-                lag * uplink.get("bytes_sent", 0) / sent / rate,
+                lag * uplink.get("event_bytes_sent", 0) / sent / rate,
             )
 
     def _transport(

@@ -102,6 +102,18 @@ class ResyncCounters:
     # acknowledged for them: a replay that would move the fleet's state backwards (the
     # newest rows were lost locally, e.g. by a salvage). The fleet refuses the older state.
     state_backwards: int = 0
+    event_bytes_sent: int = 0  # bytes_sent of events batches only: what an event costs
+
+
+def _fits(page: list[tuple[int, Event, int, float]], cap: int) -> int:
+    """How many of the page's first events fit `cap` bytes (at least one), counted as
+    `Resync._batch` counts a row before compression."""
+    size = 0
+    for i, (_, e, _, _) in enumerate(page):
+        size += len(e.payload) + len(e.stream) + len(e.kind) + 40
+        if i and size > cap:
+            return i
+    return len(page)
 
 
 class Resync:
@@ -131,7 +143,15 @@ class Resync:
         # took out of the window: their late acks still count (a slow collector would
         # otherwise have every ack thrown away as stale while the resends queue up).
         self._sent: OrderedDict[int, _InFlight] = OrderedDict()
-        self._state_pending: dict[int, tuple[float, bytes]] = {}  # id -> (sent at, digest)
+        # id -> (sent at, digest, the stream name its page was read after)
+        self._state_pending: dict[int, tuple[float, bytes, str]] = {}
+        # Where an unfinished replay goes on from at the next connect (None: from the
+        # start): on a link that drops, or a contact window's quota that ends, before a
+        # replay of many streams is through, starting over each time never got past its
+        # first pages, and the backlog never began.
+        self._state_resume: str | None = None
+        # (contact window opened at, replay bytes in it): the replay's share of a quota
+        self._state_window: tuple[float | None, int] = (None, 0)
         # Highest rowid the fleet holds, from acks in any order, per priority class
         # (agent/resilience/cursor.py): the backlog drains highest priority first.
         self._cursor = ClassedCursor(max_pending=MAX_TRACKED_BATCHES)
@@ -198,7 +218,13 @@ class Resync:
         self._state_after = None
 
     def _forget_state_pending(self) -> None:
-        """Replay batches still awaiting an ack will never get one that counts."""
+        """Replay batches still awaiting an ack will never get one that counts; an
+        unfinished replay goes on from its first page not acknowledged."""
+        places = [after for _, _, after in self._state_pending.values()]
+        if self._state_after is not None:
+            places.append(self._state_after)
+        if places:
+            self._state_resume = min(places)
         self.counters.replay_batches_unacked += len(self._state_pending)
         self._state_pending.clear()
 
@@ -207,6 +233,7 @@ class Resync:
         self.counters.replays_requested += 1
         if self.phase is not Phase.OFFLINE:
             self.on_connected(now)
+        self._state_resume = None  # everything again: from the first stream
 
     @property
     def backlog_rows(self) -> int:
@@ -279,7 +306,10 @@ class Resync:
             self._start_state()
         if self._state_after is not None:
             out += self._state_batches(now)
-            if self._state_after is not None or self.phase is Phase.STATE:
+            # A replay that took its share of the contact window waits for the next one;
+            # the rest of this window goes to live events and the backlog.
+            held = self._state_after is not None and self._state_share(now) <= 0
+            if not held and (self._state_after is not None or self.phase is Phase.STATE):
                 # The compacted replay goes out alone, before any backlog: building the
                 # first backlog batches in the same step delayed it by ~55 ms (measured).
                 if self._state_after is None:
@@ -291,7 +321,7 @@ class Resync:
             batch = self._next_live_batch(now) or self._next_backlog_batch(now)
             if batch is None:
                 break
-            self._spend(batch.payload)
+            self._spend(batch.payload, now)
             out.append(batch)
         self.phase = Phase.BACKLOG if self._backlog_open() else Phase.LIVE
         return out
@@ -303,16 +333,35 @@ class Resync:
         return {
             "budget_bytes_per_second": b.rate,
             "budget_bytes_per_contact": b.per_contact,
-            "contact_bytes": b.contact_spent if left > 0 else 0,
+            "contact_bytes": b.contact_spent(now),
             "contact_window_left_s": round(left, 1),
         }
 
-    def _spend(self, payload: bytes) -> None:
+    def _spend(self, payload: bytes, now: float, *, events: bool = True) -> None:
         """Count a message against the byte budget: its payload and its MQTT PUBLISH
         header (fixed header, topic, packet id); TCP/IP headers are not counted."""
         size = len(payload) + self._publish_overhead
-        self.budget.spend(size)
+        self.budget.spend(size, now)
         self.counters.bytes_sent += size
+        if events:  # what an event costs on the wire, without the replay's pages
+            self.counters.event_bytes_sent += size
+        elif self.budget.per_contact:
+            opened, spent = self._state_window
+            now_opened = self.budget.window_opened(now)
+            self._state_window = (now_opened, (spent if opened == now_opened else 0) + size)
+
+    def _state_share(self, now: float) -> float:
+        """Bytes the replay may still take in the open contact window: half the quota
+        (inf without one). A replay larger than a window then leaves the other half to
+        live events and the backlog, and goes on in the next window; taking it all, it
+        held them back for as many windows as it needed, and again at each connect."""
+        b = self.budget
+        if not b.per_contact:
+            return math.inf
+        opened, spent = self._state_window
+        if opened is None or opened != b.window_opened(now):
+            spent = 0
+        return b.per_contact / 2 - spent
 
     def _backlog_open(self) -> bool:
         return any(a < self._connect_high for a in self._after)
@@ -341,7 +390,7 @@ class Resync:
                     self._live_after = max(min(live) - 1, self._cursor.delivered)
         if (
             self._state_pending
-            and now - min(at for at, _ in self._state_pending.values()) > self.config.ack_timeout
+            and now - min(p[0] for p in self._state_pending.values()) > self.config.ack_timeout
         ):
             # The compacted replay was lost (e.g. the collector was not subscribed yet):
             # send it again, or the fleet view would stay behind until the next connect.
@@ -357,9 +406,11 @@ class Resync:
         return batch_id
 
     def _start_state(self) -> None:
-        """Begin sending the compacted replay from the first stream."""
+        """Begin sending the compacted replay: from the first stream, or from where an
+        unfinished one stopped."""
         self._resend_state = False
-        self._state_after = ""
+        self._state_after = self._state_resume if self._state_resume is not None else ""
+        self._state_resume = None
         known = self.reader.execute("SELECT count(DISTINCT stream_id) FROM stream_epochs")
         self.counters.state_streams_known = int(known.fetchone()[0])
         self.counters.state_streams_sent = 0
@@ -373,15 +424,20 @@ class Resync:
         limit = STATE_BATCH_EVENTS
         if not self.budget.unlimited:
             limit = max(16, min(STATE_BATCH_EVENTS, int(self.budget.rate) // 64))
-        room = self.budget.room(now)
-        if room < math.inf:  # what the contact window has left, at ~64 B an event
-            limit = max(16, min(limit, int(room) // 64))
         while (
             self._state_after is not None
             and len(self._state_pending) < self.config.max_in_flight
             and self.budget.ready(now)
+            and self._state_share(now) > 0
         ):
-            page = read_latest(self.reader, after=self._state_after, limit=limit)
+            after = self._state_after
+            page = read_latest(self.reader, after=after, limit=limit)
+            more = len(page) == limit  # streams may follow this page
+            room = min(self.budget.room(now), self._state_share(now))
+            if room < math.inf:  # cut to the contact window's room, as an events batch is
+                kept = _fits(page, max(QUOTA_MIN_BATCH, int(room)))
+                more = more or kept < len(page)
+                page = page[:kept]
             if page:
                 self._check_forward(page[0][1].stream, page)
                 batch_id = self._new_id()
@@ -393,11 +449,11 @@ class Resync:
                 codec = "zlib" if self.config.wire_codec == "columnar" else self.config.wire_codec
                 payload = batch.encode(codec=codec)
                 out.append(Outgoing("state", batch_id, payload, len(page)))
-                self._spend(payload)
-                self._state_pending[batch_id] = (now, batch_digest(payload))
+                self._spend(payload, now, events=False)
+                self._state_pending[batch_id] = (now, batch_digest(payload), after)
                 self.counters.state_batches_sent += 1
                 self.counters.state_streams_sent += len(page)
-            if len(page) < limit:
+            if not more:
                 self._state_after = None
                 if not self._state_pending:
                     self.counters.last_convergence_s = 0.0  # nothing to converge on

@@ -132,9 +132,9 @@ def fleet_view(live: LiveState, conn: sqlite3.Connection, now: float) -> Row:
 def budget_view(live: LiveState, conn: sqlite3.Connection, unacked: int) -> Row | None:
     """The byte budget and what it means for the backlog, or None without one.
 
-    Bytes an event takes on the wire: as the uplink counted them (compressed, MQTT header
-    included) once it sent 1,000 events, else the newest stored rows' payload plus 45
-    bytes (uncompressed: an upper bound)."""
+    Bytes an event takes on the wire: as the uplink counted them for events batches
+    (compressed, MQTT header included, the replay's pages left out) once it sent 1,000,
+    else the newest stored rows' payload plus 45 bytes (uncompressed: an upper bound)."""
     c = live.uplink.counters
     rate, quota = (
         float(c.get("budget_bytes_per_second", 0)),
@@ -142,7 +142,7 @@ def budget_view(live: LiveState, conn: sqlite3.Connection, unacked: int) -> Row 
     )
     if not rate and not quota:
         return None
-    sent, events = int(c.get("bytes_sent", 0)), int(c.get("events_sent", 0))
+    sent, events = int(c.get("event_bytes_sent", 0)), int(c.get("events_sent", 0))
     if events >= 1000:
         per_event, basis = sent / events, "as sent"
     else:
@@ -151,14 +151,16 @@ def budget_view(live: LiveState, conn: sqlite3.Connection, unacked: int) -> Row 
             "LIMIT 1000)"
         ).fetchone()
         per_event, basis = float(row[0] or 0) + 45.0, "uncompressed"
-    spent = int(c.get("contact_bytes", 0))
+    spent, left = int(c.get("contact_bytes", 0)), float(c.get("contact_window_left_s", 0.0))
     backlog = unacked * per_event
-    seconds, windows = drain_estimate(backlog, rate, quota, quota - spent if quota else 0.0)
+    # No window open: the first of the windows needed has yet to open, so none has room.
+    room = quota - spent if quota and left > 0 else 0.0
+    seconds, windows = drain_estimate(backlog, rate, quota, room)
     return {
         "bytes_per_second": rate,
         "bytes_per_contact": quota,
         "contact_bytes": spent,
-        "contact_window_left_s": float(c.get("contact_window_left_s", 0.0)),
+        "contact_window_left_s": left,
         "bytes_per_event": round(per_event, 1),
         "bytes_per_event_basis": basis,
         "backlog_bytes": round(backlog),

@@ -7,11 +7,11 @@ long-run rate never exceeds the budget by more than one batch. A plain bucket th
 refuses a cost above its content would stall for ever on such a batch.
 
 A contact window's quota (`[uplink] max_bytes_per_contact`, `contact_seconds`) caps what
-one window of link time may carry, for links billed per pass or per session: a window
-opens with the first message after the previous one ended and lasts `contact_seconds`
-whatever the connection does inside it (a flapping link does not refill it). Batches are
-cut to the room left (`room`), so a window's total exceeds the quota by at most the
-smallest batch (QUOTA_MIN_BATCH) and one MQTT header.
+one window may carry, for links billed per pass or per session: a window opens with the
+first message sent after the previous one ended and lasts `contact_seconds` of monotonic
+time, whatever the connection does inside it (a flapping link does not refill it).
+Batches and state pages are cut to the room left (`room`), so a window's total exceeds
+the quota by at most the smallest batch (QUOTA_MIN_BATCH) and one MQTT header.
 
 Pure: the caller passes the monotonic time; `agent.resync.Resync` owns one and asks it
 before each batch, live before backlog (docs/operations.md, section 4).
@@ -53,8 +53,11 @@ class ByteBudget:
         self.spent = 0  # bytes sent through the budget
         self.per_contact = int(per_contact)
         self.contact_seconds = float(contact_seconds)
-        self.contact_spent = 0  # bytes of the current window
-        self._opened: float | None = None  # when the current window opened; None: none open
+        # (opened at, bytes spent) of the current window, one tuple so that a reader in
+        # another thread (the live snapshot) never pairs one window's start with another's
+        # bytes; None until the first send.
+        self._window: tuple[float, int] | None = None
+        self._seen = now  # the latest time asked about: when a send without one happened
 
     @property
     def unlimited(self) -> bool:
@@ -72,29 +75,49 @@ class ByteBudget:
             self._at = now
         return self._tokens > 0
 
+    def _open(self, now: float) -> tuple[float, int] | None:
+        """The current window, if one is open at `now` (a clock that stepped back ends it:
+        a step back can end a window early, never stretch one)."""
+        w = self._window
+        if w is None or not 0 <= now - w[0] < self.contact_seconds:
+            return None
+        return w
+
     def room(self, now: float) -> float:
-        """Bytes the contact window still allows (inf without a quota). A window opens
-        here, with the first question after the previous one ended."""
+        """Bytes the contact window allows at `now` (inf without a quota): what is left
+        in the open window, or a whole quota when none is open (the next send opens one)."""
+        self._seen = max(self._seen, now)
         if not self.per_contact:
             return math.inf
-        if self._opened is None or not 0 <= now - self._opened < self.contact_seconds:
-            # None open, over, or a clock that stepped back: a new window (a step back
-            # can only end a window early, never stretch one).
-            self._opened, self.contact_spent = now, 0
-        return float(self.per_contact - self.contact_spent)
+        w = self._open(now)
+        return float(self.per_contact - (w[1] if w is not None else 0))
 
     def window_left(self, now: float) -> float:
-        """Seconds until the current window ends (0 when none is open or no quota)."""
-        if not self.per_contact or self._opened is None:
-            return 0.0
-        return max(0.0, self._opened + self.contact_seconds - now)
+        """Seconds until the open window ends (0 when none is open, or no quota)."""
+        w = self._open(now) if self.per_contact else None
+        return 0.0 if w is None else max(0.0, w[0] + self.contact_seconds - now)
 
-    def spend(self, nbytes: int) -> None:
-        """Take the size of a message that went out (the bucket may go into debt)."""
+    def window_opened(self, now: float) -> float | None:
+        """When the window open at `now` opened (None when none is)."""
+        w = self._open(now) if self.per_contact else None
+        return None if w is None else w[0]
+
+    def contact_spent(self, now: float) -> int:
+        """Bytes sent in the window open at `now` (0 when none is)."""
+        w = self._open(now)
+        return 0 if w is None else w[1]
+
+    def spend(self, nbytes: int, now: float | None = None) -> None:
+        """Take the size of a message that went out at `now` (default: the latest time
+        asked about); the bucket may go into debt, and the send opens a contact window
+        when none is open."""
         self.spent += nbytes
-        self.contact_spent += nbytes
         if not self.unlimited:
             self._tokens -= nbytes
+        if self.per_contact:
+            at = self._seen if now is None else now
+            w = self._open(at) or (at, 0)
+            self._window = (w[0], w[1] + nbytes)
 
     def seconds_for(self, nbytes: float) -> float:
         """How long `nbytes` take at the budget's rate (0 when unlimited)."""

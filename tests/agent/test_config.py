@@ -119,3 +119,26 @@ def test_version_is_the_installed_packages() -> None:
         program = str(Path(AGENT).with_name(name))
         res = subprocess.run([program, "--version"], capture_output=True, text=True, check=False)
         assert (res.returncode, res.stdout.strip(), res.stderr) == (0, line, ""), name
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "ok"),
+    [
+        ("max_bytes_per_contact", 0, True),
+        ("max_bytes_per_contact", 4095, False),
+        ("max_bytes_per_contact", 4096, True),
+        ("max_bytes_per_contact", 10**12, True),
+        ("max_bytes_per_contact", 10**12 + 1, False),
+        ("contact_seconds", 0.999, False),
+        ("contact_seconds", 1, True),
+        ("contact_seconds", 604_800, True),
+        ("contact_seconds", 604_801, False),
+    ],
+)
+def test_contact_window_bounds(tmp_path: Path, key: str, value: int, ok: bool) -> None:
+    text = f"[uplink]\nfleet_key_file = '/k.pub'\n{key} = {value}\n"
+    if ok:
+        assert getattr(load(write(tmp_path, text)).uplink, key) == value
+        return
+    with pytest.raises(ConfigError, match=rf"\[uplink\] {key}"):
+        load(write(tmp_path, text))

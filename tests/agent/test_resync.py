@@ -718,3 +718,45 @@ def test_unreadable_frontiers_read_as_the_cursor(store: EventStore) -> None:
         store.conn.execute("UPDATE agent_state SET value = ? WHERE key = 'uplink.frontiers'",
                            (bad,))  # fmt: skip
         assert read_frontiers(store.conn) == (4,) * 8
+
+
+def test_a_replay_larger_than_a_contact_window_goes_on_where_it_stopped(
+    store: EventStore,
+) -> None:
+    """[uplink] max_bytes_per_contact smaller than the compacted replay, the link up for
+    one window a pass: state pages are cut to the window's room by bytes (a window ends
+    at most QUOTA_MIN_BATCH over), the replay takes half of each window and the backlog
+    the rest, and each pass goes on from the first page not acknowledged. Before, each
+    pass sent the same first pages and nothing else, for ever."""
+    from agent.resilience.budget import QUOTA_MIN_BATCH  # noqa: PLC0415
+
+    streams, quota, window = 120, 8192, 60.0
+    store.append([In(Event(f"s{k:03d}", q, payload=bytes(400)))
+                  for q in (1, 2) for k in range(streams)])  # fmt: skip
+    transport = FakeTransport()
+    sync, resync, _, _ = make(store, transport, codec="raw", max_bytes_per_contact=quota,
+                              contact_seconds=window, max_in_flight=1000)  # fmt: skip
+    header = len("ironfleet/v1/v1/events") + 9
+    sent_state: list[str] = []
+    backlog = 0
+    for _ in range(60):  # passes; bounded
+        step(sync, 3, dt=0.01)  # (re)connected: send what the window allows
+        batches = transport.batches()
+        assert sum(len(p) + header for _, p in transport.published) <= quota + QUOTA_MIN_BATCH
+        ack_all(transport, sync, batches)
+        state = [e.stream for b in batches if b.kind == "state" for e, _ in b.events]
+        events = sum(len(b.events) for b in batches if b.kind == "events")
+        sent_state += state
+        backlog += events
+        if len(set(sent_state)) == streams:
+            break
+        assert state, "a window without the replay"
+        assert events, "a window without the backlog"
+        transport.drop()  # the pass ends with the link
+        step(sync)  # the disconnect is noticed; a retry is scheduled within the backoff
+        transport.published.clear()
+        step(sync, 1, dt=window)  # the next window, and the backoff, have elapsed
+    assert sorted(set(sent_state)) == [f"s{k:03d}" for k in range(streams)]
+    assert len(sent_state) < 1.2 * streams  # each page about once, not the first ones again
+    assert backlog > streams // 2  # the backlog moved alongside, window after window
+    assert resync.counters.event_bytes_sent < resync.counters.bytes_sent

@@ -53,47 +53,52 @@ def test_unlimited_and_a_clock_that_steps_back() -> None:
 @given(
     st.integers(4096, 200_000),
     st.floats(1.0, 100.0),
-    st.lists(st.tuples(st.floats(0.0, 5.0), st.integers(1, 300_000)), min_size=1, max_size=300),
+    st.lists(st.tuples(st.floats(0.0, 5.0), st.integers(0, 300_000)), min_size=1, max_size=300),
 )
 def test_a_contact_window_carries_its_quota_and_one_small_batch_at_most(
     quota: int, seconds: float, steps: list[tuple[float, int]]
 ) -> None:
     """As the uplink uses it: a batch is cut to the room left (never below
-    QUOTA_MIN_BATCH), and goes only when `ready`. Whatever the sizes and timing, a
-    window's bytes stay within quota + QUOTA_MIN_BATCH, and a new window opens only
-    `contact_seconds` after the last one opened."""
+    QUOTA_MIN_BATCH) and goes only when `ready`; `want` 0 is a step with nothing to send.
+    Whatever the sizes and timing, a window opens with the first send after the last one
+    ended (not when nothing is sent), carries at most quota + QUOTA_MIN_BATCH, and is
+    refused only when spent."""
     budget = ByteBudget(0, per_contact=quota, contact_seconds=seconds)
     now = 0.0
-    window: list[float] = []  # when the current window opened, by our own count
+    opened: float | None = None  # the window as the documentation defines it
     in_window = 0
     for dt, want in steps:
         now += dt
-        if not window or now - window[-1] >= seconds:
-            window.append(now)
-            in_window = 0
-        if budget.ready(now):
-            size = min(want, max(QUOTA_MIN_BATCH, int(budget.room(now))))
-            budget.spend(size)
-            in_window += size
-        else:
+        if opened is not None and now - opened >= seconds:
+            opened, in_window = None, 0  # ended; the next send opens the next one
+        if not budget.ready(now):
+            assert opened is not None
             assert in_window >= quota  # refused only when the quota is spent
+        elif want:
+            size = min(want, max(QUOTA_MIN_BATCH, int(budget.room(now))))
+            budget.spend(size, now)
+            if opened is None:
+                opened = now
+            in_window += size
         assert in_window <= quota + QUOTA_MIN_BATCH
-        assert budget.contact_spent == in_window
-        assert budget.window_left(now) == pytest.approx(max(0.0, window[-1] + seconds - now))
+        assert budget.contact_spent(now) == in_window
+        left = 0.0 if opened is None else opened + seconds - now
+        assert budget.window_left(now) == pytest.approx(left)
 
 
 def test_the_window_does_not_refill_before_its_end_and_the_estimate_counts_windows() -> None:
     budget = ByteBudget(1000, per_contact=10_000, contact_seconds=60, now=0.0)
-    budget.spend(0)
     assert budget.room(0.0) == 10_000
-    for t in range(11):
-        assert budget.ready(float(t * 10)) or budget.contact_spent >= 10_000
-        if budget.ready(float(t * 10)):
-            budget.spend(5000)  # the rate's debt repays in 5 s, well inside the steps
-    # Two 5,000-byte messages in the window at t=0..50, then refused until t=60.
-    assert budget.spent == 10_000 + 2 * 5000  # window 2 opened at t=60 and took two more
-    assert not budget.ready(110.0)
-    assert budget.ready(120.0)
+    assert budget.window_left(30.0) == 0.0  # asked, nothing sent: no window is open
+    for t in range(30, 140, 10):
+        if budget.ready(float(t)):
+            budget.spend(5000, float(t))  # the rate's debt repays in 5 s, inside the steps
+    # Window 1 opened at t=30 (the first send) and took two messages; refused until t=90,
+    # when window 2 opened with the next send and took two more, until t=150.
+    assert budget.spent == 20_000
+    assert budget.window_left(130.0) == pytest.approx(20.0)
+    assert not budget.ready(149.0)
+    assert budget.ready(150.0)
     assert drain_estimate(25_000, 1000, 10_000, 4000) == (25.0, 3)  # 4,000 now + 3 windows
     assert drain_estimate(25_000, 0, 0, 0) == (None, None)
     assert drain_estimate(3000, 0, 10_000, 4000) == (None, 0)  # fits in the room left
