@@ -48,6 +48,7 @@ from agent.store import EventStore
 from agent.uplink_side import UplinkSide
 from agent.version import DISTRIBUTION, agent_version
 from agent.writer import Writer
+from firmware_bridge.clickrun import run_click
 
 log = logging.getLogger("agent.daemon")
 
@@ -428,15 +429,7 @@ def check_config(path: str, config: Config, *, strict: bool = False) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     """Console entry point of `ironfleet-agent`: the exit status of the command, 2 for a
     usage error (as click's standalone mode would, but returned, for in-process callers)."""
-    try:
-        code = cli.main(args=list(argv) if argv is not None else None,
-                        prog_name="ironfleet-agent", standalone_mode=False)  # fmt: skip
-    except click.ClickException as exc:
-        exc.show()
-        return exc.exit_code
-    except click.Abort:
-        return 1
-    return code if isinstance(code, int) else 0
+    return run_click(cli, argv, "ironfleet-agent")
 
 
 def run_daemon(config_path: str, log_level: str | None) -> int:

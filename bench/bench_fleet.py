@@ -296,12 +296,14 @@ def main() -> int:
     p.add_argument("--repeat", type=int, default=2, help="rounds of section 2 (best kept)")
     p.add_argument("--writers", type=int, default=0, help="--writers of the PostgreSQL "
                    "collectors (0: the CLI's default)")  # fmt: skip
+    p.add_argument("--nodelay", action="store_true", help="mosquitto set_tcp_nodelay true "
+                   "(default false: Nagle's algorithm on the broker's sockets)")  # fmt: skip
     args = p.parse_args()
     if args.quick:
         args.vehicles, args.batches, args.store_batches, args.repeat = 10, 4, 2, 1
     work = Path(tempfile.mkdtemp(prefix="bench-fleet-", dir="/var/tmp"))
     cluster = PgCluster()
-    broker = Broker(work / "broker")
+    broker = Broker(work / "broker", nodelay=args.nodelay)
     try:
         cluster.start()
         broker.start()
@@ -310,7 +312,8 @@ def main() -> int:
                                  "'full_page_writes')")  # fmt: skip
         print(f"bench_fleet: {os.cpu_count()} cores, {load()}, PostgreSQL "
               f"{cluster.bindir.parent.name}: {dict(settings)}; {args.vehicles} vehicles x "
-              f"{args.streams} streams, {args.batch_events} events per batch")  # fmt: skip
+              f"{args.streams} streams, {args.batch_events} events per batch; mosquitto "
+              f"set_tcp_nodelay {str(args.nodelay).lower()}")  # fmt: skip
         if "1" in args.sections:
             batches = workload(args.vehicles, args.store_batches, args.batch_events,
                                args.streams)  # fmt: skip

@@ -32,6 +32,7 @@ from typing import Any, Final
 import click
 
 from firmware_bridge.capture import CaptureError
+from firmware_bridge.clickrun import run_click
 from firmware_bridge.controller import DEFAULT_RING
 from firmware_bridge.faults import LineNoise
 from firmware_bridge.protocol import MAX_WINDOW
@@ -399,15 +400,7 @@ def run(args: SimOptions) -> dict[str, Any]:
 def main(argv: Sequence[str] | None = None) -> int:
     """Console entry point of `ironfleet-sim`: the run's exit status, 2 for a usage error
     (printed as click's standalone mode would, but returned, for in-process callers)."""
-    try:
-        code = cli.main(args=list(argv) if argv is not None else None,
-                        prog_name="ironfleet-sim", standalone_mode=False)  # fmt: skip
-    except click.ClickException as exc:
-        exc.show()
-        return exc.exit_code
-    except click.Abort:
-        return 1
-    return code if isinstance(code, int) else 0
+    return run_click(cli, argv, "ironfleet-sim")
 
 
 def main_replay(args: SimOptions) -> int:

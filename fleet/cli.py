@@ -29,6 +29,7 @@ import click
 from agent.errors import AgentError, CommitFailed, ConfigError
 from agent.fleet_auth import FleetSigner, key_fingerprint, keygen, load_private_key
 from agent.version import DISTRIBUTION
+from firmware_bridge.clickrun import run_click
 from fleet.collector import Collector, CollectorStore, FleetStore, WriterPool, open_store
 from fleet.importer import VehicleKeys, import_bundle
 from fleet.subscriber import FleetSubscriber
@@ -193,21 +194,6 @@ def keygen_command(private: str, public: str) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     """`ironfleet-collector` on `argv` (None: sys.argv[1:]): the command's exit status."""
     return run_click(cli, argv, "ironfleet-collector")
-
-
-def run_click(command: click.Command, argv: Sequence[str] | None, prog: str) -> int:
-    """`command` on `argv` (None: sys.argv[1:]) as `prog`: its exit status; a usage error
-    is shown as click's standalone mode would and returns 2; `--help` and `--version`
-    return 0. Never raises SystemExit."""
-    try:
-        code = command.main(args=list(argv) if argv is not None else None, prog_name=prog,
-                            standalone_mode=False)  # fmt: skip
-    except click.ClickException as exc:
-        exc.show()
-        return exc.exit_code
-    except click.Abort:  # Ctrl-C outside a command's own handler
-        return 1
-    return code if isinstance(code, int) else 0
 
 
 def _signing_choice(signing_key: str | None, unsigned: bool) -> None:

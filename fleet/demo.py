@@ -31,7 +31,7 @@ from agent.fleet import Batch
 from agent.fleet_auth import FleetSigner, keygen, load_private_key
 from agent.livestate import LiveState
 from agent.storedb import read_cursor
-from fleet.cli import run_click
+from firmware_bridge.clickrun import run_click
 from fleet.collector import Collector, CollectorStore
 from fleet.subscriber import FleetSubscriber
 

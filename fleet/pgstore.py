@@ -31,11 +31,7 @@ Rules, enforced by the database so that N collectors converge in any order:
 
 from __future__ import annotations
 
-import datetime as dt
-import functools
 import logging
-import math
-import re
 import threading
 import time
 from collections.abc import Iterable, Sequence
@@ -47,10 +43,22 @@ from psycopg import sql
 
 from agent.errors import CommitFailed
 from agent.fleet import Batch
+from fleet.pgsql import (
+    COPY_IN,
+    COPY_TYPES,
+    DAY,
+    MIGRATIONS,
+    NAMES,
+    QUARANTINE_SQL,
+    day_of,
+    ingest_sql,
+    name_day,
+    partition_ddl,
+    partition_name,
+)
 
 log = logging.getLogger(__name__)
 
-DAY: Final = 86_400.0  # seconds; partitions are UTC days of the event's ts
 AHEAD_DAYS: Final = 2  # partitions made ahead of today, so midnight never waits on DDL
 # A vehicle back from weeks offline uploads old days: they get their own partitions up to
 # this age (the agent's buffer rarely holds more); older or future ts go to DEFAULT.
@@ -74,145 +82,11 @@ LOCK_TIMEOUT_MS: Final = 5000  # partition DDL waits at most this long for inges
 DDL_RETRY: Final = 60.0  # seconds between partition DDL attempts after one failed
 TRANSIENT_RETRIES: Final = 3  # a deadlock or serialization failure is retried in place
 MIGRATION_LOCK: Final = 0x1F1EE7  # pg_advisory_xact_lock key: schema and partition DDL
-PARTITION_NAME: Final = re.compile(r"^events_d(\d{8})$")
 InsertMethod = Literal["auto", "unnest", "copy", "values"]
 # `auto`: below this many events one unnest statement, its own transaction in autocommit
 # (1 round trip: live batches are a few events); from it, binary COPY (6 round trips,
 # but C-speed row encoding: faster for backlog batches of hundreds). bench/bench_fleet.py.
 COPY_ABOVE: Final = 64
-
-MIGRATIONS: Final[tuple[tuple[str, str], ...]] = (
-    (
-        "0001_fleet_schema",
-        """
-CREATE TABLE events (
-    vehicle text NOT NULL, stream text NOT NULL, boot_epoch bigint NOT NULL,
-    seq bigint NOT NULL, ts double precision NOT NULL, ts_quality smallint NOT NULL,
-    kind text NOT NULL, priority smallint NOT NULL, payload bytea NOT NULL,
-    historical boolean NOT NULL, received_at timestamptz NOT NULL,
-    PRIMARY KEY (vehicle, stream, boot_epoch, seq, ts)
-) PARTITION BY RANGE (ts);
-CREATE TABLE events_default PARTITION OF events DEFAULT;
-CREATE TABLE state (
-    vehicle text NOT NULL, stream text NOT NULL, boot_epoch bigint NOT NULL,
-    seq bigint NOT NULL, ts double precision NOT NULL, kind text NOT NULL,
-    priority smallint NOT NULL, payload bytea NOT NULL, updated_at timestamptz NOT NULL,
-    PRIMARY KEY (vehicle, stream)
-) WITH (fillfactor = 70);
-CREATE TABLE vehicles (
-    vehicle text PRIMARY KEY, status text, status_at timestamptz,
-    batches bigint NOT NULL DEFAULT 0, state_batches bigint NOT NULL DEFAULT 0,
-    events bigint NOT NULL DEFAULT 0, duplicates bigint NOT NULL DEFAULT 0,
-    first_state_at timestamptz, last_batch_at timestamptz
-) WITH (fillfactor = 70);
-""",
-    ),
-    (
-        # PostgreSQL text cannot hold U+0000, which the serial protocol allows in stream
-        # and kind names: such events are kept here, names as UTF-8 bytes, so their batch
-        # is stored and acked like any other (refusing it stalled the vehicle's backlog).
-        "0002_events_nul",
-        """
-CREATE TABLE events_nul (
-    vehicle text NOT NULL, stream bytea NOT NULL, boot_epoch bigint NOT NULL,
-    seq bigint NOT NULL, ts double precision NOT NULL, ts_quality smallint NOT NULL,
-    kind bytea NOT NULL, priority smallint NOT NULL, payload bytea NOT NULL,
-    historical boolean NOT NULL, received_at timestamptz NOT NULL,
-    PRIMARY KEY (vehicle, stream, boot_epoch, seq)
-);
-""",
-    ),
-)
-
-_QUARANTINE_SQL: Final = """
-INSERT INTO events_nul (vehicle, stream, boot_epoch, seq, ts, ts_quality, kind, priority,
-                        payload, historical, received_at)
-VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, to_timestamp(%s)) ON CONFLICT DO NOTHING"""
-
-_COLUMNS: Final = "stream, boot_epoch, seq, ts, ts_quality, kind, priority, payload"
-
-# One statement per batch: insert the events, then, from the rows it actually inserted
-# (RETURNING), move each stream's state forward and count the batch on its vehicle.
-# Rows are sorted by key so that concurrent collectors take row locks in one order.
-_NAMES: Final = tuple(_COLUMNS.split(", "))
-_COPY_IN: Final = f"COPY incoming ({_COLUMNS}) FROM STDIN (FORMAT BINARY)"
-_COPY_TYPES: Final = ["text", "int8", "int8", "float8", "int2", "text", "int2", "bytea"]
-_SOURCES: Final = {
-    "unnest": """FROM unnest(%(stream)b::text[], %(boot_epoch)b::int8[], %(seq)b::int8[],
-                %(ts)b::float8[], %(ts_quality)b::int2[], %(kind)b::text[],
-                %(priority)b::int2[], %(payload)b::bytea[])
-       AS r(stream, boot_epoch, seq, ts, ts_quality, kind, priority, payload)""",
-    "copy": "FROM incoming",
-}
-_INGEST_SQL: Final = f"""
-WITH ins AS (
-  INSERT INTO events (vehicle, {_COLUMNS}, historical, received_at)
-  SELECT %(vehicle)s, {_COLUMNS}, %(historical)s, to_timestamp(%(at)s)
-  {{source}}
-  ORDER BY stream, boot_epoch, seq
-  {{conflict}}
-  RETURNING stream, boot_epoch, seq, ts, kind, priority, payload
-), top AS (
-  SELECT DISTINCT ON (stream) * FROM ins ORDER BY stream, boot_epoch DESC, seq DESC
-), st AS (
-  INSERT INTO state AS s
-  SELECT %(vehicle)s, stream, boot_epoch, seq, ts, kind, priority, payload, to_timestamp(%(at)s)
-  FROM top ORDER BY stream
-  ON CONFLICT (vehicle, stream) DO UPDATE SET boot_epoch = excluded.boot_epoch,
-    seq = excluded.seq, ts = excluded.ts, kind = excluded.kind, priority = excluded.priority,
-    payload = excluded.payload, updated_at = excluded.updated_at
-  WHERE (s.boot_epoch, s.seq) < (excluded.boot_epoch, excluded.seq)
-), n AS (SELECT count(*) AS stored FROM ins
-), v AS (
-  INSERT INTO vehicles AS v (vehicle, batches, state_batches, events, duplicates,
-                             first_state_at, last_batch_at)
-  SELECT %(vehicle)s, %(is_events)s, %(is_state)s, n.stored, %(total)s - n.stored,
-         CASE WHEN %(is_state)s = 1 THEN to_timestamp(%(at)s) END, to_timestamp(%(at)s)
-  FROM n
-  ON CONFLICT (vehicle) DO UPDATE SET batches = v.batches + excluded.batches,
-    state_batches = v.state_batches + excluded.state_batches,
-    events = v.events + excluded.events, duplicates = v.duplicates + excluded.duplicates,
-    first_state_at = coalesce(v.first_state_at, excluded.first_state_at),
-    last_batch_at = excluded.last_batch_at
-)
-SELECT stored FROM n
-"""
-
-
-@functools.lru_cache(maxsize=64)
-def _ingest_sql(method: str, on_conflict: bool, n: int) -> str:
-    """The batch statement for an insert method. Without `on_conflict` a duplicate key
-    aborts it (UniqueViolation): the fast path, ~25 % quicker than ON CONFLICT DO NOTHING
-    (whose speculative insertion costs one more index descent and WAL record per row)."""
-    if method == "values":
-        casts = ("", "::int8", "::int8", "::float8", "::int2", "", "::int2", "::bytea")
-        values = ", ".join(
-            "("
-            + ", ".join(f"%({name}{i})s{c}" for name, c in zip(_NAMES, casts, strict=True))
-            + ")"
-            for i in range(n)
-        )
-        source = f"FROM (VALUES {values}) AS r({_COLUMNS})"
-    else:
-        source = _SOURCES[method]
-    conflict = "ON CONFLICT DO NOTHING" if on_conflict else ""
-    return _INGEST_SQL.format(source=source, conflict=conflict)
-
-
-def day_of(ts: float) -> int:
-    """UTC day number (days since 1970-01-01) of a timestamp in seconds."""
-    return math.floor(ts / DAY)
-
-
-def partition_name(day: int) -> str:
-    return "events_d" + (dt.date(1970, 1, 1) + dt.timedelta(days=day)).strftime("%Y%m%d")
-
-
-def _name_day(name: str) -> int | None:
-    m = PARTITION_NAME.match(name)
-    if m is None:
-        return None
-    return (dt.datetime.strptime(m.group(1), "%Y%m%d").date() - dt.date(1970, 1, 1)).days
 
 
 class PgCollectorStore:
@@ -247,11 +121,7 @@ class PgCollectorStore:
     def ingest(self, batch: Batch, now: float | None = None) -> tuple[int, int]:
         """Store a batch in one committed transaction; return (stored, duplicates)."""
         at = time.time() if now is None else now
-        rows = sorted(
-            ((e.stream, e.boot_epoch, e.seq, e.ts, tq, e.kind, e.priority, e.payload)
-             for e, tq in batch.events),
-            key=lambda r: (r[0], r[1], r[2]),
-        )  # fmt: skip
+        rows = _rows(batch)
         # PostgreSQL text cannot hold U+0000: those events go to events_nul, in the same
         # transaction (docs/fleet-deployment.md).
         nul = [r for r in rows if "\x00" in r[0] or "\x00" in r[5]]
@@ -438,7 +308,7 @@ class PgCollectorStore:
                 stored = self._ingest_statement(conn, batch, rows, at, on_conflict,
                                                 method="unnest")  # fmt: skip
                 for r in nul:
-                    cur = conn.execute(_QUARANTINE_SQL, (
+                    cur = conn.execute(QUARANTINE_SQL, (
                         batch.vehicle, r[0].encode(), r[1], r[2], r[3], r[4], r[5].encode(),
                         r[6], r[7], batch.historical, at))  # fmt: skip
                     stored += max(cur.rowcount, 0)
@@ -464,18 +334,18 @@ class PgCollectorStore:
             method = "copy" if len(rows) >= COPY_ABOVE else "unnest"
         if method == "values":
             for i, r in enumerate(rows):
-                for name, value in zip(_NAMES, r, strict=True):
+                for name, value in zip(NAMES, r, strict=True):
                     params[f"{name}{i}"] = value
         elif method == "unnest":
-            columns = list(zip(*rows, strict=True)) or [()] * len(_NAMES)
-            for name, column in zip(_NAMES, columns, strict=True):
+            columns = list(zip(*rows, strict=True)) or [()] * len(NAMES)
+            for name, column in zip(NAMES, columns, strict=True):
                 params[name] = list(column)
-        statement = _ingest_sql(method, on_conflict, len(rows))
+        statement = ingest_sql(method, on_conflict, len(rows))
         if method != "copy":  # one statement: in autocommit, its own transaction
             return _count(conn.execute(statement.encode(), params))
         with conn.transaction(), conn.cursor() as cur:
-            with cur.copy(_COPY_IN) as copy:
-                copy.set_types(_COPY_TYPES)
+            with cur.copy(COPY_IN) as copy:
+                copy.set_types(COPY_TYPES)
                 for r in rows:
                     copy.write_row(r)
             return _count(cur.execute(statement.encode(), params))
@@ -542,7 +412,7 @@ class PgCollectorStore:
         except psycopg.Error as exc:
             self._forget_broken()
             raise CommitFailed(f"{type(exc).__name__}: {exc}") from exc
-        self._days = {d for (name,) in rows if (d := _name_day(name)) is not None}
+        self._days = {d for (name,) in rows if (d := name_day(name)) is not None}
 
     def _make_ahead(self, at: float, force: bool = False) -> list[str]:
         today = day_of(at)
@@ -580,7 +450,7 @@ class PgCollectorStore:
         if not missing:
             return []
         try:
-            self._ddl(stmt for d in missing for stmt in _partition_ddl(d))
+            self._ddl(stmt for d in missing for stmt in partition_ddl(d))
         finally:
             self._load_days()
         names = [partition_name(d) for d in missing]
@@ -588,29 +458,14 @@ class PgCollectorStore:
         return names
 
 
-def _partition_ddl(day: int) -> list[sql.Composed | sql.SQL]:
-    """Create day `day`'s partition, moving any rows DEFAULT already holds for it (else
-    PostgreSQL refuses the new partition)."""
-    name = sql.Identifier(partition_name(day))
-    low, high = sql.Literal(day * DAY), sql.Literal((day + 1) * DAY)
-    exists = sql.Literal(partition_name(day))
-    return [
-        sql.SQL(
-            "CREATE TEMP TABLE IF NOT EXISTS moving ON COMMIT DROP AS "
-            "SELECT * FROM events_default WITH NO DATA"
-        ),
-        sql.SQL(
-            "WITH d AS (DELETE FROM events_default WHERE ts >= {low} AND ts < {high} "
-            "AND NOT EXISTS (SELECT 1 FROM pg_class WHERE relname = {exists}) RETURNING *) "
-            "INSERT INTO moving SELECT * FROM d"
-        ).format(low=low, high=high, exists=exists),
-        sql.SQL(
-            "CREATE TABLE IF NOT EXISTS {name} PARTITION OF events FOR VALUES FROM ({low}) "
-            "TO ({high})"
-        ).format(name=name, low=low, high=high),
-        sql.SQL("INSERT INTO events SELECT * FROM moving ON CONFLICT DO NOTHING"),
-        sql.SQL("TRUNCATE moving"),
-    ]
+def _rows(batch: Batch) -> list[tuple[Any, ...]]:
+    """A batch's rows in column order, sorted by key: concurrent collectors then take
+    row locks in one order."""
+    return sorted(
+        ((e.stream, e.boot_epoch, e.seq, e.ts, tq, e.kind, e.priority, e.payload)
+         for e, tq in batch.events),
+        key=lambda r: (r[0], r[1], r[2]),
+    )  # fmt: skip
 
 
 def _count(cur: psycopg.Cursor[Any]) -> int:

@@ -45,6 +45,7 @@ from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 from agent.fleet import Ack, Batch, FleetMessageError, batch_digest, parse_topic, topic
 from agent.fleet_auth import FleetAuth, load_public_key
 from agent.resilience import Event, replay
+from agent.uplink import no_delay
 
 START_TIMEOUT = 60.0  # seconds for pg_ctl -w: a loaded CI machine replays WAL slowly
 USER = "ironfleet"  # the cluster's superuser (initdb -U), trusted on loopback only
@@ -491,6 +492,7 @@ class FleetLoad:
         )
         self.client.max_inflight_messages_set(1000)
         self.client.reconnect_delay_set(0.1, 0.5)  # type: ignore[arg-type]  # floats work
+        self.client.on_socket_open = no_delay  # as the agent's socket: no Nagle delay
         self.client.on_connect = self._on_connect
         self.client.on_subscribe = self._on_subscribe
         self.client.on_message = self._on_message

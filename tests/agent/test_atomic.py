@@ -5,11 +5,16 @@ between statements, or the COMMIT itself)."""
 from __future__ import annotations
 
 import sqlite3
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
-from agent.storedb import atomic, connect
+from agent.config import StoreSection
+from agent.errors import CommitFailed
+from agent.resilience import Event
+from agent.store import EventStore
+from agent.storedb import atomic, connect, read_cursor
 
 
 def _db(tmp_path: Path) -> sqlite3.Connection:
@@ -83,3 +88,41 @@ def test_failed_commit_is_rolled_back_not_left_open(tmp_path: Path) -> None:
     assert not conn.in_transaction
     assert _rows(conn) == []
     assert conn.execute("SELECT count(*) FROM child").fetchone()[0] == 0
+
+
+@dataclass(frozen=True)
+class In:
+    event: Event
+    time_quality: int = 3
+    controller_id: str = "ecu0"
+
+
+NOW = 1_800_000_000.0
+
+
+def test_the_store_paths_leave_nothing_half_written(tmp_path: Path) -> None:
+    """The store's own writers through atomic(): a checkpoint update and a TTL shed whose
+    statements fail part-way (a trigger refuses) leave the cursor, the shed records and
+    the events as they were, and no transaction open for the writer's next commit."""
+    store = EventStore(tmp_path / "a.db", StoreSection(ttl_seconds=60.0))
+    store.append([In(Event("s", q, priority=5, payload=b"x")) for q in range(1, 11)], now=NOW)
+    store.conn.execute(
+        "CREATE TRIGGER no_checkpoint BEFORE INSERT ON checkpoints "
+        "BEGIN SELECT RAISE(ABORT, 'refused'); END"
+    )
+    with pytest.raises(CommitFailed):
+        store.mark_delivered(5, {"s": (0, 5)}, now=NOW)
+    assert not store.conn.in_transaction
+    assert read_cursor(store.conn) == 1  # written before the refused insert: rolled back
+    store.conn.execute(
+        "CREATE TRIGGER no_delete BEFORE DELETE ON events BEGIN SELECT RAISE(ABORT, 'no'); END"
+    )
+    with pytest.raises(sqlite3.IntegrityError):
+        store.expire(NOW + 3600)  # the shed record is written, then the delete refused
+    assert not store.conn.in_transaction
+    assert store.conn.execute("SELECT count(*) FROM shed").fetchone()[0] == 0
+    assert store.conn.execute("SELECT count(*) FROM events").fetchone()[0] == 10
+    store.conn.execute("DROP TRIGGER no_delete")
+    store.conn.execute("DROP TRIGGER no_checkpoint")
+    assert store.mark_delivered(5, {"s": (0, 5)}, now=NOW)  # the next commits go through
+    assert store.expire(NOW + 3600) == 4  # 6-9 shed; 10, the stream's latest, kept

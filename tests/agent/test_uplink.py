@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from agent.resilience import Event
+
 from fleetharness import (
     VEHICLE,
     CollectorHarness,
@@ -245,6 +247,15 @@ def test_broker_ack_mode_delivers(
     check_zero_loss(truth, collector, agent)
 
 
+@dataclass(frozen=True)
+class Arrival:
+    """An event of a controller `old`, stored before the agent under test starts."""
+
+    event: Event
+    time_quality: int = 3
+    controller_id: str = "old"
+
+
 BACKLOG = 30_000  # ~80 incompressible bytes each: about 5 minutes of a 64 kbit/s link
 
 
@@ -256,14 +267,7 @@ def test_live_events_overtake_a_backlog_on_a_64_kbit_link(
     the vehicle (they do not wait behind it), the backlog that did arrive is its highest
     priority (streams old/s3 and old/s7 of priority 3, interleaved with priorities 0-2),
     and the uplink publishes no more than the budget allows."""
-    from agent.resilience import Event  # noqa: PLC0415
     from agent.store import EventStore  # noqa: PLC0415
-
-    @dataclass(frozen=True)
-    class Arrival:
-        event: Event
-        time_quality: int = 3
-        controller_id: str = "old"
 
     sim = start_sim("--rate", "20", "--streams", "2")
     agent = start_agent(sim.devices["ecu0"],
@@ -313,15 +317,8 @@ def test_a_contact_window_carries_no_more_than_its_quota(
     one small batch), the uplink's total stays within one quota per window that could
     have opened, new windows do open (the backlog keeps moving), and `status` says how
     many more windows the backlog needs."""
-    from agent.resilience import Event  # noqa: PLC0415
     from agent.store import EventStore  # noqa: PLC0415
     from agent.views import read_status  # noqa: PLC0415
-
-    @dataclass(frozen=True)
-    class Arrival:
-        event: Event
-        time_quality: int = 3
-        controller_id: str = "old"
 
     sim = start_sim("--rate", "20", "--streams", "2")
     agent = start_agent(sim.devices["ecu0"], uplink=uplink(
