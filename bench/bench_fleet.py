@@ -1,7 +1,7 @@
 """Fleet ingest: the PostgreSQL collector (1, 2, 3 in one share group) against the SQLite
 collector, in one run on this machine.
 
-Run as `.venv/bin/python bench/bench_fleet.py` (about 2 minutes; `--quick` for a smoke
+Run as `.venv/bin/python bench/bench_fleet.py` (about 4 minutes; `--quick` for a smoke
 test). Everything is started here: a throwaway PostgreSQL cluster (tests/pgharness.py:
 initdb + pg_ctl, fsync and synchronous_commit on, shared_buffers 128 MB), mosquitto on a
 free 127.0.0.1 port (bench/uplink_common.py), and real `ironfleet-collector run`
@@ -18,6 +18,9 @@ processes. The SQLite file and the PostgreSQL data directory are on the same fil
    collectors, which store each batch, commit, sign and publish the ack; the generator
    verifies every ack as an agent does. Rate = events acked / wall time from the first
    publish to the last ack.
+3. The agent's drain: the agent's own uplink (`AgentLoop` of bench_uplink.py) drains a
+   stored backlog (`--drain-events`, 1M by default) into one SQLite collector and 1, 2
+   and 3 PostgreSQL collectors; time to the checkpoint past the last event persisted.
 
 Bytes written per event: for PostgreSQL the WAL generated (pg_current_wal_lsn diff) and
 what every server process wrote to storage (/proc/<pid>/io, with a CHECKPOINT before the
@@ -45,7 +48,8 @@ from pathlib import Path
 
 import psutil
 import psycopg
-from uplink_common import Broker, cpu_seconds, write_bytes
+from uplink_agent import AgentLoop, section_for
+from uplink_common import Broker, copy_store, cpu_seconds, load_fill, write_bytes
 
 from agent.fleet import Batch
 from fleet.collector import CollectorStore
@@ -271,6 +275,40 @@ def run_fleet(cluster: PgCluster | None, work: Path, broker: Broker, n: int,
     return row
 
 
+def drain_into(cluster: PgCluster | None, work: Path, broker: Broker, n_col: int, *,
+               src: Path, n: int, args: argparse.Namespace) -> Row:  # fmt: skip
+    """Section 3: the agent's own uplink (bench/uplink_agent.py `AgentLoop`: Resync,
+    FleetSync, MqttTransport and checkpoints on the writer's cadence, ack_mode fleet,
+    500 events a batch) drains a copy of a stored backlog of `n` events into `n_col`
+    collectors. Time: first step to the checkpoint past the last event persisted."""
+    run = next(_RUNS)
+    url, cols = start_collectors(cluster, work, broker, n_col, writers=args.writers, run=run)
+    vehicle = f"drain-{run}"
+    agent = AgentLoop(copy_store(src, work / f"drain-{run}.db"), vehicle,
+                      section_for(broker.port, 500), nodelay=args.nodelay)  # fmt: skip
+    cpu0 = sum(cpu_seconds(c.proc.pid) for c in cols if c.proc)
+    t0 = time.monotonic()
+    try:
+        agent.run_until(lambda: agent.drained, 1800)
+        seconds = time.monotonic() - t0
+    finally:
+        agent.close()
+    cpu = sum(cpu_seconds(c.proc.pid) for c in cols if c.proc) - cpu0
+    count = "SELECT count(*) FROM events WHERE vehicle = %s"
+    if cluster is not None:
+        stored = cluster.query(url.rsplit("/", 1)[1], count, vehicle)[0][0]
+        name = f"postgres, {n_col} collector{'s' if n_col > 1 else ''}"
+    else:
+        with sqlite3.connect(url) as conn:
+            stored = conn.execute(count.replace("%s", "?"), (vehicle,)).fetchone()[0]
+        name = "sqlite, 1 collector"
+    for c in cols:
+        c.kill(signal.SIGTERM)
+    if stored != n:
+        raise RuntimeError(f"{name}: stored {stored} of {n}")
+    return Row(name, n, seconds, cpu=cpu, where=load())
+
+
 def verdict(rows: list[Row]) -> str:
     sqlite, pg1 = rows[0].rate, rows[1].rate
     monotone = all(b.rate >= a.rate * 0.95 for a, b in itertools.pairwise(rows[1:]))
@@ -291,16 +329,19 @@ def main() -> int:
     p.add_argument("--batches", type=int, default=16, help="per vehicle, end to end")
     p.add_argument("--batch-events", type=int, default=500)
     p.add_argument("--streams", type=int, default=200, help="per vehicle")
-    p.add_argument("--sections", default="12", help="which sections to run: 1, 2 or 12")
+    p.add_argument("--sections", default="123", help="which sections to run: any of 1, 2, 3")
     p.add_argument("--store-batches", type=int, default=8, help="per vehicle, store only")
     p.add_argument("--repeat", type=int, default=2, help="rounds of section 2 (best kept)")
     p.add_argument("--writers", type=int, default=0, help="--writers of the PostgreSQL "
                    "collectors (0: the CLI's default)")  # fmt: skip
+    p.add_argument("--drain-events", type=int, default=1_000_000,
+                   help="section 3: the agent's stored backlog")  # fmt: skip
     p.add_argument("--nodelay", action="store_true", help="mosquitto set_tcp_nodelay true "
                    "(default false: Nagle's algorithm on the broker's sockets)")  # fmt: skip
     args = p.parse_args()
     if args.quick:
         args.vehicles, args.batches, args.store_batches, args.repeat = 10, 4, 2, 1
+        args.drain_events = 20_000
     work = Path(tempfile.mkdtemp(prefix="bench-fleet-", dir="/var/tmp"))
     cluster = PgCluster()
     broker = Broker(work / "broker", nodelay=args.nodelay)
@@ -341,6 +382,15 @@ def main() -> int:
             for k in sorted(best):
                 print(best[k].line())
             print("\n" + verdict([best[k] for k in range(4)]))
+        if "3" in args.sections:
+            src, _ = load_fill(work, args.drain_events, args.streams)
+            print(f"\n3. the agent's drain of a {args.drain_events:,}-event backlog "
+                  f"({args.streams} streams, 500 events a batch, ack_mode fleet, signed "
+                  f"acks) into each store; time to the last checkpoint")  # fmt: skip
+            for where, n_col in ((None, 1), (cluster, 1), (cluster, 2), (cluster, 3)):
+                row = drain_into(where, work, broker, n_col, src=src, n=args.drain_events,
+                                 args=args)  # fmt: skip
+                print(f"{row.line()}  drain {row.seconds:.1f} s")
         return 0
     finally:
         broker.stop()
