@@ -50,7 +50,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from agent.bundlesig import SIGNATURE_NAME, signature_file
 from agent.errors import AgentError
-from agent.fleet import Batch
+from agent.fleet import ROW_OVERHEAD, Batch
 from agent.resilience import Event
 from agent.store import read_cursor, read_latest
 from agent.version import agent_version
@@ -365,7 +365,7 @@ def read_run(conn: sqlite3.Connection, after: int, top: int, max_events: int,
     for rowid, name, epoch, seq, ts, tq, kind, priority, payload in conn.execute(
         _RUN_SQL, (after, top, max_events)
     ).fetchall():
-        size += len(payload) + len(name) + len(kind) + 40
+        size += len(payload) + len(name) + len(kind) + ROW_OVERHEAD
         if run.events and size > max_bytes:
             break
         run.events.append((Event.trusted(name, seq, epoch, ts, kind, priority, bytes(payload)), tq))

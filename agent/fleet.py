@@ -39,6 +39,9 @@ CODEC_COLUMNAR: Final = 2  # batches only: events as columns, then zlib (agent/w
 CODECS: Final = {"raw": CODEC_RAW, "zlib": CODEC_ZLIB, "columnar": CODEC_COLUMNAR}
 COLUMNAR_LEVEL: Final = 6  # zlib after the columns (level 1: ~4 % more bytes, same CPU)
 COMPRESS_ABOVE: Final = 1024  # bytes; smaller documents do not gain from zlib
+# What a row costs beyond its payload, stream and kind names, before compression: the
+# estimate batches, state pages and export runs are cut by (bytes a row = those + this).
+ROW_OVERHEAD: Final = 40
 BATCH_KINDS: Final = ("state", "events")
 COMMAND_OPS: Final = ("replay", "ping")
 # Bounds on what a peer may send us (the collector parses agents' batches, the agent

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 
 from agent.config import UplinkSection
-from agent.fleet import Batch, WireRow, batch_digest, encode_rows, topic
+from agent.fleet import ROW_OVERHEAD, Batch, WireRow, batch_digest, encode_rows, topic
 from agent.resilience import Event
 from agent.resilience.budget import QUOTA_MIN_BATCH, ByteBudget
 from agent.resilience.cursor import CLASSES, AckedRun, ClassedCursor, class_of
@@ -110,7 +110,7 @@ def _fits(page: list[tuple[int, Event, int, float]], cap: int) -> int:
     `Resync._batch` counts a row before compression."""
     size = 0
     for i, (_, e, _, _) in enumerate(page):
-        size += len(e.payload) + len(e.stream) + len(e.kind) + 40
+        size += len(e.payload) + len(e.stream) + len(e.kind) + ROW_OVERHEAD
         if i and size > cap:
             return i
     return len(page)
@@ -557,7 +557,7 @@ class Resync:
             cap = min(cap, max(QUOTA_MIN_BATCH, int(room)))
         for row in rows:
             rowid, name, epoch, seq, _ts, _tq, kind, _priority, payload = row
-            size += len(payload) + len(name) + len(kind) + 40
+            size += len(payload) + len(name) + len(kind) + ROW_OVERHEAD
             if wire and size > cap:
                 end = 0
                 break
