@@ -56,7 +56,8 @@ from fleet.collector import CollectorStore
 from fleet.pgstore import PgCollectorStore
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from pgharness import CollectorProc, FleetLoad, LoadVehicle, PgCluster
+from fleetload import FleetLoad, LoadVehicle
+from pgharness import CollectorProc, PgCluster
 from support import fleet_keys
 
 # Each run has fresh MQTT sessions, batch ids (the seed) and files: nothing queued or

@@ -1,5 +1,6 @@
 """Helpers for the uplink tests: the reference collector in-process, the fleet-side
-oracle, a sampler of checkpoints and resources, and drain waits.
+oracle, a sampler of checkpoints and resources, drain waits, and `ironfleet-collector` run
+to its end (the export tests).
 
 Shared by tests/agent/test_uplink.py and tests/chaos/test_uplink_faults.py. It lives at
 the top of tests/ because tests/agent/ is named like the `agent` package, so modules in
@@ -18,6 +19,8 @@ Oracle numbering follows the chaos suite:
 from __future__ import annotations
 
 import sqlite3
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -35,6 +38,15 @@ from fleet.subscriber import FleetSubscriber
 
 from simharness import AgentProcess, Key, Sim, TruthReader, agent_state, live, stored_events
 from support import fleet_signer, wait_for
+
+COLLECTOR = str(Path(sys.executable).with_name("ironfleet-collector"))
+
+
+def run_collector(*args: str) -> subprocess.CompletedProcess[str]:
+    """`ironfleet-collector ARGS` to its end (at most 60 s), output captured as text."""
+    return subprocess.run([COLLECTOR, *args], capture_output=True, text=True, timeout=60,
+                          check=False)  # fmt: skip
+
 
 StartSim = Callable[..., Sim]
 StartAgent = Callable[..., AgentProcess]

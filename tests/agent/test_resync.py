@@ -7,85 +7,29 @@ Acks and commands are signed with a real Ed25519 key, as the collector signs the
 
 from __future__ import annotations
 
-import random
 import tracemalloc
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from agent.config import UplinkSection
-from agent.fleet import Ack, Batch, Command, batch_digest
+from agent.fleet import Ack, Command, batch_digest
 from agent.fleet_auth import FleetAuth, FleetSigner
-from agent.fleetsync import FleetSync
-from agent.resilience import Backoff, CircuitBreaker, Event
-from agent.resync import Phase, Resync
-from agent.store import EventStore, StoreSection, connect, read_frontiers
-from agent.storedb import EXPORTS_DIR
-from agent.views import read_status
+from agent.resync import Phase
+from agent.store import EventStore
 
-
-@dataclass(frozen=True)
-class In:
-    event: Event
-    time_quality: int = 3
-    controller_id: str = "ecu0"
-
-
-@dataclass
-class FakeTransport:
-    """Connects after `connack_after` polls; records what is published."""
-
-    connack_after: int = 1
-    refuse: bool = False
-    pubacks: bool = True  # the broker acknowledges every publish (False: they get lost)
-    connected: bool = False
-    connects: int = 0
-    published: list[tuple[str, bytes]] = field(default_factory=list)
-    pending: list[tuple[str, object]] = field(default_factory=list)
-    payloads: dict[int, bytes] = field(default_factory=dict)  # batch id -> as published
-    statuses: list[dict[str, object]] = field(default_factory=list)
-    _countdown: int = -1
-    _mid: int = 0
-    address: str = "fake:1883"
-    connect_error: str = ""
-
-    def connect(self) -> bool:
-        self.connects += 1
-        if self.refuse:
-            self.connect_error = f"{self.address}: Connection refused (ECONNREFUSED)"
-            return False
-        self._countdown = self.connack_after
-        return True
-
-    def poll(self, timeout: float) -> list[tuple[str, object]]:
-        if self._countdown > 0:
-            self._countdown -= 1
-        if self._countdown == 0:
-            self._countdown = -1
-            self.connected = True
-            self.pending.append(("connected", None))
-        out, self.pending = self.pending, []
-        return out
-
-    def publish(self, kind: str, payload: bytes) -> int | None:
-        self._mid += 1
-        self.published.append((kind, payload))
-        self.payloads[Batch.decode(payload).batch_id] = payload
-        if self.pubacks:
-            self.pending.append(("puback", self._mid))
-        return self._mid
-
-    def publish_status(self, state: str, **fields: object) -> None:
-        self.statuses.append({"state": state, **fields})
-
-    def drop(self) -> None:
-        self.connected = False
-        self.pending.append(("disconnected", "test"))
-
-    def batches(self) -> list[Batch]:
-        return [Batch.decode(p) for _, p in self.published]
+from resyncharness import (
+    SIGNER,
+    FakeTransport,
+    ack_all,
+    clock,
+    events_batches,
+    fill,
+    make,
+    signed_ack,
+    signed_command,
+    step,
+)
 
 
 @pytest.fixture
@@ -93,66 +37,9 @@ def store(tmp_path: Path) -> EventStore:
     return EventStore(tmp_path / "a.db")
 
 
-def fill(store: EventStore, streams: int, per_stream: int, start: int = 1) -> None:
-    store.append(
-        [In(Event(f"s{k}", q, payload=b"\x80")) for q in range(start, start + per_stream)
-         for k in range(streams)]
-    )  # fmt: skip
-
-
-def make(
-    store: EventStore, transport: FakeTransport, **config: object
-) -> tuple[FleetSync, Resync, CircuitBreaker, list[tuple[int, dict[str, tuple[int, int]]]]]:
-    delivered: list[tuple[int, dict[str, tuple[int, int]]]] = []
-
-    def deliver(
-        upto: int, positions: dict[str, tuple[int, int]], frontiers: tuple[int, ...]
-    ) -> None:
-        if upto >= store.cursor:  # the cursor moves (not only a class frontier)
-            delivered.append((upto, positions))
-        store.mark_delivered(upto, positions, frontiers=frontiers)
-
-    section = UplinkSection(**{"batch_max_events": 10, "batch_max_delay_ms": 0.0, **config})  # type: ignore[arg-type]
-    resync = Resync(connect(store.path, readonly=True), "v1", section, deliver, run_id=1)
-    breaker = CircuitBreaker(section.breaker_failure_threshold, section.breaker_recovery_timeout,
-                             clock=lambda: clock[0])  # fmt: skip
-    sync = FleetSync(transport, resync, breaker, Backoff(0.5, 4.0, rng=random.Random(1)),
-                     auth=FleetAuth("v1", FLEET_KEY.public_key()))  # fmt: skip
-    return sync, resync, breaker, delivered
-
-
-FLEET_KEY = Ed25519PrivateKey.generate()
-SIGNER = FleetSigner(FLEET_KEY)
-
-
-def signed_ack(transport: FakeTransport, b: Batch, vehicle: str = "v1") -> bytes:
-    """The collector's ack for `b`: digest of the bytes published, signed."""
-    ack = Ack(b.batch_id, b.kind, len(b.events), 0, batch_digest(transport.payloads[b.batch_id]))
-    return SIGNER.sign_ack(vehicle, ack).encode()
-
-
-def signed_command(op: str, cmd_id: int) -> bytes:
-    return SIGNER.sign_command("v1", Command(op, cmd_id)).encode()
-
-
-clock = [0.0]
-
-
 @pytest.fixture(autouse=True)
 def reset_clock() -> None:
     clock[0] = 1000.0
-
-
-def step(sync: FleetSync, n: int = 1, dt: float = 0.01) -> None:
-    for _ in range(n):
-        clock[0] += dt
-        sync.run_once(clock[0], timeout=0)
-
-
-def ack_all(transport: FakeTransport, sync: FleetSync, batches: list[Batch]) -> None:
-    for b in batches:
-        transport.pending.append(("ack", signed_ack(transport, b)))
-    step(sync)
 
 
 def test_one_connect_attempt_while_connack_is_pending(store: EventStore) -> None:
@@ -320,10 +207,6 @@ def test_late_acks_after_a_timeout_still_advance_the_cursor(store: EventStore) -
 
 
 # -- the broker -> agent trust boundary (issue 12) ------------------------------------------
-
-
-def events_batches(transport: FakeTransport) -> list[Batch]:
-    return [b for b in transport.batches() if b.kind == "events"]
 
 
 def test_forged_acks_move_nothing_then_genuine_ones_do(store: EventStore) -> None:
@@ -494,269 +377,3 @@ def test_state_replay_is_paged_and_windowed_then_the_backlog_follows(store: Even
     assert sorted(state) == sorted(f"s{k}" for k in range(streams))  # each stream once
     assert resync.counters.state_streams_sent == resync.counters.state_streams_known == streams
     assert "events" in {b.kind for b in transport.batches()}
-
-
-# -- scarce links: live before the backlog, the byte budget -----------------------------------
-
-
-def _events_batches(transport: FakeTransport) -> list[Batch]:
-    return [b for b in transport.batches() if b.kind == "events"]
-
-
-def test_live_events_go_before_the_backlog_and_the_cursor_joins_both(store: EventStore) -> None:
-    """With a window of 2 and 20 backlog batches, a live event stored mid-drain goes out in
-    the next step, not after the backlog; acked ahead, it waits in the cursor until the
-    backlog joins it, and nothing is delivered twice or skipped."""
-    fill(store, streams=2, per_stream=100)  # 200 rows: 20 backlog batches of 10
-    transport = FakeTransport()
-    sync, resync, _, delivered = make(store, transport, max_in_flight=2)
-    step(sync, 2)
-    ack_all(transport, sync, [b for b in transport.batches() if b.kind == "state"])
-    backlog = _events_batches(transport)
-    assert len(backlog) == 2
-    assert all(b.historical for b in backlog)
-    store.append([In(Event("live", 1, payload=b"\x80"))])
-    ack_all(transport, sync, backlog)  # frees the window: live takes the first slot
-    sent = _events_batches(transport)[2:]
-    assert [b.historical for b in sent][:1] == [False]
-    assert [(e.stream, e.seq) for e, _ in sent[0].events] == [("live", 1)]
-    assert resync.phase is Phase.BACKLOG
-    ack_all(transport, sync, [sent[0]])  # the live run waits for the backlog
-    assert store.cursor == 21
-    assert resync._cursor.pending == 1
-    for _ in range(40):
-        pending = [b for b in _events_batches(transport) if b.batch_id in resync._sent]
-        if not pending:
-            break
-        ack_all(transport, sync, pending)
-    assert store.cursor == 202  # every row, the live one included
-    assert resync.phase is Phase.LIVE
-    sent_keys = [(e.stream, e.seq) for b in _events_batches(transport) for e, _ in b.events]
-    assert len(sent_keys) == len(set(sent_keys)) == 201
-    assert delivered[-1][0] == 201
-
-
-def test_the_byte_budget_paces_what_is_published(store: EventStore) -> None:
-    """At 2,000 bytes/s over 30 simulated seconds the uplink publishes at most the budget
-    plus one second's burst and one batch, and keeps publishing (no stall on batches
-    larger than the budget's content)."""
-    store.append([In(Event(f"s{k % 4}", k // 4 + 1, payload=bytes(60))) for k in range(4000)])
-    transport = FakeTransport()
-    sync, resync, _, _ = make(store, transport, max_bytes_per_second=2000, codec="raw",
-                              batch_max_events=50, max_in_flight=1000)  # fmt: skip
-    start = clock[0]
-    for _ in range(300):
-        step(sync, 1, dt=0.1)
-        ack_all(transport, sync, [b for b in transport.batches() if b.batch_id in resync._sent])
-    header = len("ironfleet/v1/v1/events") + 9  # MQTT PUBLISH header, counted too
-    sent = sum(len(p) + header for _, p in transport.published)
-    biggest = max(len(p) + header for _, p in transport.published)
-    elapsed = clock[0] - start  # 30 s of steps, plus the acks' own steps
-    assert sent <= 2000 * elapsed + 2000 + biggest, (sent, elapsed)
-    assert sent >= 2000 * elapsed - 2 * biggest, (sent, elapsed)  # it used the budget too
-    assert resync.budget.spent == sent == resync.counters.bytes_sent
-
-
-def test_a_shed_tail_of_the_backlog_is_passed_over(store: EventStore) -> None:
-    """Rows the ladder shed at the end of the backlog leave no hole the cursor waits on."""
-    fill(store, streams=1, per_stream=35)
-    transport = FakeTransport()
-    sync, resync, _, _ = make(store, transport, max_in_flight=1)
-    step(sync, 2)
-    ack_all(transport, sync, [b for b in transport.batches() if b.kind == "state"])
-    conn = connect(store.path)
-    conn.execute("DELETE FROM events WHERE id > 20 AND id <= 35")
-    conn.close()
-    for _ in range(10):
-        ack_all(
-            transport, sync, [b for b in _events_batches(transport) if b.batch_id in resync._sent]
-        )
-    assert store.cursor == 36
-    store.append([In(Event("s0", 36, payload=b"\x80"))])
-    step(sync, 1)
-    live = _events_batches(transport)[-1]
-    assert not live.historical
-    assert [e.seq for e, _ in live.events] == [36]
-
-
-def test_a_forgotten_acked_run_is_sent_again(store: EventStore) -> None:
-    """More disjoint acked runs waiting than the cursor keeps: the oldest is dropped, the
-    cursor stops at its start, and once nothing is in flight the gap is sent again."""
-    fill(store, streams=1, per_stream=40)  # four backlog batches of 10
-    transport = FakeTransport()
-    sync, resync, _, _ = make(store, transport, max_in_flight=4)
-    for cursor in resync._cursor.cursors:
-        cursor.max_pending = 1
-    step(sync, 2)
-    ack_all(transport, sync, [b for b in transport.batches() if b.kind == "state"])
-    b1, b2, b3, b4 = _events_batches(transport)
-    ack_all(transport, sync, [b2])
-    ack_all(transport, sync, [b4])  # disjoint from b2, whose run is dropped (max_pending 1)
-    ack_all(transport, sync, [b1])
-    ack_all(transport, sync, [b3])
-    assert store.cursor == 11  # b1 joined; b2's rows are a hole before b3 + b4
-    step(sync, 1)
-    again = _events_batches(transport)[4:]  # sent again from the hole on
-    assert again[0].events[0][0].seq == 11
-    ack_all(transport, sync, again)
-    assert store.cursor == 41
-
-
-def test_live_runs_acked_ahead_of_a_long_backlog_wait_as_one(store: EventStore) -> None:
-    """Hundreds of live batches acked while the backlog is still in flight join into one
-    waiting run per class, so no cap drops them and nothing is sent twice."""
-    fill(store, streams=1, per_stream=10)  # one backlog batch, never acked until the end
-    transport = FakeTransport()
-    sync, resync, _, _ = make(store, transport, max_in_flight=4, ack_timeout=3600.0)
-    step(sync, 2)
-    ack_all(transport, sync, [b for b in transport.batches() if b.kind == "state"])
-    (backlog,) = _events_batches(transport)
-    for seq in range(11, 311):
-        store.append([In(Event("s0", seq, payload=b"\x80"))])
-        step(sync, 1)
-        ack_all(
-            transport,
-            sync,
-            [b for b in _events_batches(transport)[1:] if b.batch_id in resync._sent],
-        )
-    assert resync._cursor.pending <= 8  # one joined run in each of the 8 classes
-    ack_all(transport, sync, [backlog])
-    assert store.cursor == 311
-    seqs = [e.seq for b in _events_batches(transport) for e, _ in b.events]
-    assert sorted(seqs) == list(range(1, 311))  # each event sent exactly once
-
-
-def three_classes(store: EventStore, now: float | None = None) -> None:
-    """30 events each of streams p0, p1 and p3 (priorities 0, 1, 3), interleaved."""
-    store.append([In(Event(f"p{p}", q, priority=p, payload=b"\x80"))
-                  for q in range(1, 31) for p in (0, 1, 3)], now=now)  # fmt: skip
-
-
-def unacked_events_batches(transport: FakeTransport, resync: Resync) -> list[Batch]:
-    """The events batches published and not acknowledged yet, oldest first."""
-    return [b for b in _events_batches(transport) if b.batch_id in resync._sent]
-
-
-def test_the_backlog_drains_highest_priority_first(store: EventStore) -> None:
-    """Interleaved streams of priorities 0, 1 and 3: every priority-3 event goes before any
-    of priority 1, and those before priority 0, oldest first within each; the cursor
-    reaches the top only when every class is acknowledged, each event sent once."""
-    three_classes(store)
-    transport = FakeTransport()
-    sync, resync, _, delivered = make(store, transport, max_in_flight=2)
-    step(sync, 2)
-    ack_all(transport, sync, [b for b in transport.batches() if b.kind == "state"])
-    for _ in range(20):
-        pending = unacked_events_batches(transport, resync)
-        if not pending:
-            break
-        ack_all(transport, sync, pending[::-1])  # acks in reverse order, too
-    sent = [(e.priority, e.seq) for b in _events_batches(transport) for e, _ in b.events]
-    assert [p for p, _ in sent] == [3] * 30 + [1] * 30 + [0] * 30
-    assert [q for _, q in sent] == list(range(1, 31)) * 3
-    assert store.cursor == 91
-    assert delivered[-1][0] == 90
-    assert store.conn.execute("SELECT count(*) FROM checkpoints").fetchone()[0] == 3
-
-
-def test_a_class_drained_ahead_stays_delivered_after_a_restart(store: EventStore) -> None:
-    """Priority 3 acknowledged, priorities 0 and 1 not yet: the class frontiers are
-    persisted with the cursor, so after a restart priority 3 is not sent again, the TTL
-    never counts it lost, and the ladder prunes it as acknowledged (not shed)."""
-    t0 = 1_800_000_000.0
-    three_classes(store, now=t0)
-    transport = FakeTransport()
-    sync, resync, _, _ = make(store, transport, max_in_flight=1)
-    step(sync, 2)
-    ack_all(transport, sync, [b for b in transport.batches() if b.kind == "state"])
-    for _ in range(10):
-        pending = unacked_events_batches(transport, resync)
-        if not pending or any(e.priority != 3 for e, _ in pending[0].events):
-            break
-        ack_all(transport, sync, pending)
-    assert store.cursor == 1  # priorities 0 and 1 are not acknowledged
-    assert store.frontiers[3] == 90
-    assert read_frontiers(connect(store.path, readonly=True))[3] == 90
-    view = read_status(connect(store.path, readonly=True), store.path, t0)
-    assert view["backlog"]["unacked_events"] == 60  # what status shows: p0 and p1 only
-
-    again = FakeTransport()
-    sync, _, _, _ = make(store, again, max_in_flight=8)  # a new Resync: the agent restarted
-    step(sync, 4)
-    resent = [e.priority for b in _events_batches(again) for e, _ in b.events]
-    assert len(resent) == 60
-    assert 3 not in resent
-
-    config = StoreSection(ttl_seconds=10.0, ttl_low_seconds=10.0, max_buffer_bytes=4096,
-                         min_free_bytes=0)  # fmt: skip
-    reopened = EventStore(store.path, config, free_bytes=lambda _: 2**40)
-    assert reopened.expire(t0 + 1000.0) == 58  # p0 and p1 but each stream's latest
-    assert reopened.loss.shed == {"ttl": 58}
-    # An export awaiting its receipt: its runs are rebuilt from every row to check the
-    # fleet's digests (agent/receipts.py), so rows held only by a frontier stay meanwhile.
-    ledgers = store.path.parent / EXPORTS_DIR
-    ledgers.mkdir()
-    (ledgers / "7.json").write_text("{}")
-    reopened.make_room(now=t0 + 1000.0)
-    assert reopened.counters["pruned_acked"] == 0
-    (ledgers / "7.json").unlink()
-    reopened.make_room(now=t0 + 1000.0)
-    assert reopened.counters["pruned_acked"] == 29  # p3 but its latest
-    assert reopened.conn.execute(
-        "SELECT count(*) FROM shed AS sh JOIN streams AS s "
-        "ON s.id = sh.stream_id WHERE s.name = 'p3'"
-    ).fetchone() == (0,)
-
-
-def test_unreadable_frontiers_read_as_the_cursor(store: EventStore) -> None:
-    """agent_state is a file on disk, not trusted: a malformed frontier list costs
-    resends (every class back at the cursor), never a row counted as held."""
-    fill(store, streams=1, per_stream=10)
-    store.mark_delivered(4, {}, frontiers=[4, 4, 4, 9, 4, 4, 4, 4])
-    assert read_frontiers(store.conn) == (4, 4, 4, 9, 4, 4, 4, 4)
-    for bad in ("9,9", "x,1,2,3,4,5,6,7", "", "1e9,1,1,1,1,1,1,1"):
-        store.conn.execute("UPDATE agent_state SET value = ? WHERE key = 'uplink.frontiers'",
-                           (bad,))  # fmt: skip
-        assert read_frontiers(store.conn) == (4,) * 8
-
-
-def test_a_replay_larger_than_a_contact_window_goes_on_where_it_stopped(
-    store: EventStore,
-) -> None:
-    """[uplink] max_bytes_per_contact smaller than the compacted replay, the link up for
-    one window a pass: state pages are cut to the window's room by bytes (a window ends
-    at most QUOTA_MIN_BATCH over), the replay takes half of each window and the backlog
-    the rest, and each pass goes on from the first page not acknowledged. Before, each
-    pass sent the same first pages and nothing else, for ever."""
-    from agent.resilience.budget import QUOTA_MIN_BATCH  # noqa: PLC0415
-
-    streams, quota, window = 120, 8192, 60.0
-    store.append([In(Event(f"s{k:03d}", q, payload=bytes(400)))
-                  for q in (1, 2) for k in range(streams)])  # fmt: skip
-    transport = FakeTransport()
-    sync, resync, _, _ = make(store, transport, codec="raw", max_bytes_per_contact=quota,
-                              contact_seconds=window, max_in_flight=1000)  # fmt: skip
-    header = len("ironfleet/v1/v1/events") + 9
-    sent_state: list[str] = []
-    backlog = 0
-    for _ in range(60):  # passes; bounded
-        step(sync, 3, dt=0.01)  # (re)connected: send what the window allows
-        batches = transport.batches()
-        assert sum(len(p) + header for _, p in transport.published) <= quota + QUOTA_MIN_BATCH
-        ack_all(transport, sync, batches)
-        state = [e.stream for b in batches if b.kind == "state" for e, _ in b.events]
-        events = sum(len(b.events) for b in batches if b.kind == "events")
-        sent_state += state
-        backlog += events
-        if len(set(sent_state)) == streams:
-            break
-        assert state, "a window without the replay"
-        assert events, "a window without the backlog"
-        transport.drop()  # the pass ends with the link
-        step(sync)  # the disconnect is noticed; a retry is scheduled within the backoff
-        transport.published.clear()
-        step(sync, 1, dt=window)  # the next window, and the backoff, have elapsed
-    assert sorted(set(sent_state)) == [f"s{k:03d}" for k in range(streams)]
-    assert len(sent_state) < 1.2 * streams  # each page about once, not the first ones again
-    assert backlog > streams // 2  # the backlog moved alongside, window after window
-    assert resync.counters.event_bytes_sent < resync.counters.bytes_sent

@@ -27,7 +27,8 @@ import pytest
 
 from fleet.pgstore import PgCollectorStore
 
-from pgharness import CollectorProc, FleetLoad, PgCluster, pg_verdict, shared_cluster
+from fleetload import FleetLoad
+from pgharness import CollectorProc, PgCluster, pg_verdict, shared_cluster
 from simharness import Broker
 from support import fleet_keys, wait_for
 

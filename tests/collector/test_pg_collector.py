@@ -36,7 +36,8 @@ from fleet.pgstore import (
     partition_name,
 )
 
-from pgharness import CollectorProc, FleetLoad, PgCluster, pg_verdict
+from fleetload import FleetLoad
+from pgharness import CollectorProc, PgCluster, pg_verdict
 from simharness import Broker
 from support import fleet_keys, wait_for
 
