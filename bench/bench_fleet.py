@@ -17,7 +17,9 @@ processes. The SQLite file and the PostgreSQL data directory are on the same fil
    protocol, QoS 1, a window of 2 batches per vehicle) through mosquitto to the
    collectors, which store each batch, commit, sign and publish the ack; the generator
    verifies every ack as an agent does. Rate = events acked / wall time from the first
-   publish to the last ack.
+   publish to the last ack. With small batches (`--batch-events 5`) the generator, one
+   Python process at ~1 ms of CPU a batch, sets the rate on this machine: read the
+   collectors' CPU per event (printed) rather than the rate there.
 3. The agent's drain: the agent's own uplink (`AgentLoop` of bench_uplink.py) drains a
    stored backlog (`--drain-events`, 1M by default) into one SQLite collector and 1, 2
    and 3 PostgreSQL collectors; time to the checkpoint past the last event persisted.
