@@ -85,8 +85,11 @@ MIGRATION_LOCK: Final = 0x1F1EE7  # pg_advisory_xact_lock key: schema and partit
 InsertMethod = Literal["auto", "unnest", "copy", "values"]
 # `auto`: below this many events one unnest statement, its own transaction in autocommit
 # (1 round trip: live batches are a few events); from it, binary COPY (6 round trips,
-# but C-speed row encoding: faster for backlog batches of hundreds). bench/bench_fleet.py.
-COPY_ABOVE: Final = 64
+# but C-speed row encoding). Measured per batch, client CPU / wall: 40 events unnest
+# 219-234 / 825-836 us, COPY 331-365 / 1,350-1,407; 128: 432-437 / 1,807-1,829 against
+# 443-448 / 2,339-2,506; 256: COPY spends 10-25 % less client CPU, unnest 8-20 % less
+# wall; 500: COPY 995-1,012 us CPU against 1,316-1,480 (docs/decisions.md).
+COPY_ABOVE: Final = 128
 
 
 class PgCollectorStore:

@@ -98,12 +98,12 @@ def test_every_insert_method_stores_the_same(url: str, method: InsertMethod) -> 
     """COPY (large batches), one unnest statement (small ones), multi-row VALUES: the same
     rows, counts, fast path and ON CONFLICT path, and state."""
     s = PgCollectorStore(url, method=method, now=NOW)
-    big = batch("v1", [event(f"s{k % 7}", k) for k in range(1, 101)])  # COPY under auto
-    assert s.ingest(big, now=NOW) == (100, 0)
-    overlap = batch("v1", [event(f"s{k % 7}", k) for k in range(95, 106)], batch_id=2)
+    big = batch("v1", [event(f"s{k % 7}", k) for k in range(1, 201)])  # COPY under auto
+    assert s.ingest(big, now=NOW) == (200, 0)
+    overlap = batch("v1", [event(f"s{k % 7}", k) for k in range(195, 206)], batch_id=2)
     assert s.ingest(overlap, now=NOW) == (5, 6)
     assert s.ingest(batch("v1", [], batch_id=3), now=NOW) == (0, 0)
-    assert len(s.keys("v1")) == 105
+    assert len(s.keys("v1")) == 205
     state_is_replay(s, "v1")
     s.close()
 
