@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
@@ -124,7 +125,14 @@ def signed_command(op: str, cmd_id: int) -> bytes:
     return SIGNER.sign_command("v1", Command(op, cmd_id)).encode()
 
 
-clock = [0.0]  # the fake clock every test steps; each test file resets it
+clock = [0.0]  # the fake clock every test steps
+
+
+def fresh_store(tmp_path: Path) -> EventStore:
+    """A new store in `tmp_path`, and the fake clock back at its start: every test's
+    `store` fixture, so no test sees the time another one left."""
+    clock[0] = 1000.0
+    return EventStore(tmp_path / "a.db")
 
 
 def step(sync: FleetSync, n: int = 1, dt: float = 0.01) -> None:

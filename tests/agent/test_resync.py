@@ -22,9 +22,9 @@ from resyncharness import (
     SIGNER,
     FakeTransport,
     ack_all,
-    clock,
     events_batches,
     fill,
+    fresh_store,
     make,
     signed_ack,
     signed_command,
@@ -34,12 +34,7 @@ from resyncharness import (
 
 @pytest.fixture
 def store(tmp_path: Path) -> EventStore:
-    return EventStore(tmp_path / "a.db")
-
-
-@pytest.fixture(autouse=True)
-def reset_clock() -> None:
-    clock[0] = 1000.0
+    return fresh_store(tmp_path)
 
 
 def test_one_connect_attempt_while_connack_is_pending(store: EventStore) -> None:

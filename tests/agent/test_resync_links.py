@@ -23,6 +23,7 @@ from resyncharness import (
     clock,
     events_batches,
     fill,
+    fresh_store,
     make,
     step,
 )
@@ -30,12 +31,7 @@ from resyncharness import (
 
 @pytest.fixture
 def store(tmp_path: Path) -> EventStore:
-    return EventStore(tmp_path / "a.db")
-
-
-@pytest.fixture(autouse=True)
-def reset_clock() -> None:
-    clock[0] = 1000.0
+    return fresh_store(tmp_path)
 
 
 def test_live_events_go_before_the_backlog_and_the_cursor_joins_both(store: EventStore) -> None:
@@ -167,7 +163,7 @@ def three_classes(store: EventStore, now: float | None = None) -> None:
                   for q in range(1, 31) for p in (0, 1, 3)], now=now)  # fmt: skip
 
 
-def unackedevents_batches(transport: FakeTransport, resync: Resync) -> list[Batch]:
+def unacked_events_batches(transport: FakeTransport, resync: Resync) -> list[Batch]:
     """The events batches published and not acknowledged yet, oldest first."""
     return [b for b in events_batches(transport) if b.batch_id in resync._sent]
 
@@ -182,7 +178,7 @@ def test_the_backlog_drains_highest_priority_first(store: EventStore) -> None:
     step(sync, 2)
     ack_all(transport, sync, [b for b in transport.batches() if b.kind == "state"])
     for _ in range(20):
-        pending = unackedevents_batches(transport, resync)
+        pending = unacked_events_batches(transport, resync)
         if not pending:
             break
         ack_all(transport, sync, pending[::-1])  # acks in reverse order, too
@@ -205,7 +201,7 @@ def test_a_class_drained_ahead_stays_delivered_after_a_restart(store: EventStore
     step(sync, 2)
     ack_all(transport, sync, [b for b in transport.batches() if b.kind == "state"])
     for _ in range(10):
-        pending = unackedevents_batches(transport, resync)
+        pending = unacked_events_batches(transport, resync)
         if not pending or any(e.priority != 3 for e, _ in pending[0].events):
             break
         ack_all(transport, sync, pending)
