@@ -7,12 +7,14 @@ initdb + pg_ctl, fsync and synchronous_commit on, shared_buffers 128 MB), mosqui
 free 127.0.0.1 port (bench/uplink_common.py), and real `ironfleet-collector run`
 processes. The SQLite file and the PostgreSQL data directory are on the same file system.
 
-1. Store only, in this process: the same batches (500 events, 8 streams per vehicle)
+1. Store only, in this process: the same batches (`--batch-events`, 500 by default)
    through `CollectorStore.ingest` (SQLite, synchronous=FULL) and
    `PgCollectorStore.ingest` with each insert method (`unnest`: one INSERT ... SELECT
    FROM unnest(arrays) ON CONFLICT DO NOTHING; `copy`: binary COPY into a temp table,
    then the same INSERT ... SELECT; `values`: one multi-row VALUES statement), each
-   batch one committed transaction.
+   batch one committed transaction. CPU is this process's: the whole store for SQLite,
+   the client's side for PostgreSQL (the server's is in its own processes); with
+   `--batch-events 40` or `128` it shows where `auto` switches to COPY.
 2. End to end: a load generator publishes prebuilt batches of 50 vehicles (the fleet
    protocol, QoS 1, a window of 2 batches per vehicle) through mosquitto to the
    collectors, which store each batch, commit, sign and publish the ack; the generator
@@ -132,7 +134,7 @@ class Row:
         per = f"{self.written / self.events:8,.0f} B/ev written" if self.written else " " * 23
         wal = f"{self.wal / self.events:6,.0f} B/ev WAL" if self.wal else " " * 15
         cpu = f"{self.cpu / self.events * 1e6:6.1f} us CPU/ev" if self.cpu else ""
-        cpu += f"{self.size / self.events:5,.0f} B/ev on disk" if self.size else ""
+        cpu += f" {self.size / self.events:5,.0f} B/ev on disk" if self.size else ""
         cpu += f"  lock waits {self.lock_waits:4.0%}" if self.lock_waits >= 0 else ""
         return (f"  {self.name:<34} {self.rate:>10,.0f} ev/s  {per}  {wal}  {cpu}  "
                 f"({self.where})")  # fmt: skip
@@ -143,24 +145,24 @@ def section_store(cluster: PgCluster, work: Path, batches: list[Batch]) -> list[
     events = sum(len(b.events) for b in batches)
     db = work / "store-only.db"
     store = CollectorStore(db)
-    w0, t0 = write_bytes(), time.perf_counter()
+    w0, c0, t0 = write_bytes(), time.process_time(), time.perf_counter()
     for b in batches:
         store.ingest(b)
-    seconds = time.perf_counter() - t0
+    seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
     files = (db, db.with_name(db.name + "-wal"))
     size = sum(f.stat().st_size for f in files if f.exists())
     rows.append(Row("sqlite CollectorStore", events, seconds, written=write_bytes() - w0,
-                    where=load(), size=size))  # fmt: skip
+                    cpu=cpu, where=load(), size=size))  # fmt: skip
     store.conn.close()
     for method in ("auto", "unnest", "copy", "values"):
         url = cluster.create_database(f"bench_store_{method}")
         pg = PgCollectorStore(url, method=method)
         checkpoint(url)
         wal0, w0 = wal_lsn(url), server_written(cluster)
-        t0 = time.perf_counter()
+        c0, t0 = time.process_time(), time.perf_counter()
         for b in batches:
             pg.ingest(b)
-        seconds = time.perf_counter() - t0
+        seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
         checkpoint(url)
         size = cluster.query(
             url.rsplit("/", 1)[1],
@@ -169,7 +171,7 @@ def section_store(cluster: PgCluster, work: Path, batches: list[Batch]) -> list[
         )[0][0]
         rows.append(Row(f"postgres PgCollectorStore {method}", events, seconds,
                         wal=wal_lsn(url) - wal0, written=server_written(cluster) - w0,
-                        where=load(), size=int(size)))  # fmt: skip
+                        cpu=cpu, where=load(), size=int(size)))  # fmt: skip
         pg.close()
     return rows
 

@@ -85,11 +85,11 @@ MIGRATION_LOCK: Final = 0x1F1EE7  # pg_advisory_xact_lock key: schema and partit
 InsertMethod = Literal["auto", "unnest", "copy", "values"]
 # `auto`: below this many events one unnest statement, its own transaction in autocommit
 # (1 round trip: live batches are a few events); from it, binary COPY (6 round trips,
-# but C-speed row encoding). Measured per batch, client CPU / wall: 40 events unnest
-# 219-234 / 825-836 us, COPY 331-365 / 1,350-1,407; 128: 432-437 / 1,807-1,829 against
-# 443-448 / 2,339-2,506; 256: COPY spends 10-25 % less client CPU, unnest 8-20 % less
-# wall; 500: COPY 995-1,012 us CPU against 1,316-1,480 (docs/decisions.md).
-COPY_ABOVE: Final = 128
+# but C-speed row encoding, and the collector is bound by its one core). bench_fleet.py
+# --sections 1 --batch-events N, client CPU an event, ev/s: 40 events unnest 5.4 us,
+# 50k, COPY 8.0 us, 31k; 128: both 3.3 us, unnest 76k, COPY 60k; 200: unnest 2.9 us,
+# 81k, COPY 2.5 us, 70k; 256: 2.8 against 2.2 us (docs/decisions.md).
+COPY_ABOVE: Final = 200
 
 
 class PgCollectorStore:
