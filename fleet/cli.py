@@ -311,7 +311,8 @@ def _run(signer: FleetSigner | None, host: str, port: int, *, db: str,
     pool = WriterPool(collector.handle, writers) if writers > 1 else None
     sub = FleetSubscriber(host, port, pool.submit if pool else collector.handle,
                           client_id=client_id, vehicles=vehicles, share_group=group,
-                          session_expiry=session_expiry)  # fmt: skip
+                          session_expiry=session_expiry,
+                          on_session_lost=collector.session_lost)  # fmt: skip
     collector.transport = sub
     stop = threading.Event()
 

@@ -37,6 +37,12 @@ from agent.storedb import atomic
 
 log = logging.getLogger(__name__)
 
+# After the broker lost our session (docs/fleet-deployment.md 7, reconnect storm): the
+# vehicles asked to send their state and backlog again, at most this many, and at most
+# once per interval (a flapping broker; the agents also coalesce and rate-limit replays).
+MAX_REPLAY_VEHICLES = 100_000
+REPLAY_ALL_INTERVAL = 30.0  # seconds
+
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS events (
     vehicle TEXT NOT NULL, stream TEXT NOT NULL, boot_epoch INTEGER NOT NULL,
@@ -147,6 +153,14 @@ class CollectorStore:
             ).fetchall()
         return {(s, e, q) for s, e, q in rows}
 
+    def vehicles(self, limit: int) -> list[str]:
+        """The vehicles this store has heard from, at most `limit`, in name order."""
+        with self.lock:
+            rows = self.conn.execute(
+                "SELECT vehicle FROM vehicles ORDER BY vehicle LIMIT ?", (limit,)
+            ).fetchall()
+        return [v for (v,) in rows]
+
     def report(self) -> list[dict[str, Any]]:
         """Per vehicle: events, duplicates received, gaps, converged state."""
         with self.lock:
@@ -189,6 +203,7 @@ class FleetStore(Protocol):
     def set_status(self, vehicle: str, status: str, at: float) -> None: ...
     def state(self, vehicle: str) -> dict[str, tuple[int, int, bytes]]: ...
     def keys(self, vehicle: str) -> set[tuple[str, int, int]]: ...
+    def vehicles(self, limit: int) -> list[str]: ...
     def report(self) -> list[dict[str, Any]]: ...
 
 
@@ -218,7 +233,11 @@ class Collector:
         self.bad_messages = 0
         self.acks_sent = 0
         self.commit_failures = 0
+        self.replays_sent = 0  # replay commands sent after the broker lost our session
         self._last_cmd_id = 0
+        self._replayer: threading.Thread | None = None
+        self._replay_again = False
+        self._last_replay_all = -REPLAY_ALL_INTERVAL  # monotonic
         self._throttle = LogThrottle(60.0, max_keys=8)  # a flood of junk: one line a minute
 
     def handle(self, topic_name: str, payload: bytes) -> None:
@@ -279,6 +298,44 @@ class Collector:
 
     def request_replay(self, vehicle: str, cmd_id: int | None = None) -> None:
         self.command(vehicle, "replay", cmd_id)
+
+    def session_lost(self) -> None:
+        """The subscriber reconnected and found the broker had forgotten our session
+        (restarted without persistence, or the session expired): whatever the vehicles
+        published before we subscribed again had no subscriber and was dropped, the
+        state each sends first on its own reconnect included. Ask every known vehicle to
+        send its state and unacknowledged backlog again now, rather than each waiting
+        out its ack_timeout. Called on paho's thread: the commands are signed and sent
+        from a thread of their own, so acks are not held behind them."""
+        with self._count:
+            if self._replayer is not None and self._replayer.is_alive():
+                self._replay_again = True  # served by the running thread, after it
+                return
+            self._replayer = threading.Thread(target=self._replay_known, daemon=True,
+                                              name="collector-replay")  # fmt: skip
+            self._replayer.start()
+
+    def _replay_known(self) -> None:
+        while True:
+            time.sleep(max(0.0, self._last_replay_all + REPLAY_ALL_INTERVAL - time.monotonic()))
+            self._last_replay_all = time.monotonic()
+            named = [v for v in getattr(self.transport, "vehicles", ("+",)) if v != "+"]
+            try:
+                vehicles = named or self.store.vehicles(MAX_REPLAY_VEHICLES)
+                for vehicle in vehicles[:MAX_REPLAY_VEHICLES]:
+                    self.request_replay(vehicle)
+                    with self._count:
+                        self.replays_sent += 1
+            except (sqlite3.Error, CommitFailed) as exc:  # the store is down: the agents'
+                vehicles = []  # ack_timeout resends instead
+                log.error("collector_replay_failed error=%r", str(exc)[:200])
+            log.warning("collector_session_lost replays_sent=%d (the broker had forgotten "
+                        "our session)", len(vehicles))  # fmt: skip
+            with self._count:
+                if not self._replay_again:
+                    self._replayer = None
+                    return
+                self._replay_again = False
 
 
 class WriterPool:

@@ -96,7 +96,8 @@ class DemoCollector:
         self.collector = Collector(self.store, signer=signer)
         self.lock = threading.Lock()
         self.state_batches_at: list[float] = []
-        self.sub = FleetSubscriber("127.0.0.1", port, self._handle, client_id="demo-collector")
+        self.sub = FleetSubscriber("127.0.0.1", port, self._handle, client_id="demo-collector",
+                                   on_session_lost=self.collector.session_lost)  # fmt: skip
         self.collector.transport = self.sub
         self.sub.start()
 

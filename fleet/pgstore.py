@@ -180,6 +180,11 @@ class PgCollectorStore:
         )
         return {(s, e, q) for s, e, q in rows} | {(bytes(s).decode(), e, q) for s, e, q in nul}
 
+    def vehicles(self, limit: int) -> list[str]:
+        """The vehicles the fleet has heard from, at most `limit`, in name order."""
+        rows = self._read("SELECT vehicle FROM vehicles ORDER BY vehicle LIMIT %s", (limit,))
+        return [v for (v,) in rows]
+
     def report(self) -> list[dict[str, Any]]:
         """Per vehicle: events, duplicates received, gaps, reused keys, converged state."""
         vehicles = self._read(

@@ -8,6 +8,7 @@ codec, the fleet protocol the agent defines (docs/fleet-protocol.md).
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import Any
 
 import paho.mqtt.client as mqtt
@@ -39,6 +40,7 @@ class FleetSubscriber:
         keepalive: int = 30,
         share_group: str = "",
         session_expiry: int = 60,
+        on_session_lost: Callable[[], None] | None = None,
     ) -> None:
         self.host, self.port, self.keepalive = host, port, keepalive
         self.on_message = on_message
@@ -60,9 +62,16 @@ class FleetSubscriber:
         self.client.max_inflight_messages_set(1000)
         self.client.on_socket_open = no_delay
         self.client.on_connect = self._on_connect
+        self.client.on_subscribe = self._on_subscribe
         self.client.on_message = self._on_message
         self.connected = False
         self.handler_bugs = 0
+        self.connects = 0
+        # A reconnect whose CONNACK says the broker kept no session for us: reported to
+        # `on_session_lost` once we are subscribed again (Collector.session_lost).
+        self.on_session_lost = on_session_lost
+        self.sessions_lost = 0
+        self._lost = False
 
     def start(self) -> None:
         """Connect (retrying in the background) and start paho's network thread."""
@@ -86,11 +95,13 @@ class FleetSubscriber:
     def command(self, vehicle: str, payload: bytes) -> None:
         self.client.publish(topic(vehicle, "cmd"), payload, qos=1)
 
-    def _on_connect(self, _c: Any, _u: Any, _flags: Any, reason: Any, _props: Any) -> None:
+    def _on_connect(self, _c: Any, _u: Any, flags: Any, reason: Any, _props: Any) -> None:
         if reason.is_failure:
             log.warning("collector_connect_refused reason=%s", reason)
             return
         self.connected = True
+        self.connects += 1
+        self._lost = self.connects > 1 and not flags.session_present
         share = f"$share/{self.share_group}/" if self.share_group else ""
         subs = [
             (share + topic(v, kind), 1)
@@ -99,6 +110,15 @@ class FleetSubscriber:
         ]
         self.client.subscribe(subs)
         log.info("collector_connected broker=%s:%d", self.host, self.port)
+
+    def _on_subscribe(self, _c: Any, _u: Any, _mid: Any, _codes: Any, _props: Any) -> None:
+        # After the SUBACK, not the CONNACK: a vehicle's resend must find us subscribed.
+        if not self._lost:
+            return
+        self._lost = False
+        self.sessions_lost += 1
+        if self.on_session_lost is not None:
+            self.on_session_lost()
 
     def _on_message(self, _c: Any, _u: Any, msg: mqtt.MQTTMessage) -> None:
         try:

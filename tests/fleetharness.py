@@ -73,7 +73,8 @@ class CollectorHarness:
         self.sub = self._subscriber()
 
     def _subscriber(self) -> FleetSubscriber:
-        sub = FleetSubscriber("127.0.0.1", self.port, self._handle, client_id="test-collector")
+        sub = FleetSubscriber("127.0.0.1", self.port, self._handle, client_id="test-collector",
+                              on_session_lost=self.collector.session_lost)  # fmt: skip
         self.collector.transport = sub
         sub.start()
         return sub

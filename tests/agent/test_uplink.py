@@ -208,6 +208,52 @@ def test_replay_request_is_served(
     assert agent.terminate() == 0
 
 
+def test_a_collector_the_broker_forgot_asks_for_a_replay(
+    start_sim: StartSim, start_agent: StartAgent, broker: Broker, tmp_path: Path
+) -> None:
+    """The broker restarts without persistence. The agent is back first (the collector is
+    held off by a proxy) and sends its state and batches to topics nobody subscribes to
+    any more: dropped. The collector comes back, finds its session gone and asks the
+    vehicles it knows for a replay, so everything is acked well before the agent's
+    ack_timeout (60 s here) would have resent it. Without the replay the drain below
+    cannot finish in time and `ack_timeouts` counts."""
+    proxy = TcpProxy(broker.port)
+    harness = CollectorHarness(tmp_path / "collector.db", proxy.port)
+    try:
+        wait_for(lambda: harness.sub.connected, 10, "the collector to connect")
+        sim = start_sim("--rate", "300", "--streams", "4")
+        agent = start_agent(sim.devices["ecu0"], uplink=uplink(broker.port, ack_timeout=60.0))
+        agent.start()
+        truth = TruthReader(sim.truth_path)
+        wait_for(lambda: len(harness.keys()) > 200, 30, "first deliveries")
+        assert harness.collector.replays_sent == 0, "a first connect asks for nothing"
+        states = live(agent.db).uplink.counters["state_batches_sent"]
+        proxy.cut()  # the collector cannot reconnect until heal()
+        broker.stop(signal.SIGKILL)
+        broker.start()
+
+        def state_sent_unheard() -> bool:
+            up = live(agent.db).uplink
+            return up.state == "connected" and up.counters["state_batches_sent"] > states
+
+        wait_for(state_sent_unheard, 30, "the agent back, its state sent to no subscriber")
+        proxy.heal()
+        wait_for(lambda: harness.collector.replays_sent >= 1, 30, "the replay request")
+        assert harness.sub.sessions_lost == 1
+        sim.signal(signal.SIGTERM)
+        assert sim.wait(timeout=20) == 0
+        truth.poll()
+        wait_drained(agent, 40)
+        counters = live(agent.db).uplink.counters
+        assert counters["replays_requested"] >= 1
+        assert counters["ack_timeouts"] == 0, "recovered by the replay, not the timeout"
+        assert agent.terminate() == 0
+        check_zero_loss(truth, harness, agent)
+    finally:
+        harness.stop()
+        proxy.close()
+
+
 def test_agent_killed_mid_resync_loses_nothing(
     start_sim: StartSim, start_agent: StartAgent, broker: Broker, collector: CollectorHarness
 ) -> None:

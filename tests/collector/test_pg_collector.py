@@ -26,7 +26,7 @@ import pytest
 from agent.errors import CommitFailed
 from agent.fleet import Batch
 from agent.resilience import Event, replay
-from fleet.collector import Collector, main
+from fleet.collector import Collector, CollectorStore, main
 from fleet.pgstore import (
     AHEAD_DAYS,
     DAY,
@@ -106,6 +106,20 @@ def test_every_insert_method_stores_the_same(url: str, method: InsertMethod) -> 
     assert len(s.keys("v1")) == 205
     state_is_replay(s, "v1")
     s.close()
+
+
+def test_vehicles_heard_from_in_name_order_up_to_a_limit(url: str, tmp_path: Path) -> None:
+    """What a collector whose broker forgot its session asks for a replay: every vehicle
+    either store has a row for (a batch or a status), in name order, at most `limit`."""
+    stores = [PgCollectorStore(url, now=NOW), CollectorStore(tmp_path / "c.db")]
+    for s in stores:
+        assert s.vehicles(10) == []
+        for i, name in enumerate(("v3", "v1", "v2")):
+            s.ingest(batch(name, [event("s0", 1)], batch_id=i + 1), now=NOW)
+        s.set_status("v0", "online", NOW)
+        assert s.vehicles(10) == ["v0", "v1", "v2", "v3"]
+        assert s.vehicles(2) == ["v0", "v1"]
+    stores[0].close()
 
 
 def test_state_only_moves_forward_across_collectors(url: str) -> None:
