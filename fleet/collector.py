@@ -153,6 +153,11 @@ class CollectorStore:
             ).fetchall()
         return {(s, e, q) for s, e, q in rows}
 
+    def claim_replay(self, interval: float) -> bool:
+        """Always: one file, one collector (Collector paces its own requests)."""
+        del interval
+        return True
+
     def vehicles(self, limit: int) -> list[str]:
         """The vehicles this store has heard from, at most `limit`, in name order."""
         with self.lock:
@@ -204,6 +209,7 @@ class FleetStore(Protocol):
     def state(self, vehicle: str) -> dict[str, tuple[int, int, bytes]]: ...
     def keys(self, vehicle: str) -> set[tuple[str, int, int]]: ...
     def vehicles(self, limit: int) -> list[str]: ...
+    def claim_replay(self, interval: float) -> bool: ...
     def report(self) -> list[dict[str, Any]]: ...
 
 
@@ -315,14 +321,22 @@ class Collector:
                                               name="collector-replay")  # fmt: skip
             self._replayer.start()
 
+    def _replay_targets(self) -> list[str]:
+        named = [v for v in getattr(self.transport, "vehicles", ("+",)) if v != "+"]
+        if named:  # this collector's own vehicles (--vehicles): no other answers for them
+            return named[:MAX_REPLAY_VEHICLES]
+        if not self.store.claim_replay(REPLAY_ALL_INTERVAL):
+            log.info("collector_session_lost: another collector of the group has asked")
+            return []
+        return self.store.vehicles(MAX_REPLAY_VEHICLES)
+
     def _replay_known(self) -> None:
         while True:
             time.sleep(max(0.0, self._last_replay_all + REPLAY_ALL_INTERVAL - time.monotonic()))
             self._last_replay_all = time.monotonic()
-            named = [v for v in getattr(self.transport, "vehicles", ("+",)) if v != "+"]
             try:
-                vehicles = named or self.store.vehicles(MAX_REPLAY_VEHICLES)
-                for vehicle in vehicles[:MAX_REPLAY_VEHICLES]:
+                vehicles = self._replay_targets()
+                for vehicle in vehicles:
                     self.request_replay(vehicle)
                     with self._count:
                         self.replays_sent += 1

@@ -56,6 +56,18 @@ CREATE TABLE events_nul (
 );
 """,
     ),
+    (
+        # When the broker forgets the collectors' sessions it forgets them all at once;
+        # one fleet-wide replay request serves the group: the first collector to claim
+        # this row within the interval sends it (PgCollectorStore.claim_replay).
+        "0003_fleet_replays",
+        """
+CREATE TABLE fleet_replays (
+    id smallint PRIMARY KEY CHECK (id = 1), last_at timestamptz NOT NULL
+);
+INSERT INTO fleet_replays VALUES (1, '-infinity');
+""",
+    ),
 )
 
 QUARANTINE_SQL: Final = """

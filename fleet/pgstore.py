@@ -180,6 +180,15 @@ class PgCollectorStore:
         )
         return {(s, e, q) for s, e, q in rows} | {(bytes(s).decode(), e, q) for s, e, q in nul}
 
+    def claim_replay(self, interval: float) -> bool:
+        """True for the first collector of the group to ask within `interval` seconds:
+        after a broker restart every member finds its session gone at once, and one
+        fleet-wide replay request is enough (each would make every vehicle resend its
+        state)."""
+        return bool(self._exec(
+            "UPDATE fleet_replays SET last_at = now() WHERE id = 1 "
+            "AND last_at < now() - make_interval(secs => %s)", (interval,)))  # fmt: skip
+
     def vehicles(self, limit: int) -> list[str]:
         """The vehicles the fleet has heard from, at most `limit`, in name order."""
         rows = self._read("SELECT vehicle FROM vehicles ORDER BY vehicle LIMIT %s", (limit,))

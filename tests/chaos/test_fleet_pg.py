@@ -18,6 +18,7 @@ commit, and must be caught (acked batches missing after the server's restart).
 
 from __future__ import annotations
 
+import re
 import signal
 from collections.abc import Iterator
 from pathlib import Path
@@ -102,6 +103,14 @@ def test_three_pg_collectors_under_faults_lose_nothing(
     assert verdict.acked == VEHICLES * BATCHES * BATCH_EVENTS
     assert load.acks_rejected == 0
     assert all("collector_handler_bug" not in c.text() for c in cols)
+    # The broker's restart forgot all three sessions at once: one collector of the group
+    # asked every vehicle for a replay, the other two saw it claimed.
+    sent = sorted(
+        int(n)
+        for c in cols
+        for n in re.findall(r"collector_session_lost replays_sent=(\d+)", c.text())
+    )
+    assert sent == [0, 0, VEHICLES], sent
     for c in cols:
         assert c.kill(signal.SIGTERM) == 0
     assert all(c.acks() > 0 for c in cols), [c.acks() for c in cols]

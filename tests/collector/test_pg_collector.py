@@ -122,6 +122,19 @@ def test_vehicles_heard_from_in_name_order_up_to_a_limit(url: str, tmp_path: Pat
     stores[0].close()
 
 
+def test_one_collector_of_the_group_claims_the_replay(url: str) -> None:
+    """After a broker restart every member of a group finds its session gone at once;
+    the first to claim sends the fleet-wide replay request, the others do not, until the
+    interval has passed."""
+    a, b = PgCollectorStore(url, now=NOW), PgCollectorStore(url, now=NOW)
+    assert a.claim_replay(30.0)
+    assert not b.claim_replay(30.0)
+    assert not a.claim_replay(30.0)
+    assert b.claim_replay(0.0)  # once the interval has passed, the next loss is served
+    a.close()
+    b.close()
+
+
 def test_state_only_moves_forward_across_collectors(url: str) -> None:
     """Batches of one vehicle, shuffled, duplicated and spread over three store
     instances (three collectors), some historical: every order converges to `replay`."""
