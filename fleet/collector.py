@@ -241,8 +241,10 @@ class Collector:
         self.commit_failures = 0
         self.replays_sent = 0  # replay commands sent after the broker lost our session
         self._last_cmd_id = 0
+        # One thread for the collector's life (with PostgreSQL, one connection), started
+        # by the first lost session; `_replay_due` is set for every one after it.
         self._replayer: threading.Thread | None = None
-        self._replay_again = False
+        self._replay_due = threading.Event()
         self._last_replay_all = -REPLAY_ALL_INTERVAL  # monotonic
         self._throttle = LogThrottle(60.0, max_keys=8)  # a flood of junk: one line a minute
 
@@ -314,12 +316,11 @@ class Collector:
         out its ack_timeout. Called on paho's thread: the commands are signed and sent
         from a thread of their own, so acks are not held behind them."""
         with self._count:
-            if self._replayer is not None and self._replayer.is_alive():
-                self._replay_again = True  # served by the running thread, after it
-                return
-            self._replayer = threading.Thread(target=self._replay_known, daemon=True,
-                                              name="collector-replay")  # fmt: skip
-            self._replayer.start()
+            if self._replayer is None:
+                self._replayer = threading.Thread(target=self._replay_loop, daemon=True,
+                                                  name="collector-replay")  # fmt: skip
+                self._replayer.start()
+        self._replay_due.set()
 
     def _replay_targets(self) -> list[str]:
         named = [v for v in getattr(self.transport, "vehicles", ("+",)) if v != "+"]
@@ -330,9 +331,13 @@ class Collector:
             return []
         return self.store.vehicles(MAX_REPLAY_VEHICLES)
 
-    def _replay_known(self) -> None:
+    def _replay_loop(self) -> None:
         while True:
+            self._replay_due.wait()
             time.sleep(max(0.0, self._last_replay_all + REPLAY_ALL_INTERVAL - time.monotonic()))
+            # Cleared before the requests go: a loss reported from here on gets a round of
+            # its own; one reported before is served by this one.
+            self._replay_due.clear()
             self._last_replay_all = time.monotonic()
             try:
                 vehicles = self._replay_targets()
@@ -343,13 +348,11 @@ class Collector:
             except (sqlite3.Error, CommitFailed) as exc:  # the store is down: the agents'
                 vehicles = []  # ack_timeout resends instead
                 log.error("collector_replay_failed error=%r", str(exc)[:200])
+            except Exception:  # last resort, as WriterPool's: the thread must live
+                vehicles = []
+                log.exception("collector_replay_bug")
             log.warning("collector_session_lost replays_sent=%d (the broker had forgotten "
                         "our session)", len(vehicles))  # fmt: skip
-            with self._count:
-                if not self._replay_again:
-                    self._replayer = None
-                    return
-                self._replay_again = False
 
 
 class WriterPool:
