@@ -101,7 +101,9 @@ class FleetSubscriber:
             return
         self.connected = True
         self.connects += 1
-        self._lost = self.connects > 1 and not flags.session_present
+        # Kept until a SUBACK: a connection lost before it leaves the broker a session
+        # without our subscriptions, which the next CONNACK reports as present.
+        self._lost = self._lost or (self.connects > 1 and not flags.session_present)
         share = f"$share/{self.share_group}/" if self.share_group else ""
         subs = [
             (share + topic(v, kind), 1)
