@@ -1,6 +1,7 @@
 """The collector's replay request after the broker lost its session, in process: which
 vehicles are asked, how often, and that the thread which asks survives a store that
-fails. The MQTT side is a recording transport here; the whole path runs against
+fails. The MQTT side is a recording transport here, and paho's callbacks are called in the
+order a flapping broker gives them; the whole path runs against
 mosquitto in tests/agent/test_uplink.py (a real agent, a proxy holding the collector
 off) and tests/chaos/test_fleet_pg.py (three collectors, one of which asks).
 """
@@ -13,11 +14,15 @@ import time
 from pathlib import Path
 
 import pytest
+from paho.mqtt.client import ConnectFlags
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.reasoncodes import ReasonCode
 
 from agent.fleet import Command
 from agent.fleet_auth import FleetAuth, load_public_key
 from fleet import collector as collector_module
 from fleet.collector import Collector, CollectorStore
+from fleet.subscriber import FleetSubscriber
 
 from support import fleet_keys, fleet_signer, wait_for
 
@@ -123,3 +128,33 @@ def test_a_failing_store_is_logged_and_the_thread_lives(
     wait_for(lambda: col.replays_sent == 1, 10, "the next round, on the same thread")
     assert col._replayer is not None
     assert col._replayer.is_alive()
+
+
+def test_a_loss_is_reported_once_subscribed_even_across_a_second_drop() -> None:
+    """paho's callbacks in the order a flapping broker gives them: the first connect is
+    never a loss; a reconnect without a session is, and stays pending through a further
+    reconnect that finds the empty session the broker made meanwhile, until a SUBACK
+    reports it, once."""
+    lost: list[int] = []
+    sub = FleetSubscriber("127.0.0.1", 1, lambda *_: None, on_session_lost=lambda: lost.append(1))
+    ok = ReasonCode(PacketTypes.CONNACK, "Success")
+
+    def connack(present: bool) -> None:
+        sub._on_connect(sub.client, None, ConnectFlags(session_present=present), ok, None)
+
+    def suback() -> None:
+        sub._on_subscribe(sub.client, None, 1, [], None)
+
+    connack(False)  # the first connect of the process
+    suback()
+    assert lost == []
+    connack(False)  # the broker forgot us; this connection drops before its SUBACK
+    connack(True)  # the session it made meanwhile holds no subscription
+    assert lost == []
+    suback()
+    suback()
+    assert lost == [1]
+    assert sub.sessions_lost == 1
+    connack(True)  # a reconnect that kept the session: nothing was dropped
+    suback()
+    assert lost == [1]
