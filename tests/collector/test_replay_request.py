@@ -12,6 +12,7 @@ import sqlite3
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 from paho.mqtt.client import ConnectFlags
@@ -22,8 +23,10 @@ from agent.fleet import Command
 from agent.fleet_auth import FleetAuth, load_public_key
 from fleet import collector as collector_module
 from fleet.collector import Collector, CollectorStore
+from fleet.pgstore import PgCollectorStore
 from fleet.subscriber import FleetSubscriber
 
+from pgharness import PgCluster
 from support import fleet_keys, fleet_signer, wait_for
 
 
@@ -59,10 +62,16 @@ def test_every_known_vehicle_is_asked_with_a_signed_replay(tmp_path: Path) -> No
     wait_for(lambda: col.replays_sent == 3, 10, "three requests")
     assert sorted(rec.sent()) == ["v1", "v2", "v3"]
     public = load_public_key(str(fleet_keys()[1]))
+    ids = set()
     for _, vehicle, payload in rec.commands:
         cmd = Command.decode(payload)
         assert cmd.op == "replay"
         assert FleetAuth(vehicle, public).command_ok(cmd), "as agents verify it"
+        ids.add(cmd.cmd_id)
+    # One id for the round (ids grow per vehicle), not one a vehicle running ahead of the
+    # clock: a command stamped with the clock just after must still be accepted.
+    assert len(ids) == 1
+    assert ids.pop() <= int(time.time() * 1000)
 
 
 def test_named_vehicles_are_asked_not_the_store(tmp_path: Path) -> None:
@@ -158,3 +167,37 @@ def test_a_loss_is_reported_once_subscribed_even_across_a_second_drop() -> None:
     connack(True)  # a reconnect that kept the session: nothing was dropped
     suback()
     assert lost == [1]
+
+
+def test_on_postgresql_one_member_asks_and_its_next_round_is_sent(
+    pg: PgCluster, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two members of a group on one database lose their sessions at once: one asks, the
+    other sees the claim. The one that asked loses its session again: its next round,
+    paced by its own clock, is sent (its claim, timed by the server's, has expired)."""
+    monkeypatch.setattr(collector_module, "REPLAY_ALL_INTERVAL", 2.0)
+    monkeypatch.setattr(collector_module, "REPLAY_CLAIM_SECONDS", 1.0)
+    url = pg.create_database("t_replay_claim")
+    stores = [PgCollectorStore(url), PgCollectorStore(url)]
+    for name in ("v1", "v2"):
+        stores[0].set_status(name, "online", 1.0)
+    claims: list[list[bool]] = [[], []]
+    for store, seen in zip(stores, claims, strict=True):
+        real = store.claim_replay
+
+        def claim(seconds: float, real: Any = real, seen: list[bool] = seen) -> bool:
+            seen.append(real(seconds))
+            return seen[-1]
+
+        monkeypatch.setattr(store, "claim_replay", claim)
+    cols = [Collector(s, Recorder(), signer=fleet_signer()) for s in stores]
+    cols[0].session_lost()
+    wait_for(lambda: cols[0].replays_sent == 2, 10, "the first member's round")
+    cols[1].session_lost()
+    wait_for(lambda: claims[1] == [False], 10, "the second member to see the claim")
+    cols[0].session_lost()
+    wait_for(lambda: cols[0].replays_sent == 4, 10, "the first member's next round")
+    assert claims[0] == [True, True]
+    assert cols[1].replays_sent == 0
+    for s in stores:
+        s.close()
