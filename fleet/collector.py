@@ -301,13 +301,17 @@ class Collector:
         the agent checks: by default the wall clock in ms, strictly increasing here."""
         assert self.transport is not None
         if cmd_id is None:
-            cmd_id = max(int(time.time() * 1000), self._last_cmd_id + 1)
+            cmd_id = self._next_cmd_id()
         self._last_cmd_id = max(self._last_cmd_id, cmd_id)
         cmd = Command(op, cmd_id)
         if self.signer is not None:
             cmd = self.signer.sign_command(vehicle, cmd)
         self.transport.command(vehicle, cmd.encode())
         return cmd
+
+    def _next_cmd_id(self) -> int:
+        """The wall clock in ms, above every id this collector has used."""
+        return max(int(time.time() * 1000), self._last_cmd_id + 1)
 
     def request_replay(self, vehicle: str, cmd_id: int | None = None) -> None:
         self.command(vehicle, "replay", cmd_id)
@@ -351,7 +355,7 @@ class Collector:
                 # One id for the round: ids need only grow per vehicle, and one each
                 # (max(now, last + 1)) would run ahead of the clock by a ms a vehicle, so
                 # that agents refused the next command stamped with the clock.
-                round_id = max(int(time.time() * 1000), self._last_cmd_id + 1)
+                round_id = self._next_cmd_id()
                 for vehicle in vehicles:
                     self.request_replay(vehicle, round_id)
                     with self._count:
